@@ -1,0 +1,398 @@
+-- pgrelay trigger library
+-- ========================
+--
+-- Everything pgrelay needs inside the database lives in the schema `pgrelay`. This file is safe to
+-- run again at any time (it is how the library is upgraded): it creates what is missing, replaces
+-- functions, and keeps the configuration you made with pgrelay.watch() and pgrelay.allow_join().
+--
+-- How a change travels:
+--
+--   1. pgrelay.watch('tasks', ...) installs three statement-level triggers on `tasks`. Each one runs
+--      once per INSERT/UPDATE/DELETE statement, however many rows the statement touched, and copies
+--      the touched rows into the outbox `pgrelay.changes` inside the writing transaction. The change
+--      therefore commits, or rolls back, together with the data.
+--   2. The trigger then sends `NOTIFY pgrelay` with an empty payload. It is only a wake-up: Postgres
+--      folds identical notifications of one transaction into one, and the payload never carries the
+--      row, so the 8000-byte NOTIFY limit cannot be reached whatever the size of the row.
+--   3. The relay reads the outbox by transaction snapshots (see pgrelay.changes_between below), which
+--      yields every committed change exactly once, in commit order, and never waits for a slow
+--      transaction that has not committed yet.
+--   4. For every change the relay asks pgrelay.can_read() which of its connected users may see it,
+--      and pgrelay.can_join() when a user asks to join a room. Both dispatch to functions you
+--      register, so who-sees-what is decided here, in SQL, by the DBA.
+--
+-- Requires PostgreSQL 13 or newer (xid8 and the pg_snapshot functions).
+
+-- Serialize concurrent installs (two relays starting at once) for the rest of this transaction.
+DO $$ BEGIN PERFORM pg_advisory_xact_lock(hashtext('pgrelay.install')); END $$;
+
+CREATE SCHEMA IF NOT EXISTS pgrelay;
+COMMENT ON SCHEMA pgrelay IS 'pgrelay: change capture (outbox), resume positions and authorization dispatch';
+
+-- ---------------------------------------------------------------------------------------------
+-- The outbox
+-- ---------------------------------------------------------------------------------------------
+
+CREATE TABLE IF NOT EXISTS pgrelay.changes (
+    id      bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    -- The writing transaction. Snapshots tell which transactions had committed when, so this column
+    -- is what lets a reader find changes in commit order without skipping late committers.
+    xid     xid8        NOT NULL DEFAULT pg_current_xact_id(),
+    tbl     text        NOT NULL,   -- table as clients see it: 'tasks', or 'schema.table' outside public
+    entity  text        NOT NULL,   -- singular name used in event names: 'task' -> task_created
+    op      text        NOT NULL CHECK (op IN ('INSERT', 'UPDATE', 'DELETE')),
+    rooms   text[]      NOT NULL,   -- rooms the change is published to
+    "row"   jsonb       NOT NULL,   -- the new row; the old row for DELETE
+    old     jsonb,                  -- UPDATE only: previous values of the columns that changed
+    ts      timestamptz NOT NULL DEFAULT statement_timestamp()
+);
+COMMENT ON TABLE pgrelay.changes IS 'Outbox of captured changes, written by the triggers that pgrelay.watch() installs';
+
+-- Readers look changes up by transaction id (ranges and in-progress lists of snapshots).
+CREATE INDEX IF NOT EXISTS changes_xid_idx ON pgrelay.changes (xid);
+
+-- ---------------------------------------------------------------------------------------------
+-- Configuration
+-- ---------------------------------------------------------------------------------------------
+
+CREATE TABLE IF NOT EXISTS pgrelay.watches (
+    tbl         regclass PRIMARY KEY,
+    name        text     NOT NULL UNIQUE,  -- what pgrelay.changes.tbl holds for it
+    entity      text     NOT NULL,
+    rooms       text[]   NOT NULL,         -- templates such as 'project:{project_id}'
+    policy      regprocedure,              -- fn(user_id text, claims jsonb, row jsonb) -> boolean
+    exclude     text[]   NOT NULL DEFAULT '{}',
+    old_values  boolean  NOT NULL DEFAULT true
+);
+COMMENT ON TABLE pgrelay.watches IS 'Tables whose changes are captured; edit with pgrelay.watch() / pgrelay.unwatch()';
+
+CREATE TABLE IF NOT EXISTS pgrelay.join_rules (
+    kind   text PRIMARY KEY CHECK (kind ~ '^[a-z_]+$'),
+    policy regprocedure NOT NULL         -- fn(user_id text, claims jsonb, key text) -> boolean
+);
+COMMENT ON TABLE pgrelay.join_rules IS 'Who may join rooms of each kind (the part before the colon); edit with pgrelay.allow_join()';
+
+-- ---------------------------------------------------------------------------------------------
+-- Reading changes in commit order
+-- ---------------------------------------------------------------------------------------------
+
+-- The changes committed after snapshot `since` and no later than snapshot `upto`, in commit order.
+--
+-- Outbox ids are handed out when a row is written, not when its transaction commits, so a reader
+-- that remembers "the last id I saw" skips the rows of any transaction that committed after a
+-- younger one. Snapshots do not have that problem: a change belongs to this batch exactly when its
+-- transaction is visible in `upto` and was not visible in `since`. Every committed transaction
+-- therefore lands in exactly one batch, and a transaction that stays open for an hour simply lands
+-- in a later batch without holding anyone else back (the method of Skytools PgQ).
+--
+-- Only two places can hold such transactions, both cheap index lookups: transaction ids at or
+-- above since's xmax, and the transactions that were still running when `since` was taken.
+--
+-- Within a batch, transactions are ordered by the last change each one wrote. If transaction B read
+-- or overwrote what A committed, B wrote after A's commit, so B's last change is younger than all of
+-- A's: the order always agrees with what the data says happened first.
+CREATE OR REPLACE FUNCTION pgrelay.changes_between(since pg_snapshot, upto pg_snapshot)
+RETURNS TABLE (
+    id bigint, xid xid8, tbl text, entity text, op text, rooms text[], "row" jsonb, old jsonb,
+    ts timestamptz, txn_last bigint
+)
+LANGUAGE sql STABLE AS $$
+    SELECT c.id, c.xid, c.tbl, c.entity, c.op, c.rooms, c."row", c.old, c.ts,
+           max(c.id) OVER (PARTITION BY c.xid) AS txn_last
+    FROM (
+        SELECT * FROM pgrelay.changes
+        WHERE xid >= pg_snapshot_xmax(since) AND xid < pg_snapshot_xmax(upto)
+        UNION ALL
+        SELECT * FROM pgrelay.changes
+        WHERE xid = ANY (ARRAY(SELECT pg_snapshot_xip(since)))
+    ) AS c
+    WHERE pg_visible_in_snapshot(c.xid, upto)
+    ORDER BY txn_last, c.id
+$$;
+COMMENT ON FUNCTION pgrelay.changes_between(pg_snapshot, pg_snapshot) IS
+    'Changes committed after snapshot since and visible in snapshot upto, in commit order';
+
+-- A resume token for the calling transaction's snapshot. An API that reads its data and this
+-- position in one transaction can hand both to a client; joining a room with `since` = the position
+-- yields exactly the changes the data does not contain yet. The format is the relay's: the snapshot
+-- with URL-safe separators ('.' between its parts, '_' inside the in-progress list).
+CREATE OR REPLACE FUNCTION pgrelay.position() RETURNS text
+LANGUAGE sql STABLE AS $$
+    SELECT translate(pg_current_snapshot()::text, ':,', '._')
+$$;
+COMMENT ON FUNCTION pgrelay.position() IS 'Resume position for this transaction''s snapshot (join with since = it)';
+
+-- ---------------------------------------------------------------------------------------------
+-- Authorization dispatch
+-- ---------------------------------------------------------------------------------------------
+
+-- Rooms of the kind 'user:{id}' belong to that user alone.
+CREATE OR REPLACE FUNCTION pgrelay.is_self(user_id text, claims jsonb, key text) RETURNS boolean
+LANGUAGE sql IMMUTABLE AS $$ SELECT user_id = key $$;
+
+INSERT INTO pgrelay.join_rules (kind, policy)
+VALUES ('user', 'pgrelay.is_self(text, jsonb, text)'::regprocedure)
+ON CONFLICT (kind) DO NOTHING;
+
+-- (Re)writes pgrelay.can_read() and pgrelay.can_join() from the configuration tables, so that the
+-- relay calls one plain SQL function that Postgres can inline, instead of looking policies up per row.
+-- Both deny whatever has no rule.
+CREATE OR REPLACE FUNCTION pgrelay.rebuild_dispatch() RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    read_cases text := '';
+    join_cases text := '';
+    w record;
+BEGIN
+    FOR w IN SELECT name, policy FROM pgrelay.watches WHERE policy IS NOT NULL ORDER BY name LOOP
+        read_cases := read_cases || format(E'\n                WHEN tbl = %L THEN %s(user_id, claims, "row")',
+                                           w.name, w.policy::regproc);
+    END LOOP;
+    FOR w IN SELECT kind, policy FROM pgrelay.join_rules ORDER BY kind LOOP
+        join_cases := join_cases || format(E'\n                WHEN starts_with(room, %L) THEN %s(user_id, claims, substr(room, %s))',
+                                           w.kind || ':', w.policy::regproc, length(w.kind) + 2);
+    END LOOP;
+
+    EXECUTE format($f$
+        CREATE OR REPLACE FUNCTION pgrelay.can_read(tbl text, user_id text, claims jsonb, "row" jsonb)
+        RETURNS boolean LANGUAGE sql STABLE AS $body$
+            SELECT coalesce(CASE WHEN tbl IS NULL THEN false%s
+                ELSE false END, false)
+        $body$ $f$, read_cases);
+    EXECUTE format($f$
+        CREATE OR REPLACE FUNCTION pgrelay.can_join(user_id text, claims jsonb, room text)
+        RETURNS boolean LANGUAGE sql STABLE AS $body$
+            SELECT coalesce(CASE WHEN room IS NULL THEN false%s
+                ELSE false END, false)
+        $body$ $f$, join_cases);
+    COMMENT ON FUNCTION pgrelay.can_read(text, text, jsonb, jsonb) IS
+        'Generated by pgrelay.rebuild_dispatch(): may user_id read this row of table tbl?';
+    COMMENT ON FUNCTION pgrelay.can_join(text, jsonb, text) IS
+        'Generated by pgrelay.rebuild_dispatch(): may user_id join this room?';
+END $$;
+
+-- Register who may join rooms of a kind: pgrelay.allow_join('project', 'can_join_project').
+-- The policy is called as policy(user_id text, claims jsonb, key text), key being the part after
+-- the first colon ('42' for 'project:42'), and must return boolean.
+CREATE OR REPLACE FUNCTION pgrelay.allow_join(kind text, policy regproc) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    fn regprocedure := pgrelay.check_policy(policy, 'text');
+BEGIN
+    INSERT INTO pgrelay.join_rules AS r (kind, policy) VALUES (allow_join.kind, fn)
+    ON CONFLICT ON CONSTRAINT join_rules_pkey DO UPDATE SET policy = excluded.policy;
+    PERFORM pgrelay.rebuild_dispatch();
+END $$;
+
+-- Checks that a policy function has the signature (text, jsonb, <third>) returning boolean.
+CREATE OR REPLACE FUNCTION pgrelay.check_policy(policy regproc, third text) RETURNS regprocedure
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    p pg_proc;
+BEGIN
+    SELECT * INTO p FROM pg_proc WHERE oid = policy;
+    IF p.prorettype <> 'boolean'::regtype OR p.pronargs <> 3
+       OR p.proargtypes[0] <> 'text'::regtype OR p.proargtypes[1] <> 'jsonb'::regtype
+       OR p.proargtypes[2] <> third::regtype THEN
+        RAISE EXCEPTION 'policy % must be declared as %(user_id text, claims jsonb, %) RETURNS boolean',
+            policy, policy, CASE third WHEN 'jsonb' THEN 'row jsonb' ELSE 'key text' END;
+    END IF;
+    RETURN policy::oid::regprocedure;
+END $$;
+
+-- ---------------------------------------------------------------------------------------------
+-- Watching tables
+-- ---------------------------------------------------------------------------------------------
+
+-- Turns a room template into a SQL expression over the row alias `r`:
+--   'project:{project_id}'  ->  'project:' || (r.project_id)::text
+-- A NULL column yields a NULL room, which the trigger drops.
+CREATE OR REPLACE FUNCTION pgrelay.room_expression(tbl regclass, template text, r text) RETURNS text
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    parts text[] := regexp_split_to_array(template, '[{}]');
+    expr  text := '';
+    i     int;
+BEGIN
+    IF array_length(parts, 1) % 2 = 0 THEN
+        RAISE EXCEPTION 'room template % has an unmatched brace', template;
+    END IF;
+    FOR i IN 1 .. array_length(parts, 1) LOOP
+        IF i % 2 = 1 THEN
+            IF parts[i] <> '' THEN expr := expr || ' || ' || quote_literal(parts[i]); END IF;
+        ELSE
+            IF NOT EXISTS (SELECT FROM pg_attribute
+                           WHERE attrelid = tbl AND attname = parts[i] AND attnum > 0 AND NOT attisdropped) THEN
+                RAISE EXCEPTION 'room template % names column %, which % does not have', template, parts[i], tbl;
+            END IF;
+            expr := expr || format(' || (%s.%I)::text', r, parts[i]);
+        END IF;
+    END LOOP;
+    RETURN substr(expr, 5);
+END $$;
+
+-- Start capturing a table's changes.
+--
+--   tbl         the table.
+--   rooms       room templates; '{column}' is replaced by the row's value: ARRAY['project:{project_id}'].
+--               An UPDATE goes to the rooms of the new row and of the old one (a task moved between
+--               projects reaches both project rooms).
+--   policy      who may read a row: fn(user_id text, claims jsonb, row jsonb) RETURNS boolean.
+--               Without one nobody receives the table's changes.
+--   entity      singular name for event names (default: the table name without its plural 's'):
+--               'task' gives task_created, task_updated, task_deleted.
+--   exclude     columns never shipped (e.g. password_hash); include = the only columns shipped.
+--   old_values  record the previous values of changed columns on UPDATE (needed to tell users who
+--               could see the old version but not the new one that the row left their view).
+--
+-- Calling it again replaces the table's settings. It takes a brief lock on the table to create the
+-- triggers, like any CREATE TRIGGER.
+CREATE OR REPLACE FUNCTION pgrelay.watch(
+    tbl        regclass,
+    rooms      text[],
+    policy     regproc DEFAULT NULL,
+    entity     text    DEFAULT NULL,
+    exclude    text[]  DEFAULT '{}',
+    include    text[]  DEFAULT NULL,
+    old_values boolean DEFAULT true
+) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    rel        pg_class;
+    nsp        text;
+    shown_name text;
+    fn_name    text;
+    pk_join    text;
+    payload_n  text;
+    payload_o  text;
+    rooms_n    text;
+    rooms_o    text;
+    rooms_no   text;
+    dropped    text[];
+    fn         regprocedure;
+BEGIN
+    SELECT * INTO rel FROM pg_class WHERE oid = tbl;
+    nsp := rel.relnamespace::regnamespace::text;
+    shown_name := CASE WHEN nsp = 'public' THEN rel.relname ELSE nsp || '.' || rel.relname END;
+    fn_name := format('%I', 'capture_' || replace(shown_name, '.', '_'));
+    IF policy IS NOT NULL THEN
+        fn := pgrelay.check_policy(policy, 'jsonb');
+    ELSE
+        RAISE NOTICE 'pgrelay: % has no read policy, so nobody will receive its changes', shown_name;
+    END IF;
+    IF coalesce(array_length(rooms, 1), 0) = 0 THEN
+        RAISE EXCEPTION 'pgrelay.watch(%): at least one room template is required', shown_name;
+    END IF;
+
+    -- Rows of an UPDATE are paired old-with-new by primary key.
+    SELECT string_agg(format('n.%1$I = o.%1$I', a.attname), ' AND ') INTO pk_join
+    FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+    WHERE i.indrelid = tbl AND i.indisprimary;
+    IF pk_join IS NULL THEN
+        RAISE EXCEPTION 'pgrelay.watch(%): the table needs a primary key', shown_name;
+    END IF;
+
+    -- Columns left out of payloads: the excluded ones, or all but the included ones.
+    SELECT coalesce(array_agg(attname::text ORDER BY attnum), '{}') INTO dropped
+    FROM pg_attribute
+    WHERE attrelid = tbl AND attnum > 0 AND NOT attisdropped
+      AND (attname = ANY (exclude) OR (include IS NOT NULL AND NOT attname = ANY (include)));
+    payload_n := 'to_jsonb(n)' || CASE WHEN dropped = '{}' THEN '' ELSE format(' - %L::text[]', dropped) END;
+    payload_o := 'to_jsonb(o)' || CASE WHEN dropped = '{}' THEN '' ELSE format(' - %L::text[]', dropped) END;
+
+    SELECT string_agg(pgrelay.room_expression(tbl, t, 'n'), ', ') INTO rooms_n FROM unnest(rooms) AS t;
+    SELECT string_agg(pgrelay.room_expression(tbl, t, 'o'), ', ') INTO rooms_o FROM unnest(rooms) AS t;
+    rooms_no := rooms_n || ', ' || rooms_o;
+
+    INSERT INTO pgrelay.watches AS w (tbl, name, entity, rooms, policy, exclude, old_values)
+    VALUES (tbl, shown_name, coalesce(entity, regexp_replace(rel.relname, 's$', '')), rooms, fn,
+            dropped, old_values)
+    ON CONFLICT ON CONSTRAINT watches_pkey DO UPDATE
+        SET name = excluded.name, entity = excluded.entity, rooms = excluded.rooms,
+            policy = excluded.policy, exclude = excluded.exclude, old_values = excluded.old_values;
+
+    -- The capture function is generated for this table so that it runs static, pre-planned SQL:
+    -- one INSERT ... SELECT per statement, whatever the number of rows. Read it with \sf.
+    EXECUTE format($f$
+        CREATE OR REPLACE FUNCTION pgrelay.%1$s() RETURNS trigger
+        LANGUAGE plpgsql AS $body$
+        -- Generated by pgrelay.watch(%2$L); do not edit, call pgrelay.watch() again instead.
+        DECLARE
+            captured bigint;
+        BEGIN
+            IF TG_OP = 'INSERT' THEN
+                INSERT INTO pgrelay.changes (tbl, entity, op, rooms, "row")
+                SELECT %2$L, %3$L, 'INSERT', pgrelay.room_list(ARRAY[%4$s]), %6$s
+                FROM new_rows AS n;
+            ELSIF TG_OP = 'UPDATE' THEN
+                INSERT INTO pgrelay.changes (tbl, entity, op, rooms, "row", old)
+                SELECT %2$L, %3$L, 'UPDATE', pgrelay.room_list(ARRAY[%5$s]), v.new_row,
+                       %9$s
+                FROM new_rows AS n
+                JOIN old_rows AS o ON %8$s
+                CROSS JOIN LATERAL (SELECT %6$s AS new_row, %7$s AS old_row) AS v
+                WHERE v.new_row IS DISTINCT FROM v.old_row;
+            ELSE
+                INSERT INTO pgrelay.changes (tbl, entity, op, rooms, "row")
+                SELECT %2$L, %3$L, 'DELETE', pgrelay.room_list(ARRAY[%10$s]), %7$s
+                FROM old_rows AS o;
+            END IF;
+            GET DIAGNOSTICS captured = ROW_COUNT;
+            IF captured > 0 THEN
+                -- A wake-up, not the record: one per transaction (Postgres folds duplicates).
+                PERFORM pg_notify('pgrelay', '');
+            END IF;
+            RETURN NULL;
+        END $body$ $f$,
+        fn_name, shown_name, coalesce(entity, regexp_replace(rel.relname, 's$', '')),
+        rooms_n, rooms_no, payload_n, payload_o, pk_join,
+        CASE WHEN old_values THEN 'pgrelay.changed_values(v.old_row, v.new_row)' ELSE 'NULL' END,
+        rooms_o);
+
+    -- Statement-level triggers with transition tables: one invocation per statement.
+    EXECUTE format('DROP TRIGGER IF EXISTS pgrelay_capture_insert ON %s', tbl);
+    EXECUTE format('DROP TRIGGER IF EXISTS pgrelay_capture_update ON %s', tbl);
+    EXECUTE format('DROP TRIGGER IF EXISTS pgrelay_capture_delete ON %s', tbl);
+    EXECUTE format('CREATE TRIGGER pgrelay_capture_insert AFTER INSERT ON %s REFERENCING NEW TABLE AS new_rows '
+                   'FOR EACH STATEMENT EXECUTE FUNCTION pgrelay.%s()', tbl, fn_name);
+    EXECUTE format('CREATE TRIGGER pgrelay_capture_update AFTER UPDATE ON %s REFERENCING OLD TABLE AS old_rows '
+                   'NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION pgrelay.%s()', tbl, fn_name);
+    EXECUTE format('CREATE TRIGGER pgrelay_capture_delete AFTER DELETE ON %s REFERENCING OLD TABLE AS old_rows '
+                   'FOR EACH STATEMENT EXECUTE FUNCTION pgrelay.%s()', tbl, fn_name);
+
+    PERFORM pgrelay.rebuild_dispatch();
+END $$;
+
+-- Stop capturing a table's changes. Changes already in the outbox are still delivered.
+CREATE OR REPLACE FUNCTION pgrelay.unwatch(tbl regclass) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    shown_name text;
+BEGIN
+    DELETE FROM pgrelay.watches w WHERE w.tbl = unwatch.tbl RETURNING name INTO shown_name;
+    EXECUTE format('DROP TRIGGER IF EXISTS pgrelay_capture_insert ON %s', tbl);
+    EXECUTE format('DROP TRIGGER IF EXISTS pgrelay_capture_update ON %s', tbl);
+    EXECUTE format('DROP TRIGGER IF EXISTS pgrelay_capture_delete ON %s', tbl);
+    IF shown_name IS NOT NULL THEN
+        EXECUTE format('DROP FUNCTION IF EXISTS pgrelay.%I()', 'capture_' || replace(shown_name, '.', '_'));
+    END IF;
+    PERFORM pgrelay.rebuild_dispatch();
+END $$;
+
+-- Helpers used by the generated capture functions.
+
+-- Distinct, non-NULL rooms.
+CREATE OR REPLACE FUNCTION pgrelay.room_list(rooms text[]) RETURNS text[]
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT coalesce(array_agg(DISTINCT r), '{}') FROM unnest(rooms) AS r WHERE r IS NOT NULL
+$$;
+
+-- The previous values of the columns whose value changed.
+CREATE OR REPLACE FUNCTION pgrelay.changed_values(old_row jsonb, new_row jsonb) RETURNS jsonb
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT coalesce(jsonb_object_agg(o.key, o.value), '{}')
+    FROM jsonb_each(old_row) AS o
+    WHERE new_row -> o.key IS DISTINCT FROM o.value
+$$;
+
+SELECT pgrelay.rebuild_dispatch();
