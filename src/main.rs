@@ -1,1 +1,340 @@
-fn main() {}
+//! The `pgrelay` command: `serve`, `migrate`, `token`, `tail` (contract §1).
+//!
+//! Exit codes: 0 clean shutdown, 1 runtime failure, 2 bad configuration.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use futures_util::future::poll_fn;
+use pgrelay::capture::outbox::{self, Batch};
+use pgrelay::capture::position::Position;
+use pgrelay::config::RelayConfig;
+use pgrelay::db::{embedded::EmbeddedPostgres, migrate};
+use pgrelay::jwt::{self, Verifier};
+use pgrelay::server::Relay;
+use serde_json::{Map, Value};
+
+/// Used only in development mode (no DATABASE_URL): the embedded database is throwaway too.
+const DEV_SECRET: &str = "pgrelay-dev-secret-not-for-production";
+
+#[derive(Parser)]
+#[command(
+    name = "pgrelay",
+    version,
+    about = "Postgres changes, authorized per user, delivered to WebSocket rooms"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the relay. Without DATABASE_URL, starts an embedded Postgres with demo data.
+    Serve(ServeArgs),
+    /// Install or update the trigger library and the example schema in DATABASE_URL.
+    Migrate {
+        #[arg(long, env = "DATABASE_URL")]
+        database_url: String,
+        /// Install only the trigger library (sql/), not the example schema.
+        #[arg(long)]
+        library_only: bool,
+    },
+    /// Print an HS256 token signed with PGRELAY_JWT_SECRET (for development and tests).
+    Token {
+        #[arg(long)]
+        sub: String,
+        /// Lifetime: 90s, 15m, 1h, 7d.
+        #[arg(long, default_value = "1h", value_parser = jwt::parse_ttl)]
+        ttl: Duration,
+        /// Extra claims, key=value (repeatable); values that parse as JSON are kept as JSON.
+        #[arg(long = "claim", value_parser = parse_claim)]
+        claims: Vec<(String, Value)>,
+        #[arg(long, env = "PGRELAY_JWT_SECRET", hide_env_values = true)]
+        jwt_secret: Option<String>,
+    },
+    /// Print changes as the relay sees them, one JSON line each.
+    Tail {
+        #[arg(long, env = "DATABASE_URL")]
+        database_url: String,
+        /// Only changes published to this room.
+        #[arg(long)]
+        room: Option<String>,
+    },
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// The database to LISTEN to and authorize against (unset: embedded Postgres).
+    #[arg(long, env = "DATABASE_URL")]
+    database_url: Option<String>,
+    /// HTTP/WebSocket listen address.
+    #[arg(long, env = "PGRELAY_BIND", default_value = "127.0.0.1:8080")]
+    bind: SocketAddr,
+    /// HS256 secret (required unless in development mode or a public key is given).
+    #[arg(long, env = "PGRELAY_JWT_SECRET", hide_env_values = true)]
+    jwt_secret: Option<String>,
+    /// PEM public key (RS*/ES*/EdDSA) to verify tokens with, instead of a secret.
+    #[arg(long, env = "PGRELAY_JWT_PUBLIC_KEY_FILE")]
+    jwt_public_key_file: Option<PathBuf>,
+    /// Where the embedded Postgres keeps its data.
+    #[arg(long, env = "PGRELAY_DATA_DIR", default_value = ".pgrelay")]
+    data_dir: PathBuf,
+    /// Read the outbox at least this often even without a notification.
+    #[arg(long, env = "PGRELAY_POLL_INTERVAL", default_value = "1s", value_parser = jwt::parse_ttl)]
+    poll_interval: Duration,
+}
+
+/// A failure and the exit code it maps to.
+enum Failure {
+    Config(anyhow::Error),
+    Runtime(anyhow::Error),
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(err: anyhow::Error) -> Failure {
+        Failure::Runtime(err)
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "pgrelay=info,warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("pgrelay: cannot start the async runtime: {err}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Config(err)) => {
+            eprintln!("pgrelay: configuration error: {err:#}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Runtime(err)) => {
+            eprintln!("pgrelay: {err:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn run(command: Command) -> Result<(), Failure> {
+    match command {
+        Command::Serve(args) => serve(args).await,
+        Command::Migrate {
+            database_url,
+            library_only,
+        } => {
+            migrate::migrate(&database_url, library_only).await?;
+            println!(
+                "pgrelay: {} installed",
+                if library_only {
+                    "trigger library"
+                } else {
+                    "trigger library and example schema"
+                }
+            );
+            Ok(())
+        }
+        Command::Token {
+            sub,
+            ttl,
+            claims,
+            jwt_secret,
+        } => {
+            let secret = match jwt_secret {
+                Some(secret) => secret,
+                None if std::env::var_os("DATABASE_URL").is_none() => DEV_SECRET.to_owned(),
+                None => {
+                    return Err(Failure::Config(anyhow::anyhow!(
+                        "PGRELAY_JWT_SECRET is not set"
+                    )))
+                }
+            };
+            let extra: Map<String, Value> = claims.into_iter().collect();
+            println!("{}", jwt::mint(secret.as_bytes(), &sub, ttl, &extra)?);
+            Ok(())
+        }
+        Command::Tail { database_url, room } => tail(&database_url, room.as_deref())
+            .await
+            .map_err(Failure::Runtime),
+    }
+}
+
+async fn serve(args: ServeArgs) -> Result<(), Failure> {
+    let dev_mode = args.database_url.is_none();
+    let verifier = match (&args.jwt_public_key_file, &args.jwt_secret) {
+        (Some(path), _) => {
+            let pem = std::fs::read(path)
+                .with_context(|| format!("reading PGRELAY_JWT_PUBLIC_KEY_FILE {}", path.display()))
+                .map_err(Failure::Config)?;
+            Verifier::from_public_key_pem(&pem).map_err(Failure::Config)?
+        }
+        (None, Some(secret)) if !secret.is_empty() => Verifier::from_secret(secret.as_bytes()),
+        (None, _) if dev_mode => Verifier::from_secret(DEV_SECRET.as_bytes()),
+        (None, _) => {
+            return Err(Failure::Config(anyhow::anyhow!(
+                "set PGRELAY_JWT_SECRET or PGRELAY_JWT_PUBLIC_KEY_FILE"
+            )))
+        }
+    };
+
+    // Development mode: an embedded database, migrated, with demo data on first start.
+    let mut embedded = None;
+    let database_url = match args.database_url {
+        Some(url) => {
+            check_library(&url).await?;
+            url
+        }
+        None => {
+            let data_dir = args.data_dir.clone();
+            let pg = tokio::task::spawn_blocking(move || EmbeddedPostgres::start(&data_dir))
+                .await
+                .context("starting the embedded database")??;
+            let url = pg.url("postgres");
+            migrate::migrate(&url, false).await?;
+            if pg.created {
+                migrate::load_demo_data(&url).await?;
+            }
+            embedded = Some(pg);
+            url
+        }
+    };
+
+    let mut config = RelayConfig::new(database_url.clone(), verifier);
+    config.bind = args.bind;
+    config.poll_interval = args.poll_interval;
+    let relay = Relay::start(config).await.map_err(Failure::Config)?;
+    if embedded.is_some() {
+        print_dev_banner(&relay, &database_url)?;
+    }
+
+    wait_for_signal().await?;
+    tracing::info!("shutting down");
+    relay.shutdown().await;
+    drop(embedded);
+    Ok(())
+}
+
+async fn check_library(url: &str) -> Result<(), Failure> {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .context("connecting to DATABASE_URL")?;
+    let io = tokio::spawn(connection);
+    let installed = migrate::library_installed(&client).await?;
+    drop(client);
+    let _ = io.await;
+    if !installed {
+        return Err(Failure::Config(anyhow::anyhow!(
+            "the pgrelay trigger library is not installed in DATABASE_URL; run `pgrelay migrate` first"
+        )));
+    }
+    Ok(())
+}
+
+fn print_dev_banner(relay: &Relay, database_url: &str) -> anyhow::Result<()> {
+    let addr = relay.local_addr();
+    println!("pgrelay is running (development mode, embedded Postgres)\n");
+    println!("  WebSocket   ws://{addr}/ws?token=<token>");
+    println!("  Health      http://{addr}/readyz   Metrics http://{addr}/metrics");
+    println!("  Database    psql {database_url}\n");
+    println!("Dev tokens (valid 24h):");
+    for (user, name, note) in [
+        ("u1", "alice", "owner of project 1"),
+        ("u2", "bob", "member of project 1"),
+        ("u3", "carol", "viewer of project 1, owner of project 2"),
+        ("u4", "dave", "in no project"),
+    ] {
+        let token = jwt::mint(
+            DEV_SECRET.as_bytes(),
+            user,
+            Duration::from_secs(86400),
+            &Map::new(),
+        )?;
+        println!("  {user} {name:<6} ({note})\n     {token}");
+    }
+    println!("\nPress Ctrl-C to stop.");
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        result = tokio::signal::ctrl_c() => result?,
+        _ = term.recv() => {}
+    }
+    Ok(())
+}
+
+/// `pgrelay tail`: reads the outbox like the relay does (no authorization: it is a DBA's tool).
+async fn tail(database_url: &str, room: Option<&str>) -> anyhow::Result<()> {
+    let (client, mut connection) = tokio_postgres::connect(database_url, tokio_postgres::NoTls)
+        .await
+        .context("connecting to DATABASE_URL")?;
+    let wake = Arc::new(tokio::sync::Notify::new());
+    let forward = wake.clone();
+    tokio::spawn(async move {
+        while let Some(Ok(message)) = poll_fn(|cx| connection.poll_message(cx)).await {
+            if matches!(message, tokio_postgres::AsyncMessage::Notification(_)) {
+                forward.notify_one();
+            }
+        }
+        forward.notify_one();
+    });
+    client.batch_execute("LISTEN pgrelay").await?;
+    let mut since = outbox::current_snapshot(&client).await?;
+    loop {
+        let mut batch = Batch::read(&client, &since, None).await?;
+        loop {
+            let chunk = batch.next_chunk(1000).await?;
+            if chunk.is_empty() {
+                break;
+            }
+            for change in chunk
+                .iter()
+                .filter(|c| room.is_none_or(|r| c.rooms.iter().any(|x| x == r)))
+            {
+                let id = Position::Within {
+                    since: batch.since.clone(),
+                    upto: batch.upto.clone(),
+                    change_id: change.id,
+                };
+                let line = serde_json::json!({
+                    "id": id.to_string(), "table": change.table, "op": change.op.as_str(),
+                    "entity": change.entity, "rooms": change.rooms, "row": change.row,
+                    "old": change.old, "ts": change.ts,
+                });
+                println!("{line}");
+            }
+        }
+        since = batch.upto;
+        tokio::select! {
+            () = wake.notified() => {}
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        if client.is_closed() {
+            anyhow::bail!("the database connection closed");
+        }
+    }
+}
+
+fn parse_claim(text: &str) -> Result<(String, Value), String> {
+    let (key, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("expected key=value, got {text:?}"))?;
+    let value = serde_json::from_str(value).unwrap_or_else(|_| Value::String(value.to_owned()));
+    Ok((key.to_owned(), value))
+}

@@ -1,0 +1,167 @@
+//! Authorization: the database decides who may see what.
+//!
+//! The rules are SQL functions (`pgrelay.can_read`, `pgrelay.can_join`; see `sql/pgrelay.sql`), so a
+//! DBA changes them without touching the relay. The relay's job is to ask efficiently: one query
+//! answers a whole chunk of changes for every user listening in their rooms, sent as parallel
+//! arrays of (change, user) pairs. Policies are evaluated on the change's own row, as it was
+//! written, and on current memberships, so a revoked user stops receiving at once.
+//!
+//! For an UPDATE the policy is asked twice, about the new row and about the old one, because a
+//! change can move a row into or out of a user's view (a task made private, moved to another
+//! project). [`Verdict`] carries both answers; [`crate::fanout`] turns them into events.
+//!
+//! One user's policy failing (say, a claim the function cannot cast) must not stop delivery to
+//! everyone else. When the batched query fails with an error from the policy, the relay asks again
+//! user by user, denies the ones whose evaluation fails, and logs them.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use deadpool_postgres::Pool;
+
+use crate::capture::outbox::Change;
+use crate::jwt::Principal;
+use crate::protocol::Room;
+
+/// What one user may see of one change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verdict {
+    pub change: u32,
+    pub principal: u32,
+    /// May read the row as it is now (the old row for a DELETE).
+    pub sees_new: bool,
+    /// UPDATE: could read the row as it was before.
+    pub sees_old: bool,
+}
+
+const READERS: &str = r#"
+SELECT change_ix, principal_ix, sees_new, sees_old
+FROM (
+    SELECT p.change_ix, p.principal_ix,
+           pgrelay.can_read(c.tbl, u.user_id, u.claims, c."row") AS sees_new,
+           (c.op = 'UPDATE' AND c.old IS NOT NULL AND c.old <> '{}'
+            AND pgrelay.can_read(c.tbl, u.user_id, u.claims, c."row" || c.old)) AS sees_old
+    FROM unnest($1::int4[], $2::int4[]) AS p(change_ix, principal_ix)
+    JOIN unnest($3::int8[]) WITH ORDINALITY AS ch(change_id, ix) ON ch.ix = p.change_ix
+    JOIN pgrelay.changes AS c ON c.id = ch.change_id
+    JOIN unnest($4::text[], $5::jsonb[]) WITH ORDINALITY AS u(user_id, claims, ix) ON u.ix = p.principal_ix
+) AS v
+WHERE sees_new OR sees_old
+"#;
+
+#[derive(Clone)]
+pub struct Authorizer {
+    pool: Pool,
+}
+
+impl Authorizer {
+    pub fn new(pool: Pool) -> Authorizer {
+        Authorizer { pool }
+    }
+
+    /// May this user join this room?
+    pub async fn can_join(&self, principal: &Principal, room: &Room) -> anyhow::Result<bool> {
+        let client = self.pool.get().await.context("no database connection")?;
+        let statement = client
+            .prepare_cached("SELECT pgrelay.can_join($1, $2, $3)")
+            .await?;
+        let row = client
+            .query_one(
+                &statement,
+                &[&principal.user, &principal.claims, &room.as_str()],
+            )
+            .await
+            .context("evaluating the join policy")?;
+        Ok(row.try_get::<_, Option<bool>>(0)?.unwrap_or(false))
+    }
+
+    /// Evaluates the read policy for each `(change index, principal index)` pair (0-based) and
+    /// returns the pairs that see something.
+    pub async fn readers(
+        &self,
+        changes: &[Change],
+        principals: &[Arc<Principal>],
+        pairs: &[(u32, u32)],
+    ) -> anyhow::Result<Vec<Verdict>> {
+        if pairs.is_empty() {
+            return Ok(Vec::new());
+        }
+        match self.query(changes, principals, pairs).await {
+            Ok(verdicts) => Ok(verdicts),
+            // An error raised by a policy: find the users it concerns instead of failing everyone.
+            Err(err) if is_policy_error(&err) => self.one_by_one(changes, principals, pairs).await,
+            Err(err) => Err(err),
+        }
+    }
+
+    async fn query(
+        &self,
+        changes: &[Change],
+        principals: &[Arc<Principal>],
+        pairs: &[(u32, u32)],
+    ) -> anyhow::Result<Vec<Verdict>> {
+        // unnest ... WITH ORDINALITY counts from 1.
+        let change_ix: Vec<i32> = pairs.iter().map(|p| p.0 as i32 + 1).collect();
+        let principal_ix: Vec<i32> = pairs.iter().map(|p| p.1 as i32 + 1).collect();
+        let change_ids: Vec<i64> = changes.iter().map(|c| c.id).collect();
+        let users: Vec<&str> = principals.iter().map(|p| p.user.as_str()).collect();
+        let claims: Vec<&serde_json::Value> = principals.iter().map(|p| &p.claims).collect();
+
+        let client = self.pool.get().await.context("no database connection")?;
+        let statement = client.prepare_cached(READERS).await?;
+        let rows = client
+            .query(
+                &statement,
+                &[&change_ix, &principal_ix, &change_ids, &users, &claims],
+            )
+            .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(Verdict {
+                    change: (row.try_get::<_, i32>(0)? - 1) as u32,
+                    principal: (row.try_get::<_, i32>(1)? - 1) as u32,
+                    sees_new: row.try_get::<_, Option<bool>>(2)?.unwrap_or(false),
+                    sees_old: row.try_get::<_, Option<bool>>(3)?.unwrap_or(false),
+                })
+            })
+            .collect()
+    }
+
+    async fn one_by_one(
+        &self,
+        changes: &[Change],
+        principals: &[Arc<Principal>],
+        pairs: &[(u32, u32)],
+    ) -> anyhow::Result<Vec<Verdict>> {
+        let mut verdicts = Vec::new();
+        for (ix, principal) in principals.iter().enumerate() {
+            let own: Vec<(u32, u32)> = pairs
+                .iter()
+                .filter(|p| p.1 as usize == ix)
+                .map(|p| (p.0, 0))
+                .collect();
+            match self
+                .query(changes, std::slice::from_ref(principal), &own)
+                .await
+            {
+                Ok(found) => verdicts.extend(found.into_iter().map(|v| Verdict {
+                    principal: ix as u32,
+                    ..v
+                })),
+                Err(err) if is_policy_error(&err) => {
+                    tracing::warn!(user = %principal.user, error = %format!("{err:#}"),
+                        "read policy failed for this user; withholding the changes from them");
+                }
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(verdicts)
+    }
+}
+
+/// An error the database raised while running the query (as opposed to a lost connection).
+fn is_policy_error(err: &anyhow::Error) -> bool {
+    err.downcast_ref::<tokio_postgres::Error>()
+        .and_then(|e| e.as_db_error())
+        .is_some()
+}

@@ -1,0 +1,87 @@
+//! The wake-up: a dedicated connection that `LISTEN`s on the `pgrelay` channel.
+//!
+//! A notification carries nothing; it only says "the outbox has something new". Postgres delivers
+//! notifications only to sessions connected at the time, so a listener that was disconnected may
+//! have missed some. That is harmless here: after every (re)connect the listener wakes the reader
+//! once, and the reader catches up from its own position in the outbox.
+//!
+//! Wake-ups are coalesced by [`tokio::sync::Notify`]: a thousand notifications that arrive while
+//! the reader is busy become one more read.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::poll_fn;
+use tokio::sync::Notify;
+use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+
+/// The channel the triggers `NOTIFY` on.
+pub const CHANNEL: &str = "pgrelay";
+
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Keeps a `LISTEN` connection open until `shutdown`, reconnecting with backoff.
+pub async fn run(
+    config: tokio_postgres::Config,
+    wake: Arc<Notify>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = MIN_BACKOFF;
+    loop {
+        let session = listen_once(&config, &wake, &metrics);
+        let outcome = tokio::select! {
+            outcome = session => outcome,
+            () = shutdown.cancelled() => return,
+        };
+        metrics.listener_connected.set(0);
+        match outcome {
+            // The connection lived: start over quickly.
+            Ok(()) => backoff = MIN_BACKOFF,
+            Err(err) => {
+                tracing::warn!(error = %err, "LISTEN connection failed; retrying in {backoff:?}")
+            }
+        }
+        metrics.listener_reconnects.inc();
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            () = shutdown.cancelled() => return,
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// One connection's life: connect, LISTEN, forward notifications until it breaks.
+async fn listen_once(
+    config: &tokio_postgres::Config,
+    wake: &Arc<Notify>,
+    metrics: &Metrics,
+) -> anyhow::Result<()> {
+    let (client, mut connection) = config.connect(NoTls).await?;
+    // The connection object does the I/O and yields the notifications; it runs on its own task.
+    let forward = wake.clone();
+    let io = tokio::spawn(async move {
+        loop {
+            match poll_fn(|cx| connection.poll_message(cx)).await {
+                Some(Ok(AsyncMessage::Notification(_))) => forward.notify_one(),
+                Some(Ok(_)) => {}
+                Some(Err(err)) => return Err(anyhow::Error::from(err)),
+                None => return Err(anyhow::anyhow!("LISTEN connection closed")),
+            }
+        }
+    });
+
+    client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
+    metrics.listener_connected.set(1);
+    tracing::info!("listening for changes");
+    // Anything committed while we were not listening is in the outbox: read it now.
+    wake.notify_one();
+
+    let ended = io.await;
+    drop(client);
+    ended?
+}

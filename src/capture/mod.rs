@@ -1,0 +1,11 @@
+//! Capture: from committed rows to an ordered stream of changes.
+//!
+//! The triggers of `sql/pgrelay.sql` do the writing side inside the application's transactions.
+//! This module is the reading side: [`listener`] turns `NOTIFY` into wake-ups, [`reader`] reads
+//! [`outbox`] batches between two snapshots and hands them on, and [`position`] names a point in
+//! that stream so a client can come back to it.
+
+pub mod listener;
+pub mod outbox;
+pub mod position;
+pub mod reader;

@@ -1,0 +1,155 @@
+//! Reading the outbox (`pgrelay.changes`) batch by batch, in commit order.
+//!
+//! One statement takes a fresh snapshot `upto` and returns the changes committed between the
+//! reader's last snapshot and it (`pgrelay.changes_between`, which explains why this never skips a
+//! row). Rows are streamed, not collected, so a 100,000-row UPDATE is handed on in chunks.
+//!
+//! A batch that fails half-way (the database went away) is read again with the *same* two
+//! snapshots, which yields exactly the same changes in exactly the same order; the caller skips
+//! what it already delivered. That is what makes a retry free of duplicates.
+
+use anyhow::Context;
+use futures_util::StreamExt;
+use serde_json::value::RawValue;
+use tokio_postgres::{Client, RowStream};
+
+use super::position::Snapshot;
+
+/// One captured row change, as stored by the triggers.
+#[derive(Debug)]
+pub struct Change {
+    pub id: i64,
+    pub table: String,
+    /// Singular name for event names: `task` → `task_created`.
+    pub entity: String,
+    pub op: Op,
+    pub rooms: Vec<String>,
+    /// The new row (the old row for DELETE), as JSON text straight from Postgres.
+    pub row: Box<RawValue>,
+    /// UPDATE only: previous values of the changed columns.
+    pub old: Option<Box<RawValue>>,
+    /// When the statement ran, ISO 8601.
+    pub ts: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Insert,
+    Update,
+    Delete,
+}
+
+impl Op {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::Insert => "INSERT",
+            Op::Update => "UPDATE",
+            Op::Delete => "DELETE",
+        }
+    }
+
+    fn parse(s: &str) -> anyhow::Result<Op> {
+        match s {
+            "INSERT" => Ok(Op::Insert),
+            "UPDATE" => Ok(Op::Update),
+            "DELETE" => Ok(Op::Delete),
+            other => anyhow::bail!("unknown op {other:?} in pgrelay.changes"),
+        }
+    }
+}
+
+/// `$1` = since, `$2` = upto or NULL for "now". The snapshot comes first in every row so an empty
+/// batch still reports how far it read.
+const READ_BATCH: &str = r#"
+SELECT s.upto::text, c.id, c.tbl, c.entity, c.op, c.rooms, c."row"::text, c.old::text,
+       to_json(c.ts) #>> '{}'
+FROM (SELECT coalesce($2::text::pg_snapshot, pg_current_snapshot()) AS upto) AS s
+LEFT JOIN LATERAL pgrelay.changes_between($1::text::pg_snapshot, s.upto) AS c ON true
+ORDER BY c.txn_last, c.id
+"#;
+
+/// The changes of one batch, streaming from the database.
+pub struct Batch {
+    pub since: Snapshot,
+    pub upto: Snapshot,
+    first: Option<Change>,
+    rows: std::pin::Pin<Box<RowStream>>,
+}
+
+impl Batch {
+    /// Starts reading the changes committed after `since`, up to `upto` or, when `None`, up to a
+    /// snapshot taken now.
+    pub async fn read(
+        client: &Client,
+        since: &Snapshot,
+        upto: Option<&Snapshot>,
+    ) -> anyhow::Result<Batch> {
+        let since_text = since.to_pg();
+        let upto_text = upto.map(Snapshot::to_pg);
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&since_text, &upto_text];
+        let rows = client
+            .query_raw(READ_BATCH, params)
+            .await
+            .context("reading the outbox")?;
+        let mut rows = Box::pin(rows);
+        let first = rows
+            .next()
+            .await
+            .context("the outbox query returned no snapshot")?
+            .context("reading the outbox")?;
+        let upto = Snapshot::from_pg(first.try_get(0)?)
+            .map_err(|_| anyhow::anyhow!("Postgres returned an unreadable snapshot"))?;
+        Ok(Batch {
+            since: since.clone(),
+            upto,
+            first: change_from_row(&first)?,
+            rows,
+        })
+    }
+
+    /// The next up to `max` changes, in commit order; empty when the batch is done.
+    pub async fn next_chunk(&mut self, max: usize) -> anyhow::Result<Vec<Change>> {
+        let mut chunk = Vec::new();
+        if let Some(first) = self.first.take() {
+            chunk.push(first);
+        }
+        while chunk.len() < max {
+            match self.rows.next().await {
+                None => break,
+                Some(row) => {
+                    if let Some(change) = change_from_row(&row.context("reading the outbox")?)? {
+                        chunk.push(change);
+                    }
+                }
+            }
+        }
+        Ok(chunk)
+    }
+}
+
+fn change_from_row(row: &tokio_postgres::Row) -> anyhow::Result<Option<Change>> {
+    let Some(id) = row.try_get::<_, Option<i64>>(1)? else {
+        return Ok(None); // the empty side of the LEFT JOIN: nothing new
+    };
+    let json = |text: String| RawValue::from_string(text).context("outbox row is not JSON");
+    Ok(Some(Change {
+        id,
+        table: row.try_get(2)?,
+        entity: row.try_get(3)?,
+        op: Op::parse(row.try_get(4)?)?,
+        rooms: row.try_get(5)?,
+        row: json(row.try_get(6)?)?,
+        old: row.try_get::<_, Option<String>>(7)?.map(json).transpose()?,
+        ts: row.try_get(8)?,
+    }))
+}
+
+/// The database's current snapshot: where a reader that starts now begins.
+pub async fn current_snapshot(client: &Client) -> anyhow::Result<Snapshot> {
+    let row = client
+        .query_one("SELECT pg_current_snapshot()::text", &[])
+        .await
+        .context("taking a snapshot")?;
+    Snapshot::from_pg(row.try_get(0)?)
+        .map_err(|_| anyhow::anyhow!("Postgres returned an unreadable snapshot"))
+}

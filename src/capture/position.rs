@@ -1,0 +1,184 @@
+//! Positions: where a reader is in the stream of committed changes.
+//!
+//! A Postgres snapshot (`xmin:xmax:xip,...`) tells, for every transaction, whether it had committed
+//! when the snapshot was taken. That makes it a precise bookmark: "everything visible in this
+//! snapshot has been seen". The relay reads the outbox in *batches* between two snapshots
+//! (`since` → `upto`, see `pgrelay.changes_between`), so a position in the middle of a batch is the
+//! batch plus the last change delivered from it:
+//!
+//! ```text
+//!   <snapshot>                           everything committed as of the snapshot  (pgrelay.position())
+//!   <since>~<upto>~<change id>           ... plus the part of batch since→upto up to that change
+//! ```
+//!
+//! A snapshot is written as Postgres prints it with URL-safe separators (`.` for `:`, `_` for `,`),
+//! so `pgrelay.position()` can produce the same token in SQL. Positions carry no server state: any
+//! relay process, now or after a restart, can interpret one.
+
+use std::fmt;
+use std::str::FromStr;
+
+/// A transaction snapshot as returned by `pg_current_snapshot()`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Snapshot {
+    xmin: u64,
+    xmax: u64,
+    /// Transactions in progress when the snapshot was taken (sorted, all in `xmin..xmax`).
+    xip: Vec<u64>,
+}
+
+impl Snapshot {
+    /// Parses Postgres' text form, `xmin:xmax:xip1,xip2`.
+    pub fn from_pg(text: &str) -> Result<Snapshot, BadPosition> {
+        Self::parse(text, ':', ',')
+    }
+
+    /// Postgres' text form, for binding as `$1::pg_snapshot`.
+    pub fn to_pg(&self) -> String {
+        self.write(':', ',')
+    }
+
+    fn parse(text: &str, sep: char, list_sep: char) -> Result<Snapshot, BadPosition> {
+        let number = |s: &str| -> Result<u64, BadPosition> { s.parse().map_err(|_| BadPosition) };
+        let parts: Vec<&str> = text.split(sep).collect();
+        let [xmin, xmax, list] = parts.as_slice() else {
+            return Err(BadPosition);
+        };
+        let (xmin, xmax) = (number(xmin)?, number(xmax)?);
+        let xip = match *list {
+            "" => Vec::new(),
+            list => list
+                .split(list_sep)
+                .map(number)
+                .collect::<Result<Vec<_>, _>>()?,
+        };
+        let in_range = xip.iter().all(|&x| xmin <= x && x < xmax);
+        let sorted = xip.windows(2).all(|w| w[0] < w[1]);
+        if xmin > xmax || !in_range || !sorted {
+            return Err(BadPosition);
+        }
+        Ok(Snapshot { xmin, xmax, xip })
+    }
+
+    fn write(&self, sep: char, list_sep: char) -> String {
+        let list: Vec<String> = self.xip.iter().map(u64::to_string).collect();
+        format!(
+            "{}{sep}{}{sep}{}",
+            self.xmin,
+            self.xmax,
+            list.join(&list_sep.to_string())
+        )
+    }
+
+    /// True when `later` could not have been taken before `self` (used to reject nonsense).
+    pub fn precedes_or_equals(&self, later: &Snapshot) -> bool {
+        self.xmin <= later.xmin && self.xmax <= later.xmax
+    }
+}
+
+impl fmt::Display for Snapshot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.write('.', '_'))
+    }
+}
+
+/// A resume position: a batch boundary, or a change inside a batch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Position {
+    /// Every change visible in this snapshot has been seen.
+    At(Snapshot),
+    /// Every change visible in `since`, and the changes of batch `since → upto` up to and
+    /// including `change_id` in commit order.
+    Within {
+        since: Snapshot,
+        upto: Snapshot,
+        change_id: i64,
+    },
+}
+
+impl fmt::Display for Position {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Position::At(snapshot) => write!(f, "{snapshot}"),
+            Position::Within {
+                since,
+                upto,
+                change_id,
+            } => write!(f, "{since}~{upto}~{change_id}"),
+        }
+    }
+}
+
+/// A position that is not one pgrelay issued (garbage or tampered with).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("not a valid position")]
+pub struct BadPosition;
+
+impl FromStr for Position {
+    type Err = BadPosition;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.len() > 4096 {
+            return Err(BadPosition);
+        }
+        let parts: Vec<&str> = s.split('~').collect();
+        match parts.as_slice() {
+            [snapshot] => Ok(Position::At(Snapshot::parse(snapshot, '.', '_')?)),
+            [since, upto, id] => {
+                let since = Snapshot::parse(since, '.', '_')?;
+                let upto = Snapshot::parse(upto, '.', '_')?;
+                let change_id = id.parse::<i64>().map_err(|_| BadPosition)?;
+                if !since.precedes_or_equals(&upto) || change_id <= 0 {
+                    return Err(BadPosition);
+                }
+                Ok(Position::Within {
+                    since,
+                    upto,
+                    change_id,
+                })
+            }
+            _ => Err(BadPosition),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_round_trips_through_both_forms() {
+        let s = Snapshot::from_pg("100:105:100,103").expect("valid snapshot");
+        assert_eq!(s.to_pg(), "100:105:100,103");
+        assert_eq!(s.to_string(), "100.105.100_103");
+        let empty = Snapshot::from_pg("7:7:").expect("valid snapshot");
+        assert_eq!(empty.to_string(), "7.7.");
+    }
+
+    #[test]
+    fn positions_round_trip() {
+        for text in ["774.774.", "100.105.100_103~104.110.104~42"] {
+            let p: Position = text.parse().expect("valid position");
+            assert_eq!(p.to_string(), text);
+        }
+    }
+
+    #[test]
+    fn garbage_and_tampered_positions_are_rejected() {
+        for text in [
+            "",
+            "abc",
+            "1.2",
+            "5.3.",                    // xmin > xmax
+            "1.5.7",                   // in-progress xid outside the snapshot
+            "1.9.5_3",                 // unsorted
+            "1.5.~2.6.~0",             // change id must be positive
+            "9.9.~1.1.~5",             // batch ends before it starts
+            "1.5.~2.6.",               // missing change id
+            "18446744073709551616.1.", // overflow
+            "1.5.~2.6.~3~4",
+        ] {
+            assert_eq!(text.parse::<Position>(), Err(BadPosition), "{text:?}");
+        }
+    }
+}

@@ -1,0 +1,54 @@
+//! What a relay needs to run, independent of where it came from (flags, environment, tests).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::jwt::Verifier;
+
+pub struct RelayConfig {
+    pub database_url: String,
+    pub bind: SocketAddr,
+    pub verifier: Verifier,
+    /// Read the outbox at least this often, notifications or not (a safety net for a lost wake-up).
+    pub poll_interval: Duration,
+    pub pool_size: usize,
+    pub limits: Limits,
+}
+
+/// Per-connection limits.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Larger client messages close the connection with 1009.
+    pub max_message_bytes: usize,
+    /// More joins get `too_many_rooms`.
+    pub max_rooms_per_connection: usize,
+    /// A client with more than this waiting to be sent is closed with 4008.
+    pub max_queued_bytes: usize,
+    /// Time to send `auth` when the upgrade carried no token.
+    pub auth_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_message_bytes: 64 * 1024,
+            max_rooms_per_connection: 100,
+            max_queued_bytes: 1024 * 1024,
+            auth_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl RelayConfig {
+    /// Defaults for everything but the database and the key.
+    pub fn new(database_url: String, verifier: Verifier) -> RelayConfig {
+        RelayConfig {
+            database_url,
+            bind: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            verifier,
+            poll_interval: Duration::from_secs(1),
+            pool_size: 16,
+            limits: Limits::default(),
+        }
+    }
+}

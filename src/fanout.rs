@@ -1,0 +1,200 @@
+//! Fan-out: from a chunk of changes to the frames each member of each room receives.
+//!
+//! Three steps, and the lock is held only for the two quick ones:
+//!
+//! 1. **Candidates** (under the hub lock): the users listening in the rooms of each change.
+//! 2. **Authorize** (no lock, one query): which of them may read each change.
+//! 3. **Deliver** (under the hub lock): queue the frames, in commit order. Each frame is
+//!    serialized once per room and shared by all its recipients.
+//!
+//! What a user receives depends on what they may read of an UPDATE (see [`Visibility`]): a row
+//! that enters their view arrives as `*_created`, one that leaves it as `*_deleted` with the last
+//! values they were allowed to see. A user who may read neither version gets nothing, not even an
+//! id.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::extract::ws::Utf8Bytes;
+use serde::Serialize;
+use serde_json::value::RawValue;
+
+use crate::authorize::{Authorizer, Verdict};
+use crate::capture::outbox::{Change, Op};
+use crate::capture::position::{Position, Snapshot};
+use crate::jwt::Principal;
+use crate::metrics::Metrics;
+use crate::rooms::Hub;
+
+/// How a change looks to one reader.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Visibility {
+    /// The change as it happened (with `old` on UPDATE).
+    AsIs,
+    /// The row entered the reader's view: sent as a creation, without old values.
+    Appeared,
+    /// The row left the reader's view: sent as a deletion of the version they could read.
+    Vanished,
+}
+
+impl Visibility {
+    fn of(change: &Change, verdict: &Verdict) -> Option<Visibility> {
+        let recorded_old = change.old.as_ref().is_some_and(|old| old.get() != "{}");
+        match (verdict.sees_new, verdict.sees_old) {
+            (true, false) if change.op == Op::Update && recorded_old => Some(Visibility::Appeared),
+            (true, _) => Some(Visibility::AsIs),
+            (false, true) => Some(Visibility::Vanished),
+            (false, false) => None,
+        }
+    }
+}
+
+/// The identity of a batch that deliveries are part of.
+pub struct BatchRef<'a> {
+    pub number: u64,
+    pub since: &'a Snapshot,
+    pub upto: &'a Snapshot,
+}
+
+/// Authorizes and queues one chunk of changes (in commit order) to the members of their rooms.
+pub async fn deliver(
+    hub: &Hub,
+    authorizer: &Authorizer,
+    metrics: &Metrics,
+    batch: &BatchRef<'_>,
+    changes: &[Change],
+) -> anyhow::Result<()> {
+    // 1. Candidates.
+    let mut principals: Vec<Arc<Principal>> = Vec::new();
+    let mut principal_of_client: HashMap<u64, u32> = HashMap::new();
+    let mut pairs: Vec<(u32, u32)> = Vec::new();
+    {
+        let state = hub.lock();
+        for (change_ix, change) in changes.iter().enumerate() {
+            let mut seen: Vec<u32> = Vec::new();
+            for room in &change.rooms {
+                let Some(members) = state.rooms.get(room.as_str()) else {
+                    continue;
+                };
+                for member in members.values().filter(|m| m.first_batch <= batch.number) {
+                    let ix = *principal_of_client
+                        .entry(member.client.id)
+                        .or_insert_with(|| {
+                            principals.push(member.principal.clone());
+                            (principals.len() - 1) as u32
+                        });
+                    if !seen.contains(&ix) {
+                        seen.push(ix);
+                        pairs.push((change_ix as u32, ix));
+                    }
+                }
+            }
+        }
+    }
+
+    // 2. Authorize.
+    let verdicts = authorizer.readers(changes, &principals, &pairs).await?;
+    let visible: HashMap<(u32, u32), Visibility> = verdicts
+        .iter()
+        .filter_map(|v| {
+            Visibility::of(&changes[v.change as usize], v).map(|vis| ((v.change, v.principal), vis))
+        })
+        .collect();
+    metrics
+        .deliveries_denied
+        .add((pairs.len() - visible.len()) as u64);
+
+    // 3. Deliver.
+    let state = hub.lock();
+    let mut delivered = 0u64;
+    for (change_ix, change) in changes.iter().enumerate() {
+        let id = Position::Within {
+            since: batch.since.clone(),
+            upto: batch.upto.clone(),
+            change_id: change.id,
+        }
+        .to_string();
+        for room in &change.rooms {
+            let Some(members) = state.rooms.get(room.as_str()) else {
+                continue;
+            };
+            let mut frames: [Option<Utf8Bytes>; 3] = Default::default();
+            for member in members.values().filter(|m| m.first_batch <= batch.number) {
+                let Some(&principal) = principal_of_client.get(&member.client.id) else {
+                    continue; // joined after step 1 began: its position starts after this batch
+                };
+                let Some(&visibility) = visible.get(&(change_ix as u32, principal)) else {
+                    continue;
+                };
+                let slot = &mut frames[visibility as usize];
+                let frame = match slot {
+                    Some(frame) => frame.clone(),
+                    None => slot
+                        .insert(event_frame(room, &id, change, visibility)?)
+                        .clone(),
+                };
+                if member.client.send(frame) {
+                    delivered += 1;
+                }
+            }
+        }
+    }
+    metrics.events_delivered.add(delivered);
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct EventFrame<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    room: &'a str,
+    id: &'a str,
+    event: String,
+    table: &'a str,
+    op: &'static str,
+    row: &'a RawValue,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    old: Option<&'a RawValue>,
+    ts: &'a str,
+}
+
+fn event_frame(
+    room: &str,
+    id: &str,
+    change: &Change,
+    visibility: Visibility,
+) -> anyhow::Result<Utf8Bytes> {
+    let suffix = |op: Op| match op {
+        Op::Insert => "created",
+        Op::Update => "updated",
+        Op::Delete => "deleted",
+    };
+    let (op, row, old): (Op, Box<RawValue>, Option<&RawValue>) = match visibility {
+        Visibility::AsIs => (change.op, change.row.clone(), change.old.as_deref()),
+        Visibility::Appeared => (Op::Insert, change.row.clone(), None),
+        Visibility::Vanished => (Op::Delete, previous_row(change)?, None),
+    };
+    let frame = EventFrame {
+        kind: "event",
+        room,
+        id,
+        event: format!("{}_{}", change.entity, suffix(op)),
+        table: &change.table,
+        op: op.as_str(),
+        row: &row,
+        old,
+        ts: &change.ts,
+    };
+    Ok(serde_json::to_string(&frame)?.into())
+}
+
+/// The row as it was before an UPDATE: the new row with the changed columns put back.
+fn previous_row(change: &Change) -> anyhow::Result<Box<RawValue>> {
+    let mut row: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(change.row.get())?;
+    if let Some(old) = &change.old {
+        let old: serde_json::Map<String, serde_json::Value> = serde_json::from_str(old.get())?;
+        row.extend(old);
+    }
+    Ok(RawValue::from_string(serde_json::to_string(&row)?)?)
+}

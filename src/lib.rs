@@ -1,0 +1,25 @@
+//! pgrelay: Postgres changes, authorized per user, delivered to WebSocket rooms in commit order.
+//!
+//! The modules follow a change from the database to the browser:
+//!
+//! 1. [`capture`]: triggers (in `sql/`) write each change to an outbox table and `NOTIFY`; the
+//!    [`capture::listener`] wakes the [`capture::reader`], which reads the outbox by transaction
+//!    snapshots, so changes come out exactly once and in commit order.
+//! 2. [`authorize`]: SQL policy functions decide, in one batched query, which of the users in a
+//!    change's rooms may read it.
+//! 3. [`fanout`] and [`rooms`]: who is in which room, and the frames each of them receives.
+//! 4. [`transport`]: WebSocket sessions, each with a send queue bounded in bytes.
+//!
+//! [`server`] wires them together; [`db`] holds the embedded Postgres and migrations.
+
+pub mod authorize;
+pub mod capture;
+pub mod config;
+pub mod db;
+pub mod fanout;
+pub mod jwt;
+pub mod metrics;
+pub mod protocol;
+pub mod rooms;
+pub mod server;
+pub mod transport;

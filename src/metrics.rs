@@ -1,0 +1,158 @@
+//! The counters an operator watches, exported at `GET /metrics` in Prometheus' text format.
+//!
+//! A handful of atomics is all the relay needs; they are bumped on hot paths with relaxed ordering
+//! and read only when scraped.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// A monotonically increasing count.
+#[derive(Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    pub fn inc(&self) {
+        self.add(1);
+    }
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A value that goes up and down.
+#[derive(Default)]
+pub struct Gauge(AtomicU64);
+
+impl Gauge {
+    pub fn set(&self, v: u64) {
+        self.0.store(v, Ordering::Relaxed);
+    }
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn dec(&self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Default)]
+pub struct Metrics {
+    pub connections: Gauge,
+    pub listener_connected: Gauge,
+    pub listener_reconnects: Counter,
+    pub reader_healthy: Gauge,
+    pub changes_read: Counter,
+    pub batches_read: Counter,
+    pub read_errors: Counter,
+    pub events_delivered: Counter,
+    pub deliveries_denied: Counter,
+    pub joins: Counter,
+    pub joins_forbidden: Counter,
+    pub auth_failures: Counter,
+    pub slow_consumer_disconnects: Counter,
+    pub client_errors: Counter,
+}
+
+impl Metrics {
+    /// Renders every metric in the Prometheus text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
+            let _ = writeln!(
+                out,
+                "# HELP pgrelay_{name} {help}\n# TYPE pgrelay_{name} {kind}\npgrelay_{name} {value}"
+            );
+        };
+        metric(
+            "connections",
+            "gauge",
+            "Open client connections.",
+            self.connections.get(),
+        );
+        metric(
+            "listener_connected",
+            "gauge",
+            "1 while the LISTEN connection is up.",
+            self.listener_connected.get(),
+        );
+        metric(
+            "listener_reconnects_total",
+            "counter",
+            "Times the LISTEN connection was lost and reopened.",
+            self.listener_reconnects.get(),
+        );
+        metric(
+            "reader_healthy",
+            "gauge",
+            "1 while the last outbox read succeeded.",
+            self.reader_healthy.get(),
+        );
+        metric(
+            "changes_read_total",
+            "counter",
+            "Changes read from the outbox.",
+            self.changes_read.get(),
+        );
+        metric(
+            "batches_read_total",
+            "counter",
+            "Outbox batches read.",
+            self.batches_read.get(),
+        );
+        metric(
+            "read_errors_total",
+            "counter",
+            "Failed outbox reads (retried).",
+            self.read_errors.get(),
+        );
+        metric(
+            "events_delivered_total",
+            "counter",
+            "Event frames queued to clients.",
+            self.events_delivered.get(),
+        );
+        metric(
+            "deliveries_denied_total",
+            "counter",
+            "Room members a change was withheld from by the read policy.",
+            self.deliveries_denied.get(),
+        );
+        metric(
+            "joins_total",
+            "counter",
+            "Successful joins.",
+            self.joins.get(),
+        );
+        metric(
+            "joins_forbidden_total",
+            "counter",
+            "Joins refused by the join policy.",
+            self.joins_forbidden.get(),
+        );
+        metric(
+            "auth_failures_total",
+            "counter",
+            "Rejected tokens.",
+            self.auth_failures.get(),
+        );
+        metric(
+            "slow_consumer_disconnects_total",
+            "counter",
+            "Connections closed with 4008 because their send queue overflowed.",
+            self.slow_consumer_disconnects.get(),
+        );
+        metric(
+            "client_errors_total",
+            "counter",
+            "Error replies sent to clients.",
+            self.client_errors.get(),
+        );
+        out
+    }
+}

@@ -1,0 +1,170 @@
+//! The relay process: shared state, the HTTP routes, and the background tasks, started together
+//! and stopped together.
+//!
+//! ```text
+//!   listener ──wake──▶ reader ──chunks──▶ fanout ──frames──▶ client queues ──▶ /ws sessions
+//!                        │                  │
+//!                      outbox            authorize (SQL policies)
+//! ```
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio::sync::Notify;
+use tokio_postgres::NoTls;
+use tokio_util::sync::CancellationToken;
+
+use crate::authorize::Authorizer;
+use crate::capture::{listener, reader::Reader};
+use crate::config::{Limits, RelayConfig};
+use crate::jwt::Verifier;
+use crate::metrics::Metrics;
+use crate::rooms::Hub;
+use crate::transport::ws;
+
+/// Everything a request handler may need, cloned cheaply into each one.
+#[derive(Clone)]
+pub struct AppState {
+    pub hub: Arc<Hub>,
+    pub authorizer: Authorizer,
+    pub verifier: Verifier,
+    pub metrics: Arc<Metrics>,
+    pub limits: Limits,
+    pub shutdown: CancellationToken,
+}
+
+/// A running relay.
+pub struct Relay {
+    addr: SocketAddr,
+    shutdown: CancellationToken,
+    metrics: Arc<Metrics>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Relay {
+    /// Binds the listen address and starts serving and reading changes.
+    pub async fn start(config: RelayConfig) -> anyhow::Result<Relay> {
+        let pg_config: tokio_postgres::Config = config
+            .database_url
+            .parse()
+            .context("DATABASE_URL is not a valid connection string")?;
+        let manager = Manager::from_config(
+            pg_config.clone(),
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(config.pool_size)
+            .wait_timeout(Some(Duration::from_secs(10)))
+            .create_timeout(Some(Duration::from_secs(10)))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .build()
+            .context("building the connection pool")?;
+
+        let shutdown = CancellationToken::new();
+        let metrics = Arc::new(Metrics::default());
+        let state = AppState {
+            hub: Arc::new(Hub::default()),
+            authorizer: Authorizer::new(pool.clone()),
+            verifier: config.verifier,
+            metrics: metrics.clone(),
+            limits: config.limits,
+            shutdown: shutdown.clone(),
+        };
+        let wake = Arc::new(Notify::new());
+        let reader = Reader {
+            pool,
+            hub: state.hub.clone(),
+            authorizer: state.authorizer.clone(),
+            metrics: metrics.clone(),
+            wake: wake.clone(),
+            poll_interval: config.poll_interval,
+        };
+
+        let listener = tokio::net::TcpListener::bind(config.bind)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.bind))?;
+        let addr = listener.local_addr()?;
+        let app = Router::new()
+            .route("/ws", get(ws::upgrade))
+            .route("/healthz", get(|| async { "ok" }))
+            .route("/readyz", get(readyz))
+            .route("/metrics", get(metrics_text))
+            .with_state(state);
+
+        let mut tasks = Vec::new();
+        tasks.push(tokio::spawn(listener::run(
+            pg_config,
+            wake,
+            metrics.clone(),
+            shutdown.clone(),
+        )));
+        tasks.push(tokio::spawn(reader.run(shutdown.clone())));
+        let graceful = shutdown.clone();
+        tasks.push(tokio::spawn(async move {
+            let served = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { graceful.cancelled().await })
+                .await;
+            if let Err(err) = served {
+                tracing::error!(error = %err, "HTTP server failed");
+            }
+        }));
+        tracing::info!(%addr, "pgrelay listening");
+        Ok(Relay {
+            addr,
+            shutdown,
+            metrics,
+            tasks,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Resolves when the relay has been asked to stop.
+    pub async fn stopping(&self) {
+        self.shutdown.cancelled().await
+    }
+
+    /// Stops accepting, closes every WebSocket with 1001, and waits (boundedly) for them to go.
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while self.metrics.connections.get() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        for task in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+        }
+    }
+}
+
+/// Ready when the LISTEN connection is up and the last outbox read succeeded.
+async fn readyz(State(app): State<AppState>) -> impl IntoResponse {
+    let listening = app.metrics.listener_connected.get() == 1;
+    let reading = app.metrics.reader_healthy.get() == 1;
+    if listening && reading {
+        (StatusCode::OK, "ready".to_string())
+    } else {
+        let why = format!("not ready: listening={listening} reading={reading}");
+        (StatusCode::SERVICE_UNAVAILABLE, why)
+    }
+}
+
+async fn metrics_text(State(app): State<AppState>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        app.metrics.render(),
+    )
+}

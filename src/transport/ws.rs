@@ -1,0 +1,405 @@
+//! `GET /ws`: one WebSocket session per client.
+//!
+//! A session is one task that waits on four things at once: a frame from the client, a frame in
+//! its send queue (events from the fan-out, replies from itself), a request to close (slow client,
+//! shutdown), and its deadline (authentication within 10 s, then the token's `exp`). Replies go
+//! through the same queue as events, so a client always sees `joined` before the room's first
+//! event and `left` after its last.
+//!
+//! Every malformed message is answered with an `error` carrying its `ref`; the session goes on.
+//! Only an invalid token (4001), an oversized message (1009), a full queue (4008) or shutdown
+//! (1001) ends it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use futures_util::{SinkExt, StreamExt};
+use serde::Deserialize;
+use tokio::time::Instant;
+
+use super::client::{ClientHandle, ClientQueue, CloseRequest};
+use crate::jwt::Principal;
+use crate::protocol::{self, close, ClientMessage, ErrorCode, Room, ServerMessage};
+use crate::server::AppState;
+
+#[derive(Deserialize)]
+pub struct WsParams {
+    token: Option<String>,
+}
+
+/// The upgrade: a token in the header or query is checked before the socket opens (401 if bad).
+pub async fn upgrade(
+    ws: WebSocketUpgrade,
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    Query(params): Query<WsParams>,
+) -> Response {
+    let principal = match token_from_request(&headers, params.token) {
+        Some(token) => match app.verifier.verify(&token) {
+            Ok(principal) => Some(principal),
+            Err(err) => {
+                app.metrics.auth_failures.inc();
+                let body = ServerMessage::Error {
+                    code: ErrorCode::Unauthorized,
+                    message: &err.to_string(),
+                    reference: None,
+                };
+                return (
+                    StatusCode::UNAUTHORIZED,
+                    [(header::CONTENT_TYPE, "application/json")],
+                    body.to_json(),
+                )
+                    .into_response();
+            }
+        },
+        None => None,
+    };
+    let limits = app.limits.clone();
+    ws.max_message_size(limits.max_message_bytes)
+        .max_frame_size(limits.max_message_bytes)
+        // Small buffers: an idle connection should cost kilobytes, not the 128 KiB default.
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(0)
+        .on_upgrade(move |socket| Session::run(app, socket, principal))
+}
+
+/// The bearer token of the request, from `Authorization` or the `token` query parameter.
+pub fn token_from_request(headers: &HeaderMap, query_token: Option<String>) -> Option<String> {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(|t| t.trim().to_owned());
+    bearer.or(query_token).filter(|t| !t.is_empty())
+}
+
+struct Session {
+    app: AppState,
+    client: Arc<ClientHandle>,
+    principal: Option<Arc<Principal>>,
+    rooms: Vec<Room>,
+    deadline: Instant,
+}
+
+/// What to do after handling a client message.
+enum Flow {
+    Continue,
+    Close(CloseRequest),
+}
+
+impl Session {
+    async fn run(app: AppState, socket: WebSocket, principal: Option<Principal>) {
+        app.metrics.connections.inc();
+        let (client, queue) = ClientHandle::new(app.limits.max_queued_bytes);
+        let mut session = Session {
+            deadline: Instant::now() + app.limits.auth_timeout,
+            app: app.clone(),
+            client: Arc::new(client),
+            principal: None,
+            rooms: Vec::new(),
+        };
+        if let Some(principal) = principal {
+            session.authenticated(principal, None);
+        }
+        session.serve(socket, queue).await;
+        app.hub.disconnect(session.client.id, &session.rooms);
+        app.metrics.connections.dec();
+    }
+
+    async fn serve(&mut self, mut socket: WebSocket, mut queue: ClientQueue) {
+        let shutdown = self.app.shutdown.clone();
+        let request = loop {
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break CloseRequest { code: close::GOING_AWAY, reason: "relay shutting down" },
+                Ok(()) = queue.close.changed() => {
+                    match *queue.close.borrow() {
+                        Some(request) => break request,
+                        None => continue,
+                    }
+                }
+                Some(frame) = queue.frames.recv() => {
+                    if write_queued(&mut socket, &self.client, &mut queue, frame).await.is_err() {
+                        return;
+                    }
+                }
+                incoming = socket.next() => {
+                    let flow = match incoming {
+                        None => return,
+                        Some(Ok(message)) => self.on_message(message).await,
+                        Some(Err(err)) if is_too_big(&err) => {
+                            Flow::Close(CloseRequest { code: close::MESSAGE_TOO_BIG, reason: "message too big" })
+                        }
+                        Some(Err(_)) => return,
+                    };
+                    if let Flow::Close(request) = flow {
+                        break request;
+                    }
+                }
+                () = tokio::time::sleep_until(self.deadline) => {
+                    let reason = if self.principal.is_some() { "token expired" } else { "authentication timeout" };
+                    break CloseRequest { code: close::UNAUTHORIZED, reason };
+                }
+            }
+        };
+        // Say why before closing: flush what is queued (replies such as an error), then close.
+        while let Ok(frame) = queue.frames.try_recv() {
+            if request.code == close::TOO_SLOW || socket.send(Message::Text(frame)).await.is_err() {
+                break;
+            }
+        }
+        let frame = CloseFrame {
+            code: request.code,
+            reason: Utf8Bytes::from_static(request.reason),
+        };
+        let _ = tokio::time::timeout(
+            Duration::from_secs(1),
+            socket.send(Message::Close(Some(frame))),
+        )
+        .await;
+        if request.code == close::TOO_SLOW {
+            self.app.metrics.slow_consumer_disconnects.inc();
+        }
+    }
+
+    async fn on_message(&mut self, message: Message) -> Flow {
+        let text = match message {
+            Message::Text(text) => text,
+            Message::Binary(_) => {
+                self.error(
+                    ErrorCode::BadRequest,
+                    "binary frames are not supported; send JSON text frames",
+                    None,
+                );
+                return Flow::Continue;
+            }
+            // Pings are answered by the WebSocket layer; a close ends the stream next.
+            _ => return Flow::Continue,
+        };
+        let (message, reference) = match protocol::parse(text.as_str()) {
+            Ok(parsed) => parsed,
+            Err(bad) => {
+                self.error(
+                    ErrorCode::BadRequest,
+                    &bad.message,
+                    bad.reference.as_deref(),
+                );
+                return Flow::Continue;
+            }
+        };
+        let reference = reference.as_deref();
+        match message {
+            ClientMessage::Auth { token } => self.on_auth(&token, reference),
+            ClientMessage::Ping => {
+                self.reply(ServerMessage::Pong { reference });
+                Flow::Continue
+            }
+            _ if self.principal.is_none() => {
+                self.error(
+                    ErrorCode::Unauthorized,
+                    "authenticate first: {\"type\":\"auth\",\"token\":...}",
+                    reference,
+                );
+                Flow::Continue
+            }
+            ClientMessage::Join { room, since } => {
+                self.on_join(room, since, reference).await;
+                Flow::Continue
+            }
+            ClientMessage::Leave { room } => {
+                self.on_leave(room, reference);
+                Flow::Continue
+            }
+            ClientMessage::Presence { room, .. } | ClientMessage::Typing { room, .. } => {
+                if self.rooms.contains(&room) {
+                    self.error(
+                        ErrorCode::BadRequest,
+                        "presence and typing are not available yet",
+                        reference,
+                    );
+                } else {
+                    self.error(ErrorCode::NotJoined, "join the room first", reference);
+                }
+                Flow::Continue
+            }
+        }
+    }
+
+    fn on_auth(&mut self, token: &str, reference: Option<&str>) -> Flow {
+        let principal = match self.app.verifier.verify(token) {
+            Ok(principal) => principal,
+            Err(err) => {
+                self.app.metrics.auth_failures.inc();
+                self.error(ErrorCode::Unauthorized, &err.to_string(), reference);
+                return Flow::Close(CloseRequest {
+                    code: close::UNAUTHORIZED,
+                    reason: "invalid token",
+                });
+            }
+        };
+        if let Some(current) = &self.principal {
+            if current.user != principal.user {
+                self.app.metrics.auth_failures.inc();
+                self.error(
+                    ErrorCode::Unauthorized,
+                    "a refreshed token must have the same `sub`",
+                    reference,
+                );
+                return Flow::Continue;
+            }
+        }
+        self.authenticated(principal, reference);
+        Flow::Continue
+    }
+
+    fn authenticated(&mut self, principal: Principal, reference: Option<&str>) {
+        let principal = Arc::new(principal);
+        self.deadline = Instant::now() + principal.remaining();
+        self.reply(ServerMessage::Ready {
+            user: &principal.user,
+            expires_at: principal.expires_at_iso(),
+            reference,
+        });
+        self.app
+            .hub
+            .update_principal(self.client.id, &self.rooms, &principal);
+        self.principal = Some(principal);
+    }
+
+    async fn on_join(&mut self, room: Room, since: Option<String>, reference: Option<&str>) {
+        let Some(principal) = self.principal.clone() else {
+            return;
+        };
+        let recovered = match since.map(|s| s.parse::<crate::capture::position::Position>()) {
+            None => None,
+            // Replay of missed changes is not implemented yet: tell the client to refetch.
+            Some(Ok(_)) => Some(false),
+            Some(Err(err)) => {
+                self.error(ErrorCode::BadRequest, &format!("`since`: {err}"), reference);
+                return;
+            }
+        };
+        let already_joined = self.rooms.contains(&room);
+        if !already_joined && self.rooms.len() >= self.app.limits.max_rooms_per_connection {
+            self.error(
+                ErrorCode::TooManyRooms,
+                &format!(
+                    "at most {} rooms per connection",
+                    self.app.limits.max_rooms_per_connection
+                ),
+                reference,
+            );
+            return;
+        }
+        match self.app.authorizer.can_join(&principal, &room).await {
+            Ok(true) => {}
+            Ok(false) => {
+                self.app.metrics.joins_forbidden.inc();
+                self.error(
+                    ErrorCode::Forbidden,
+                    "you may not join this room",
+                    reference,
+                );
+                return;
+            }
+            Err(err) => {
+                tracing::warn!(room = room.as_str(), error = %format!("{err:#}"), "join policy failed");
+                self.error(
+                    ErrorCode::Internal,
+                    "could not check access to the room; try again",
+                    reference,
+                );
+                return;
+            }
+        }
+        let joined = self
+            .app
+            .hub
+            .join(&room, &self.client, &principal, |position| {
+                ServerMessage::Joined {
+                    room: room.as_str(),
+                    position: position.to_string(),
+                    recovered,
+                    reference,
+                }
+                .to_json()
+            });
+        match joined {
+            Ok(()) => {
+                self.app.metrics.joins.inc();
+                if !already_joined {
+                    self.rooms.push(room);
+                }
+            }
+            Err(err) => self.error(ErrorCode::Internal, &err.to_string(), reference),
+        }
+    }
+
+    fn on_leave(&mut self, room: Room, reference: Option<&str>) {
+        let left = self.app.hub.leave(&room, &self.client, || {
+            ServerMessage::Left {
+                room: room.as_str(),
+                reason: "requested",
+                reference,
+            }
+            .to_json()
+        });
+        if left {
+            self.rooms.retain(|r| r != &room);
+        } else {
+            self.error(ErrorCode::NotJoined, "not in this room", reference);
+        }
+    }
+
+    fn reply(&self, message: ServerMessage<'_>) {
+        self.client.send(message.to_json().into());
+    }
+
+    fn error(&self, code: ErrorCode, message: &str, reference: Option<&str>) {
+        self.app.metrics.client_errors.inc();
+        self.reply(ServerMessage::Error {
+            code,
+            message,
+            reference,
+        });
+    }
+}
+
+/// Writes `first` and whatever else is already queued, then flushes once.
+async fn write_queued(
+    socket: &mut WebSocket,
+    client: &ClientHandle,
+    queue: &mut ClientQueue,
+    first: Utf8Bytes,
+) -> Result<(), axum::Error> {
+    client.sent(&first);
+    socket.feed(Message::Text(first)).await?;
+    for _ in 0..64 {
+        match queue.frames.try_recv() {
+            Ok(frame) => {
+                client.sent(&frame);
+                socket.feed(Message::Text(frame)).await?;
+            }
+            Err(_) => break,
+        }
+    }
+    socket.flush().await
+}
+
+fn is_too_big(err: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = source {
+        if let Some(tungstenite::Error::Capacity(_)) = e.downcast_ref::<tungstenite::Error>() {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
