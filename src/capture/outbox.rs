@@ -74,6 +74,8 @@ pub struct Batch {
     pub upto: Snapshot,
     first: Option<Change>,
     rows: std::pin::Pin<Box<RowStream>>,
+    /// A finished `RowStream` must not be polled again (it would report a closed connection).
+    done: bool,
 }
 
 impl Batch {
@@ -104,6 +106,7 @@ impl Batch {
             upto,
             first: change_from_row(&first)?,
             rows,
+            done: false,
         })
     }
 
@@ -113,9 +116,9 @@ impl Batch {
         if let Some(first) = self.first.take() {
             chunk.push(first);
         }
-        while chunk.len() < max {
+        while chunk.len() < max && !self.done {
             match self.rows.next().await {
-                None => break,
+                None => self.done = true,
                 Some(row) => {
                     if let Some(change) = change_from_row(&row.context("reading the outbox")?)? {
                         chunk.push(change);

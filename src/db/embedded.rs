@@ -131,7 +131,15 @@ impl EmbeddedPostgres {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let ready = Command::new(bin.join("pg_isready"))
-                .args(["-q", "-h", "127.0.0.1", "-p", &self.port.to_string()])
+                .args([
+                    "-q",
+                    "-U",
+                    "postgres",
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &self.port.to_string(),
+                ])
                 .status()
                 .map(|s| s.success())
                 .unwrap_or(false);

@@ -1,0 +1,320 @@
+//! Test harness: a real PostgreSQL, a real relay, real WebSocket clients.
+//!
+//! Each test binary starts one throwaway cluster (from the machine's Postgres binaries, via the
+//! same embedded module `pgrelay serve` uses) and migrates a template database once, with the
+//! demo data (`migrations/demo/seed.sql`: users u1..u4, projects 1 and 2, tasks 1..4). Every test
+//! then gets its own database cloned from the template and its own relay, so tests run in
+//! parallel without seeing each other.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use pgrelay::config::RelayConfig;
+use pgrelay::db::embedded::EmbeddedPostgres;
+use pgrelay::db::migrate;
+use pgrelay::jwt::{self, Verifier};
+use pgrelay::server::Relay;
+use serde_json::{json, Map, Value};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub const SECRET: &[u8] = b"test-secret";
+const TEMPLATE: &str = "pgrelay_template";
+
+/// How long a test waits for a frame it expects.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+static CLUSTER: OnceLock<EmbeddedPostgres> = OnceLock::new();
+static NEXT_DB: AtomicU32 = AtomicU32::new(1);
+
+fn cluster() -> &'static EmbeddedPostgres {
+    CLUSTER.get_or_init(|| {
+        let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("pg");
+        remove_stale_clusters(&root);
+        let dir = root.join(std::process::id().to_string());
+        let _ = std::fs::remove_dir_all(&dir);
+        let pg = EmbeddedPostgres::start(&dir).expect("start the test cluster");
+        let admin = pg.url("postgres");
+        let template = pg.url(TEMPLATE);
+        // Migrating needs an async runtime; this runs once, before any test's runtime uses it.
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                execute(&admin, &format!("CREATE DATABASE {TEMPLATE}")).await;
+                // Twice: installing over an installed library must be harmless.
+                migrate::migrate(&template, false).await.expect("migrate");
+                migrate::migrate(&template, false)
+                    .await
+                    .expect("migrate again");
+                migrate::load_demo_data(&template).await.expect("demo data");
+            });
+        })
+        .join()
+        .expect("template setup");
+        pg
+    })
+}
+
+/// Relay logs in test output (shown for failing tests), filtered by RUST_LOG.
+fn init_logging() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| "pgrelay=info".into());
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
+    });
+}
+
+/// Clusters left behind by test runs that were killed (their guardian has already stopped them).
+fn remove_stale_clusters(root: &std::path::Path) {
+    for entry in std::fs::read_dir(root).into_iter().flatten().flatten() {
+        let pid = entry.file_name().to_string_lossy().to_string();
+        if !PathBuf::from("/proc").join(&pid).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+pub async fn execute(url: &str, sql: &str) {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    let io = tokio::spawn(connection);
+    client
+        .batch_execute(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+    drop(client);
+    let _ = io.await;
+}
+
+/// A fresh database (a copy of the migrated template with demo data).
+pub async fn fresh_database() -> String {
+    init_logging();
+    let pg = tokio::task::spawn_blocking(cluster).await.expect("cluster");
+    let name = format!("test_{}", NEXT_DB.fetch_add(1, Ordering::Relaxed));
+    execute(
+        &pg.url("postgres"),
+        &format!("CREATE DATABASE {name} TEMPLATE {TEMPLATE}"),
+    )
+    .await;
+    pg.url(&name)
+}
+
+pub struct TestRelay {
+    pub relay: Option<Relay>,
+    pub db_url: String,
+    pub db: tokio_postgres::Client,
+}
+
+pub fn config(db_url: &str) -> RelayConfig {
+    let mut config = RelayConfig::new(db_url.to_owned(), Verifier::from_secret(SECRET));
+    config.bind = "127.0.0.1:0".parse().expect("address");
+    config.pool_size = 4;
+    config
+}
+
+impl TestRelay {
+    pub async fn start() -> TestRelay {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(adjust: impl FnOnce(&mut RelayConfig)) -> TestRelay {
+        let db_url = fresh_database().await;
+        let mut config = config(&db_url);
+        adjust(&mut config);
+        let relay = Relay::start(config).await.expect("relay starts");
+        let db = connect(&db_url).await;
+        let relay = TestRelay {
+            relay: Some(relay),
+            db_url,
+            db,
+        };
+        relay.wait_ready().await;
+        relay
+    }
+
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.relay.as_ref().expect("running").local_addr()
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/ws", self.addr())
+    }
+
+    pub async fn wait_ready(&self) {
+        let url = format!("http://{}/readyz", self.addr());
+        for _ in 0..200 {
+            if http_get(&url).await.0 == 200 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("relay never became ready");
+    }
+
+    /// Runs SQL in the test database (as one implicit transaction per statement).
+    pub async fn sql(&self, sql: &str) {
+        self.db
+            .batch_execute(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+    }
+
+    /// A connected, authenticated client of `user`.
+    pub async fn client(&self, user: &str) -> WsClient {
+        let url = format!("{}?token={}", self.ws_url(), token(user));
+        let mut client = WsClient::connect(&url).await.expect("connect");
+        let ready = client.recv().await;
+        assert_eq!(ready["type"], "ready", "{ready}");
+        client
+    }
+
+    pub async fn metric(&self, name: &str) -> u64 {
+        let (_, body) = http_get(&format!("http://{}/metrics", self.addr())).await;
+        body.lines()
+            .find_map(|l| l.strip_prefix(&format!("pgrelay_{name} ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("metric {name} missing"))
+    }
+}
+
+pub async fn connect(url: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(connection);
+    client
+}
+
+pub fn token(user: &str) -> String {
+    jwt::mint(SECRET, user, Duration::from_secs(3600), &Map::new()).expect("token")
+}
+
+/// Minimal HTTP/1.1 GET (status, body) without pulling in an HTTP client.
+pub async fn http_get(url: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("http://").expect("http url");
+    let (host, path) = rest.split_once('/').expect("path");
+    let Ok(mut stream) = TcpStream::connect(host).await else {
+        return (0, String::new());
+    };
+    let request = format!("GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response).await;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+pub struct WsClient {
+    pub stream: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+/// How a connection ended, as the client saw it.
+#[derive(Debug, PartialEq)]
+pub enum Ended {
+    Closed(Option<u16>),
+    Timeout,
+}
+
+impl WsClient {
+    pub async fn connect(url: &str) -> Result<WsClient, tokio_tungstenite::tungstenite::Error> {
+        let (stream, _) = tokio_tungstenite::connect_async(url).await?;
+        Ok(WsClient { stream })
+    }
+
+    pub async fn send(&mut self, message: Value) {
+        self.stream
+            .send(Message::Text(message.to_string().into()))
+            .await
+            .expect("send");
+    }
+
+    pub async fn send_raw(&mut self, message: Message) {
+        self.stream.send(message).await.expect("send");
+    }
+
+    /// The next JSON message; panics after [`WAIT`] or if the connection ends.
+    pub async fn recv(&mut self) -> Value {
+        loop {
+            let next = tokio::time::timeout(WAIT, self.stream.next())
+                .await
+                .expect("timed out waiting for a message");
+            match next {
+                Some(Ok(Message::Text(text))) => return serde_json::from_str(&text).expect("JSON"),
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                other => panic!("expected a message, got {other:?}"),
+            }
+        }
+    }
+
+    /// The next message that is an event.
+    pub async fn recv_event(&mut self) -> Value {
+        let message = self.recv().await;
+        assert_eq!(message["type"], "event", "expected an event, got {message}");
+        message
+    }
+
+    /// Asserts nothing arrives for `quiet`.
+    pub async fn expect_nothing(&mut self, quiet: Duration) {
+        if let Ok(Some(message)) = tokio::time::timeout(quiet, self.stream.next()).await {
+            panic!("expected nothing, got {message:?}");
+        }
+    }
+
+    /// Joins and returns the `joined` reply.
+    pub async fn join(&mut self, room: &str) -> Value {
+        self.send(json!({"type": "join", "room": room})).await;
+        let reply = self.recv().await;
+        assert_eq!(reply["type"], "joined", "joining {room}: {reply}");
+        assert_eq!(reply["room"], room);
+        reply
+    }
+
+    /// Round trip proving the connection still works and everything before it has been read.
+    pub async fn ping(&mut self) {
+        self.send(json!({"type": "ping", "ref": "sync"})).await;
+        let pong = self.recv().await;
+        assert_eq!(pong, json!({"type": "pong", "ref": "sync"}));
+    }
+
+    /// Waits for the connection to end and returns its close code.
+    pub async fn closed(&mut self) -> Ended {
+        loop {
+            match tokio::time::timeout(WAIT, self.stream.next()).await {
+                Err(_) => return Ended::Timeout,
+                Ok(Some(Ok(Message::Close(frame)))) => {
+                    return Ended::Closed(frame.map(|f| u16::from(f.code)));
+                }
+                Ok(Some(Ok(_))) => continue,
+                Ok(Some(Err(_)) | None) => return Ended::Closed(None),
+            }
+        }
+    }
+}
+
+pub fn close_code(code: u16) -> Ended {
+    Ended::Closed(Some(u16::from(CloseCode::from(code))))
+}

@@ -1,0 +1,388 @@
+//! Changes reach exactly the users who may read them, in the rooms they joined, in commit order.
+//!
+//! Demo data (see tests/common): project 1 has alice (u1, owner), bob (u2, member), carol (u3,
+//! viewer); dave (u4) is in no project. Task 3 is private, created by and assigned to alice.
+//!
+//! To prove that something was *not* delivered, tests commit a "fence" change that everyone in the
+//! room may see and check that it is the next thing a client receives: events arrive in commit
+//! order, so anything withheld before the fence would otherwise have come first.
+
+mod common;
+
+use std::collections::BTreeSet;
+
+use common::TestRelay;
+use serde_json::{json, Value};
+
+const FENCE: &str = "UPDATE tasks SET priority = coalesce(priority, 0) + 1 WHERE id = 1";
+
+fn assert_is_fence(event: &Value) {
+    assert_eq!(
+        event["event"], "task_updated",
+        "expected the fence, got {event}"
+    );
+    assert_eq!(event["row"]["id"], 1, "expected the fence, got {event}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn task_changes_have_the_contract_shape_and_reach_both_rooms() {
+    let relay = TestRelay::start().await;
+    let mut alice = relay.client("u1").await;
+    let joined = alice.join("project:1").await;
+    assert!(
+        joined["position"].as_str().is_some_and(|p| !p.is_empty()),
+        "{joined}"
+    );
+    alice.join("task:1").await;
+
+    relay
+        .sql("UPDATE tasks SET status = 'done' WHERE id = 1")
+        .await;
+    let first = alice.recv_event().await;
+    let second = alice.recv_event().await;
+    let rooms: BTreeSet<&str> = [&first, &second]
+        .iter()
+        .map(|e| e["room"].as_str().expect("room"))
+        .collect();
+    assert_eq!(rooms, BTreeSet::from(["project:1", "task:1"]));
+    assert_eq!(first["id"], second["id"], "one change, one position");
+    for event in [&first, &second] {
+        assert_eq!(event["type"], "event");
+        assert_eq!(event["event"], "task_updated");
+        assert_eq!(event["table"], "tasks");
+        assert_eq!(event["op"], "UPDATE");
+        assert_eq!(event["row"]["id"], 1);
+        assert_eq!(event["row"]["status"], "done");
+        assert_eq!(event["row"]["title"], "Write the announcement");
+        assert_eq!(
+            event["old"],
+            json!({"status": "todo"}),
+            "old has exactly the changed columns"
+        );
+        assert!(
+            event["ts"].as_str().is_some_and(|ts| ts.contains('T')),
+            "ISO 8601 ts: {event}"
+        );
+        assert!(event["id"].as_str().is_some_and(|id| !id.is_empty()));
+    }
+
+    relay
+        .sql("INSERT INTO tasks (project_id, title, created_by) VALUES (1, 'New', 'u2')")
+        .await;
+    let created = alice.recv_event().await;
+    assert_eq!(
+        (
+            created["event"].as_str(),
+            created["op"].as_str(),
+            created["room"].as_str()
+        ),
+        (Some("task_created"), Some("INSERT"), Some("project:1"))
+    );
+    assert_eq!(created["row"]["title"], "New");
+    assert!(created.get("old").is_none(), "INSERT has no old: {created}");
+
+    relay.sql("DELETE FROM tasks WHERE title = 'New'").await;
+    let deleted = alice.recv_event().await;
+    assert_eq!(
+        (deleted["event"].as_str(), deleted["op"].as_str()),
+        (Some("task_deleted"), Some("DELETE"))
+    );
+    assert_eq!(deleted["row"]["title"], "New", "DELETE carries the old row");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_watched_table_publishes_to_its_rooms() {
+    let relay = TestRelay::start().await;
+    let mut alice = relay.client("u1").await;
+    alice.join("project:1").await;
+    alice.join("task:1").await;
+    let mut dave = relay.client("u4").await;
+    dave.join("user:u4").await;
+
+    relay
+        .sql("UPDATE projects SET name = 'Launch v2' WHERE id = 1")
+        .await;
+    let e = alice.recv_event().await;
+    assert_eq!(
+        (e["event"].as_str(), e["table"].as_str(), e["room"].as_str()),
+        (Some("project_updated"), Some("projects"), Some("project:1"))
+    );
+    assert_eq!(e["old"], json!({"name": "Launch"}));
+
+    relay.sql("INSERT INTO comments (task_id, project_id, author_id, body) VALUES (1, 1, 'u2', 'On it')").await;
+    let mut comment_rooms = BTreeSet::new();
+    for _ in 0..2 {
+        let e = alice.recv_event().await;
+        assert_eq!(
+            (e["event"].as_str(), e["table"].as_str()),
+            (Some("comment_created"), Some("comments"))
+        );
+        assert_eq!(e["row"]["body"], "On it");
+        comment_rooms.insert(e["room"].as_str().expect("room").to_owned());
+    }
+    assert_eq!(
+        comment_rooms,
+        BTreeSet::from(["project:1".to_owned(), "task:1".to_owned()])
+    );
+
+    // Adding dave to the project reaches the project's room and dave's own room.
+    relay
+        .sql("INSERT INTO project_members (project_id, user_id, role) VALUES (1, 'u4', 'member')")
+        .await;
+    let e = alice.recv_event().await;
+    assert_eq!(
+        (e["event"].as_str(), e["room"].as_str()),
+        (Some("project_member_created"), Some("project:1"))
+    );
+    let e = dave.recv_event().await;
+    assert_eq!(
+        (e["event"].as_str(), e["room"].as_str()),
+        (Some("project_member_created"), Some("user:u4"))
+    );
+    assert_eq!(
+        e["row"],
+        json!({"project_id": 1, "user_id": "u4", "role": "member"})
+    );
+
+    // Removing him: he learns it in his own room although he is no longer a member.
+    relay
+        .sql("DELETE FROM project_members WHERE user_id = 'u4'")
+        .await;
+    let e = dave.recv_event().await;
+    assert_eq!(
+        (e["event"].as_str(), e["op"].as_str()),
+        (Some("project_member_deleted"), Some("DELETE"))
+    );
+    let e = alice.recv_event().await;
+    assert_eq!(e["event"], "project_member_deleted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_see_what_the_policy_allows_and_nobody_else_sees_anything() {
+    let relay = TestRelay::start().await;
+    let mut alice = relay.client("u1").await; // owner; creator and assignee of private task 3
+    let mut bob = relay.client("u2").await; // member
+    let mut carol = relay.client("u3").await; // viewer
+    for client in [&mut alice, &mut bob, &mut carol] {
+        client.join("project:1").await;
+    }
+    // dave is in no project: he may not even join.
+    let mut dave = relay.client("u4").await;
+    dave.send(json!({"type": "join", "room": "project:1"}))
+        .await;
+    assert_eq!(dave.recv().await["code"], "forbidden");
+
+    // A public task: every member.
+    relay
+        .sql("UPDATE tasks SET title = 'Public news' WHERE id = 2")
+        .await;
+    for client in [&mut alice, &mut bob, &mut carol] {
+        assert_eq!(client.recv_event().await["row"]["title"], "Public news");
+    }
+
+    // A private task and its comment: only alice; bob and carol get neither, not even an id.
+    relay
+        .sql("UPDATE tasks SET title = 'Secret terms' WHERE id = 3")
+        .await;
+    relay.sql("INSERT INTO comments (task_id, project_id, author_id, body) VALUES (3, 1, 'u1', 'psst')").await;
+    relay.sql(FENCE).await;
+    assert_eq!(alice.recv_event().await["row"]["title"], "Secret terms");
+    assert_eq!(alice.recv_event().await["row"]["body"], "psst");
+    assert_is_fence(&alice.recv_event().await);
+    assert_is_fence(&bob.recv_event().await);
+    assert_is_fence(&carol.recv_event().await);
+
+    // Assigned to bob, the private task and its comments reach him too, but still not carol.
+    relay
+        .sql("UPDATE tasks SET assignee_id = 'u2' WHERE id = 3")
+        .await;
+    relay.sql("INSERT INTO comments (task_id, project_id, author_id, body) VALUES (3, 1, 'u2', 'got it')").await;
+    relay.sql(FENCE).await;
+    let appeared = bob.recv_event().await;
+    assert_eq!(
+        (appeared["event"].as_str(), appeared["row"]["id"].as_i64()),
+        (Some("task_created"), Some(3)),
+        "the task entered bob's view: {appeared}"
+    );
+    assert_eq!(bob.recv_event().await["row"]["body"], "got it");
+    assert_is_fence(&bob.recv_event().await);
+    assert_eq!(alice.recv_event().await["event"], "task_updated");
+    assert_eq!(alice.recv_event().await["row"]["body"], "got it");
+    assert_is_fence(&alice.recv_event().await);
+    assert_is_fence(&carol.recv_event().await);
+
+    // Project 2 is carol's: nothing of it reaches alice, bob, or dave.
+    dave.join("user:u4").await;
+    relay
+        .sql("UPDATE tasks SET title = 'Hire fast' WHERE id = 4")
+        .await;
+    relay.sql(FENCE).await;
+    assert_is_fence(&alice.recv_event().await);
+    assert_is_fence(&bob.recv_event().await);
+    dave.ping().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_leaving_a_users_view_arrives_as_a_deletion_and_returning_as_a_creation() {
+    let relay = TestRelay::start().await;
+    let mut alice = relay.client("u1").await;
+    let mut bob = relay.client("u2").await;
+    alice.join("project:1").await;
+    bob.join("project:1").await;
+
+    relay
+        .sql("UPDATE tasks SET is_private = true WHERE id = 2")
+        .await;
+    let gone = bob.recv_event().await;
+    assert_eq!(
+        (gone["event"].as_str(), gone["op"].as_str()),
+        (Some("task_deleted"), Some("DELETE")),
+        "{gone}"
+    );
+    assert_eq!(
+        gone["row"]["is_private"], false,
+        "bob gets the version he could see"
+    );
+    assert!(gone.get("old").is_none());
+    let full = alice.recv_event().await;
+    assert_eq!(
+        (full["event"].as_str(), full["old"].clone()),
+        (Some("task_updated"), json!({"is_private": false}))
+    );
+
+    relay
+        .sql("UPDATE tasks SET is_private = false, title = 'Venue booked' WHERE id = 2")
+        .await;
+    let back = bob.recv_event().await;
+    assert_eq!(
+        (back["event"].as_str(), back["op"].as_str()),
+        (Some("task_created"), Some("INSERT")),
+        "{back}"
+    );
+    assert_eq!(back["row"]["title"], "Venue booked");
+    assert!(
+        back.get("old").is_none(),
+        "old values bob could not see are not sent: {back}"
+    );
+    assert_eq!(alice.recv_event().await["event"], "task_updated");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_moved_between_projects_reaches_both_project_rooms() {
+    let relay = TestRelay::start().await;
+    relay
+        .sql("INSERT INTO project_members VALUES (2, 'u1', 'member')")
+        .await;
+    let mut alice = relay.client("u1").await; // in both projects
+    let mut bob = relay.client("u2").await; // only in project 1
+    alice.join("project:1").await;
+    alice.join("project:2").await;
+    bob.join("project:1").await;
+
+    relay
+        .sql("UPDATE tasks SET project_id = 2 WHERE id = 1")
+        .await;
+    let rooms: BTreeSet<String> = [alice.recv_event().await, alice.recv_event().await]
+        .iter()
+        .map(|e| {
+            assert_eq!(e["event"], "task_updated");
+            e["room"].as_str().expect("room").to_owned()
+        })
+        .collect();
+    assert_eq!(
+        rooms,
+        BTreeSet::from(["project:1".to_owned(), "project:2".to_owned()])
+    );
+    let gone = bob.recv_event().await;
+    assert_eq!(
+        (gone["event"].as_str(), gone["row"]["project_id"].as_i64()),
+        (Some("task_deleted"), Some(1)),
+        "bob sees the task leave project 1, and not where it went: {gone}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transactions_events_arrive_together_in_statement_order_and_rollbacks_never() {
+    let relay = TestRelay::start().await;
+    let mut alice = relay.client("u1").await;
+    alice.join("project:1").await;
+
+    relay
+        .sql("BEGIN; UPDATE tasks SET title = 'never' WHERE id = 1; ROLLBACK;")
+        .await;
+    relay
+        .sql(
+            "BEGIN;
+             INSERT INTO tasks (project_id, title) VALUES (1, 'a');
+             UPDATE tasks SET title = 'b' WHERE id = 2;
+             SAVEPOINT s; UPDATE tasks SET title = 'rolled back' WHERE id = 1; ROLLBACK TO SAVEPOINT s;
+             DELETE FROM comments WHERE id = 1;
+             COMMIT;",
+        )
+        .await;
+    let events: Vec<String> = [
+        alice.recv_event().await,
+        alice.recv_event().await,
+        alice.recv_event().await,
+    ]
+    .iter()
+    .map(|e| e["event"].as_str().expect("event").to_owned())
+    .collect();
+    assert_eq!(events, ["task_created", "task_updated", "comment_deleted"]);
+    relay.sql(FENCE).await;
+    assert_is_fence(&alice.recv_event().await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaving_a_room_stops_its_events() {
+    let relay = TestRelay::start().await;
+    let mut alice = relay.client("u1").await;
+    alice.join("project:1").await;
+    alice.join("task:2").await;
+    alice
+        .send(json!({"type": "leave", "room": "project:1", "ref": "l1"}))
+        .await;
+    assert_eq!(
+        alice.recv().await,
+        json!({"type": "left", "room": "project:1", "reason": "requested", "ref": "l1"})
+    );
+
+    relay
+        .sql("UPDATE tasks SET title = 'unseen' WHERE id = 1")
+        .await;
+    relay
+        .sql("UPDATE tasks SET title = 'seen' WHERE id = 2")
+        .await;
+    let e = alice.recv_event().await;
+    assert_eq!(
+        (e["room"].as_str(), e["row"]["title"].as_str()),
+        (Some("task:2"), Some("seen"))
+    );
+
+    alice
+        .send(json!({"type": "leave", "room": "project:1", "ref": "l2"}))
+        .await;
+    let reply = alice.recv().await;
+    assert_eq!(
+        (reply["code"].as_str(), reply["ref"].as_str()),
+        (Some("not_joined"), Some("l2"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_touching_many_rows_delivers_every_row_in_order() {
+    let relay = TestRelay::start().await;
+    let mut alice = relay.client("u1").await;
+    alice.join("project:1").await;
+    relay.sql("INSERT INTO tasks (project_id, title) SELECT 1, 'bulk ' || i FROM generate_series(1, 2500) AS i").await;
+    for i in 1..=2500 {
+        let e = alice.recv_event().await;
+        assert_eq!(
+            e["row"]["title"],
+            format!("bulk {i}"),
+            "row {i} out of order"
+        );
+    }
+    relay.sql(FENCE).await;
+    assert_is_fence(&alice.recv_event().await);
+}
