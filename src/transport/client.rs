@@ -56,15 +56,16 @@ impl ClientHandle {
         )
     }
 
-    /// Queues a frame. Returns false, and asks the session to close with 4008, if the client
-    /// already has more than its share of bytes waiting.
+    /// Queues a frame. Returns false, and asks the session to close with 4008, if the frame
+    /// would take the bytes waiting past the budget (an empty queue always takes one frame, so
+    /// a single large event never closes a client that keeps up).
     pub fn send(&self, frame: Utf8Bytes) -> bool {
         if self.closing.load(Ordering::Relaxed) {
             return false;
         }
         let len = frame.as_str().len();
-        let queued = self.queued_bytes.fetch_add(len, Ordering::Relaxed) + len;
-        if queued > self.max_queued_bytes {
+        let before = self.queued_bytes.fetch_add(len, Ordering::Relaxed);
+        if before > 0 && before + len > self.max_queued_bytes {
             self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
             self.close(CloseRequest {
                 code: crate::protocol::close::TOO_SLOW,

@@ -137,7 +137,10 @@ impl Session {
                         Some(Err(err)) if is_too_big(&err) => {
                             Flow::Close(CloseRequest { code: close::MESSAGE_TOO_BIG, reason: "message too big" })
                         }
-                        Some(Err(_)) => return,
+                        Some(Err(err)) => {
+                            tracing::debug!(error = %format!("{err:#}"), "websocket read failed");
+                            return;
+                        }
                     };
                     if let Flow::Close(request) = flow {
                         break request;

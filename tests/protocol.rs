@@ -1,0 +1,402 @@
+//! The WebSocket protocol at its edges: authentication, bad input, limits, shutdown.
+//! Every bad input gets the contract's error or close code, and nothing else is affected.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{close_code, token, Ended, TestRelay, WsClient, SECRET};
+use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::{self, Message};
+
+fn signed(claims: Value, secret: &[u8]) -> String {
+    encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(secret),
+    )
+    .expect("sign")
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+}
+
+/// Tokens that must be refused, and why.
+fn bad_tokens() -> Vec<(&'static str, String)> {
+    let t = now();
+    vec![
+        (
+            "forged",
+            signed(json!({"sub": "u1", "exp": t + 60}), b"not-the-secret"),
+        ),
+        (
+            "expired",
+            signed(json!({"sub": "u1", "exp": t - 5}), SECRET),
+        ),
+        ("no sub", signed(json!({"exp": t + 60}), SECRET)),
+        ("no exp", signed(json!({"sub": "u1"}), SECRET)),
+        ("garbage", "garbage".to_owned()),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_token_at_the_upgrade_is_answered_with_401() {
+    let relay = TestRelay::start().await;
+    for (why, token) in bad_tokens() {
+        let url = format!("{}?token={token}", relay.ws_url());
+        match WsClient::connect(&url).await {
+            Err(tungstenite::Error::Http(response)) => assert_eq!(response.status(), 401, "{why}"),
+            Err(other) => panic!("{why}: unexpected error {other:?}"),
+            Ok(_) => panic!("{why}: the upgrade succeeded"),
+        }
+    }
+    // The Authorization header works like the query parameter.
+    let mut request = tungstenite::client::IntoClientRequest::into_client_request(relay.ws_url())
+        .expect("request");
+    request.headers_mut().insert(
+        "Authorization",
+        format!("Bearer {}", token("u2")).parse().expect("header"),
+    );
+    let (mut stream, _) = tokio_tungstenite::connect_async(request)
+        .await
+        .expect("header auth");
+    let ready = futures_util::StreamExt::next(&mut stream)
+        .await
+        .expect("frame")
+        .expect("ok");
+    let ready: Value = serde_json::from_str(ready.to_text().expect("text")).expect("json");
+    assert_eq!(ready["user"], "u2");
+    assert!(relay.metric("auth_failures_total").await >= 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authenticating_by_message_refreshing_and_refusing() {
+    let relay = TestRelay::start().await;
+    let mut client = WsClient::connect(&relay.ws_url()).await.expect("connect");
+
+    client
+        .send(json!({"type": "join", "room": "project:1", "ref": "early"}))
+        .await;
+    let reply = client.recv().await;
+    assert_eq!(
+        (reply["code"].as_str(), reply["ref"].as_str()),
+        (Some("unauthorized"), Some("early"))
+    );
+
+    client
+        .send(json!({"type": "auth", "token": token("u1"), "ref": "a1"}))
+        .await;
+    let ready = client.recv().await;
+    assert_eq!(
+        (
+            ready["type"].as_str(),
+            ready["user"].as_str(),
+            ready["ref"].as_str()
+        ),
+        (Some("ready"), Some("u1"), Some("a1"))
+    );
+    assert!(
+        ready["expires_at"]
+            .as_str()
+            .is_some_and(|s| s.ends_with('Z')),
+        "{ready}"
+    );
+    client.join("project:1").await;
+
+    // A fresh token of the same user extends the session; another user's is refused.
+    client
+        .send(json!({"type": "auth", "token": token("u1"), "ref": "a2"}))
+        .await;
+    assert_eq!(client.recv().await["type"], "ready");
+    client
+        .send(json!({"type": "auth", "token": token("u2"), "ref": "a3"}))
+        .await;
+    let refused = client.recv().await;
+    assert_eq!(
+        (refused["code"].as_str(), refused["ref"].as_str()),
+        (Some("unauthorized"), Some("a3"))
+    );
+    relay
+        .sql("UPDATE tasks SET title = 'still alice' WHERE id = 2")
+        .await;
+    assert_eq!(client.recv_event().await["row"]["title"], "still alice");
+
+    // An invalid token in a message: an error, then close 4001.
+    client
+        .send(json!({"type": "auth", "token": "garbage", "ref": "a4"}))
+        .await;
+    let error = client.recv().await;
+    assert_eq!(
+        (error["code"].as_str(), error["ref"].as_str()),
+        (Some("unauthorized"), Some("a4"))
+    );
+    assert_eq!(client.closed().await, close_code(4001));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_auth_in_time_and_an_expiring_token_close_with_4001() {
+    let relay = TestRelay::start_with(|c| c.limits.auth_timeout = Duration::from_millis(300)).await;
+    let mut silent = WsClient::connect(&relay.ws_url()).await.expect("connect");
+    assert_eq!(silent.closed().await, close_code(4001));
+
+    let short = pgrelay::jwt::mint(SECRET, "u1", Duration::from_secs(2), &Default::default())
+        .expect("token");
+    let mut client = WsClient::connect(&format!("{}?token={short}", relay.ws_url()))
+        .await
+        .expect("connect");
+    assert_eq!(client.recv().await["type"], "ready");
+    client.join("project:1").await;
+    let started = std::time::Instant::now();
+    assert_eq!(client.closed().await, close_code(4001));
+    assert!(
+        started.elapsed() <= Duration::from_secs(3),
+        "closed at expiry, not later"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_messages_get_bad_request_and_the_connection_keeps_working() {
+    let relay = TestRelay::start().await;
+    let mut alice = relay.client("u1").await;
+    alice.join("project:1").await;
+    let mut bob = relay.client("u2").await;
+    bob.join("project:1").await;
+
+    let cases: Vec<(Message, Option<&str>)> = vec![
+        (Message::Text("{not json".into()), None),
+        (Message::Text("[1,2,3]".into()), None),
+        (
+            Message::Text(r#"{"type":"dance","ref":"r1"}"#.into()),
+            Some("r1"),
+        ),
+        (Message::Text(r#"{"ref":"r2"}"#.into()), Some("r2")),
+        (
+            Message::Text(r#"{"type":"join","ref":"r3"}"#.into()),
+            Some("r3"),
+        ),
+        (
+            Message::Text(r#"{"type":"join","room":"Project 1","ref":"r4"}"#.into()),
+            Some("r4"),
+        ),
+        (
+            Message::Text(
+                r#"{"type":"join","room":"project:1","since":"tampered","ref":"r5"}"#.into(),
+            ),
+            Some("r5"),
+        ),
+        (
+            Message::Text(
+                r#"{"type":"typing","room":"project:1","typing":"yes","ref":"r6"}"#.into(),
+            ),
+            Some("r6"),
+        ),
+        (Message::Binary(vec![0, 159, 146, 150].into()), None),
+    ];
+    for (message, reference) in cases {
+        let shown = format!("{message:?}");
+        alice.send_raw(message).await;
+        let reply = alice.recv().await;
+        assert_eq!(reply["type"], "error", "{shown}: {reply}");
+        assert_eq!(reply["code"], "bad_request", "{shown}: {reply}");
+        assert_eq!(reply["ref"].as_str(), reference, "{shown}: {reply}");
+        assert!(reply["message"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+    alice.ping().await;
+    // Still joined, still receiving; and bob never noticed anything.
+    relay
+        .sql("UPDATE tasks SET title = 'unaffected' WHERE id = 1")
+        .await;
+    assert_eq!(alice.recv_event().await["row"]["title"], "unaffected");
+    assert_eq!(bob.recv_event().await["row"]["title"], "unaffected");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forbidden_and_unknown_rooms_are_refused_and_the_connection_keeps_working() {
+    let relay = TestRelay::start().await;
+    let mut dave = relay.client("u4").await;
+    for room in ["project:1", "task:1", "user:u1", "nope:1", "project:abc"] {
+        dave.send(json!({"type": "join", "room": room, "ref": room}))
+            .await;
+        let reply = dave.recv().await;
+        assert_eq!(
+            (reply["code"].as_str(), reply["ref"].as_str()),
+            (Some("forbidden"), Some(room)),
+            "{reply}"
+        );
+    }
+    dave.join("user:u4").await;
+    relay
+        .sql("INSERT INTO project_members VALUES (2, 'u4', 'member')")
+        .await;
+    assert_eq!(dave.recv_event().await["event"], "project_member_created");
+    assert_eq!(relay.metric("joins_forbidden_total").await, 5);
+
+    // A private task's room is closed to members who may not read it.
+    let mut carol = relay.client("u3").await;
+    carol.send(json!({"type": "join", "room": "task:3"})).await;
+    assert_eq!(carol.recv().await["code"], "forbidden");
+    carol.join("task:1").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_too_many_rooms_and_oversized_messages() {
+    let relay = TestRelay::start_with(|c| c.limits.max_rooms_per_connection = 2).await;
+    let mut alice = relay.client("u1").await;
+    alice.join("project:1").await;
+    alice.join("task:1").await;
+    alice.join("task:1").await; // joining again is not a new room
+    alice
+        .send(json!({"type": "join", "room": "task:2", "ref": "x"}))
+        .await;
+    let reply = alice.recv().await;
+    assert_eq!(
+        (reply["code"].as_str(), reply["ref"].as_str()),
+        (Some("too_many_rooms"), Some("x"))
+    );
+    alice.ping().await;
+
+    let mut bob = relay.client("u2").await;
+    let huge = json!({"type": "ping", "pad": "x".repeat(70 * 1024)});
+    bob.send(huge).await;
+    assert_eq!(bob.closed().await, close_code(1009));
+    alice.ping().await; // others unaffected
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_closed_with_4008_and_others_carry_on() {
+    let relay = TestRelay::start_with(|c| c.limits.max_queued_bytes = 64 * 1024).await;
+    let mut stalled = relay.client("u1").await;
+    stalled.join("project:1").await;
+    let mut reader = relay.client("u2").await;
+    reader.join("project:1").await;
+
+    // ~40 MB of events: more than the socket buffers can absorb, so the stalled queue overflows.
+    let big = "x".repeat(200_000);
+    for i in 0..200 {
+        relay
+            .db
+            .execute(
+                "UPDATE tasks SET description = $1 || $2 WHERE id = 1",
+                &[&big, &i.to_string()],
+            )
+            .await
+            .expect("update");
+        let event = reader.recv_event().await;
+        assert!(event["row"]["description"]
+            .as_str()
+            .is_some_and(|d| d.ends_with(&i.to_string())));
+    }
+    // The stalled client finds, after what the socket held, the 4008 close.
+    assert_eq!(stalled.closed().await, close_code(4008));
+    assert!(relay.metric("slow_consumer_disconnects_total").await >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_closes_every_socket_with_1001() {
+    let mut relay = TestRelay::start().await;
+    let mut alice = relay.client("u1").await;
+    alice.join("project:1").await;
+    let mut bob = relay.client("u2").await;
+    let running = relay.relay.take().expect("running");
+    let stopping = tokio::spawn(running.shutdown());
+    assert_eq!(alice.closed().await, close_code(1001));
+    assert_eq!(bob.closed().await, close_code(1001));
+    tokio::time::timeout(Duration::from_secs(10), stopping)
+        .await
+        .expect("bounded")
+        .expect("join");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_readiness_and_metrics_endpoints() {
+    let relay = TestRelay::start().await;
+    let base = format!("http://{}", relay.addr());
+    assert_eq!(
+        common::http_get(&format!("{base}/healthz")).await,
+        (200, "ok".to_owned())
+    );
+    assert_eq!(common::http_get(&format!("{base}/readyz")).await.0, 200);
+    let mut alice = relay.client("u1").await;
+    alice.join("project:1").await;
+    relay
+        .sql("UPDATE tasks SET title = 'counted' WHERE id = 1")
+        .await;
+    alice.recv_event().await;
+    let (status, metrics) = common::http_get(&format!("{base}/metrics")).await;
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains("# TYPE pgrelay_events_delivered_total counter"),
+        "{metrics}"
+    );
+    assert_eq!(relay.metric("connections").await, 1);
+    assert!(relay.metric("events_delivered_total").await >= 1);
+    assert_eq!(relay.metric("listener_connected").await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joining_with_since_answers_recovered_false_until_replay_exists() {
+    let relay = TestRelay::start().await;
+    let mut alice = relay.client("u1").await;
+    let joined = alice.join("project:1").await;
+    assert!(
+        joined.get("recovered").is_none(),
+        "no since, no recovered: {joined}"
+    );
+    let position = joined["position"].as_str().expect("position").to_owned();
+    alice
+        .send(json!({"type": "join", "room": "task:1", "since": position}))
+        .await;
+    let resumed = alice.recv().await;
+    assert_eq!(
+        (resumed["type"].as_str(), resumed["recovered"].as_bool()),
+        (Some("joined"), Some(false))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_racing_a_batch_gets_every_change_after_its_position_and_none_before() {
+    let relay = TestRelay::start().await;
+    // Writes stream in while clients join; each client must receive exactly the suffix of
+    // changes after its joined position, in order.
+    let writer = {
+        let url = relay.db_url.clone();
+        tokio::spawn(async move {
+            let db = common::connect(&url).await;
+            for i in 0..300 {
+                db.batch_execute(&format!("UPDATE tasks SET priority = {i} WHERE id = 1"))
+                    .await
+                    .expect("write");
+            }
+        })
+    };
+    let mut clients = Vec::new();
+    for _ in 0..5 {
+        let mut c = relay.client("u2").await;
+        c.join("task:1").await;
+        clients.push(c);
+        tokio::time::sleep(Duration::from_millis(15)).await;
+    }
+    writer.await.expect("writer");
+    relay
+        .sql("UPDATE tasks SET priority = -1 WHERE id = 1")
+        .await;
+    for mut c in clients {
+        let mut last: Option<i64> = None;
+        loop {
+            let e = c.recv_event().await;
+            let p = e["row"]["priority"].as_i64().expect("priority");
+            if p == -1 {
+                break;
+            }
+            if let Some(prev) = last {
+                assert_eq!(p, prev + 1, "gap or duplicate after {prev}");
+            }
+            last = Some(p);
+        }
+    }
+}
