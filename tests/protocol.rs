@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{close_code, token, Ended, TestRelay, WsClient, SECRET};
+use common::{close_code, token, TestRelay, WsClient, SECRET};
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::{self, Message};

@@ -43,7 +43,18 @@ impl EmbeddedPostgres {
             None
         };
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let dir = dir.canonicalize()?;
+        let mut dir = dir.canonicalize()?;
+        if let Some(owner) = owner {
+            if !reachable_by(owner, &dir) {
+                // The server runs as `postgres`, which cannot reach a directory under, say,
+                // /root. Use one it can reach, stable for this path so data survives restarts.
+                let fallback = std::env::temp_dir().join(format!("pgrelay-{:x}", path_hash(&dir)));
+                tracing::warn!(wanted = %dir.display(), using = %fallback.display(),
+                    "the postgres user cannot reach the data directory; using another");
+                fs::create_dir_all(&fallback)?;
+                dir = fallback;
+            }
+        }
         let data_dir = dir.join("data");
         if let Some((uid, gid)) = owner {
             std::os::unix::fs::chown(&dir, Some(uid), Some(gid))?;
@@ -224,6 +235,21 @@ fn run_as(command: &mut Command, owner: Option<(u32, u32)>) {
     if let Some((uid, gid)) = owner {
         command.uid(uid).gid(gid);
     }
+}
+
+/// Whether `user` can enter `dir` (every ancestor must be searchable by it).
+fn reachable_by(user: (u32, u32), dir: &Path) -> bool {
+    let mut test = Command::new("test");
+    test.arg("-x").arg(dir);
+    run_as(&mut test, Some(user));
+    test.status().map(|s| s.success()).unwrap_or(false)
+}
+
+fn path_hash(path: &Path) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    path.hash(&mut hasher);
+    hasher.finish()
 }
 
 fn free_port() -> anyhow::Result<u16> {

@@ -36,7 +36,8 @@ static NEXT_DB: AtomicU32 = AtomicU32::new(1);
 
 fn cluster() -> &'static EmbeddedPostgres {
     CLUSTER.get_or_init(|| {
-        let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("pg");
+        // The system temp dir: the server may run as `postgres`, which must be able to reach it.
+        let root = std::env::temp_dir().join("pgrelay-tests");
         remove_stale_clusters(&root);
         let dir = root.join(std::process::id().to_string());
         let _ = std::fs::remove_dir_all(&dir);
