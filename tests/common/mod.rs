@@ -115,6 +115,15 @@ pub async fn fresh_database() -> String {
     pg.url(&name)
 }
 
+/// A fresh, empty database (nothing installed).
+pub async fn empty_database() -> String {
+    init_logging();
+    let pg = tokio::task::spawn_blocking(cluster).await.expect("cluster");
+    let name = format!("empty_{}", NEXT_DB.fetch_add(1, Ordering::Relaxed));
+    execute(&pg.url("postgres"), &format!("CREATE DATABASE {name}")).await;
+    pg.url(&name)
+}
+
 pub struct TestRelay {
     pub relay: Option<Relay>,
     pub db_url: String,
