@@ -33,8 +33,20 @@ COMMENT ON SCHEMA pgrelay IS 'pgrelay: change capture (outbox), resume positions
 -- The outbox
 -- ---------------------------------------------------------------------------------------------
 
+-- Retention works like Skytools PgQ: the outbox is three partitions ("generations") used in turn.
+-- New changes go to the current one; pgrelay.maintain() (which the relay calls every few seconds)
+-- moves on to the next one once the current one is `keep` old, and empties a partition with a
+-- TRUNCATE once its changes are `keep` past their commit. No DELETE of millions of rows, no bloat,
+-- no long lock (the TRUNCATE gives up after 50 ms and is retried later).
+--
+-- The current generation is the sequence's value modulo 3. Triggers read it without a snapshot, so
+-- a switch is seen by every statement at once: that is what lets maintain() know which
+-- transactions may still write into a generation it has left (see pgrelay.maintain()).
+CREATE SEQUENCE IF NOT EXISTS pgrelay.generation MINVALUE 0 START 0;
+
 CREATE TABLE IF NOT EXISTS pgrelay.changes (
-    id      bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    id      bigint GENERATED ALWAYS AS IDENTITY,
+    gen     smallint    NOT NULL,   -- the partition: pgrelay.generation modulo 3 when written
     -- The writing transaction. Snapshots tell which transactions had committed when, so this column
     -- is what lets a reader find changes in commit order without skipping late committers.
     xid     xid8        NOT NULL DEFAULT pg_current_xact_id(),
@@ -44,12 +56,41 @@ CREATE TABLE IF NOT EXISTS pgrelay.changes (
     rooms   text[]      NOT NULL,   -- rooms the change is published to
     "row"   jsonb       NOT NULL,   -- the new row; the old row for DELETE
     old     jsonb,                  -- UPDATE only: previous values of the columns that changed
-    ts      timestamptz NOT NULL DEFAULT statement_timestamp()
-);
+    ts      timestamptz NOT NULL DEFAULT statement_timestamp(),
+    PRIMARY KEY (id, gen)
+) PARTITION BY LIST (gen);
 COMMENT ON TABLE pgrelay.changes IS 'Outbox of captured changes, written by the triggers that pgrelay.watch() installs';
+CREATE TABLE IF NOT EXISTS pgrelay.changes_0 PARTITION OF pgrelay.changes FOR VALUES IN (0);
+CREATE TABLE IF NOT EXISTS pgrelay.changes_1 PARTITION OF pgrelay.changes FOR VALUES IN (1);
+CREATE TABLE IF NOT EXISTS pgrelay.changes_2 PARTITION OF pgrelay.changes FOR VALUES IN (2);
 
 -- Readers look changes up by transaction id (ranges and in-progress lists of snapshots).
 CREATE INDEX IF NOT EXISTS changes_xid_idx ON pgrelay.changes (xid);
+
+-- The life of each generation.
+CREATE TABLE IF NOT EXISTS pgrelay.generations (
+    gen          smallint PRIMARY KEY CHECK (gen BETWEEN 0 AND 2),
+    state        text NOT NULL CHECK (state IN ('current', 'sealed', 'empty')),
+    since        timestamptz NOT NULL DEFAULT now(),  -- when it entered this state
+    -- sealed: every transaction that wrote into it has an id below this ...
+    sealed_xmax  xid8,
+    -- ... and by this time all of them had ended.
+    complete_at  timestamptz
+);
+INSERT INTO pgrelay.generations (gen, state)
+SELECT g, CASE WHEN g = (SELECT last_value % 3 FROM pgrelay.generation) THEN 'current' ELSE 'empty' END
+FROM generate_series(0, 2) AS g
+ON CONFLICT (gen) DO NOTHING;
+
+CREATE TABLE IF NOT EXISTS pgrelay.retention (
+    singleton bool PRIMARY KEY DEFAULT true CHECK (singleton),
+    keep      interval NOT NULL DEFAULT '1 hour' CHECK (keep >= '0'),  -- how long changes stay resumable
+    -- Changes of transactions below this id may have been removed: a position whose snapshot had
+    -- not seen all of them can no longer be resumed (the client refetches).
+    horizon   xid8 NOT NULL DEFAULT '0'
+);
+INSERT INTO pgrelay.retention DEFAULT VALUES ON CONFLICT DO NOTHING;
+COMMENT ON TABLE pgrelay.retention IS 'How long changes are kept for resume: UPDATE pgrelay.retention SET keep = ''6 hours''';
 
 -- ---------------------------------------------------------------------------------------------
 -- Configuration
@@ -321,20 +362,23 @@ BEGIN
             captured bigint;
         BEGIN
             IF TG_OP = 'INSERT' THEN
-                INSERT INTO pgrelay.changes (tbl, entity, op, rooms, "row")
-                SELECT %2$L, %3$L, 'INSERT', pgrelay.room_list(ARRAY[%4$s]), %6$s
+                INSERT INTO pgrelay.changes (gen, tbl, entity, op, rooms, "row")
+                SELECT (SELECT last_value %% 3 FROM pgrelay.generation), %2$L, %3$L, 'INSERT',
+                       pgrelay.room_list(ARRAY[%4$s]), %6$s
                 FROM new_rows AS n;
             ELSIF TG_OP = 'UPDATE' THEN
-                INSERT INTO pgrelay.changes (tbl, entity, op, rooms, "row", old)
-                SELECT %2$L, %3$L, 'UPDATE', pgrelay.room_list(ARRAY[%5$s]), v.new_row,
+                INSERT INTO pgrelay.changes (gen, tbl, entity, op, rooms, "row", old)
+                SELECT (SELECT last_value %% 3 FROM pgrelay.generation), %2$L, %3$L, 'UPDATE',
+                       pgrelay.room_list(ARRAY[%5$s]), v.new_row,
                        %9$s
                 FROM new_rows AS n
                 JOIN old_rows AS o ON %8$s
                 CROSS JOIN LATERAL (SELECT %6$s AS new_row, %7$s AS old_row) AS v
                 WHERE v.new_row IS DISTINCT FROM v.old_row;
             ELSE
-                INSERT INTO pgrelay.changes (tbl, entity, op, rooms, "row")
-                SELECT %2$L, %3$L, 'DELETE', pgrelay.room_list(ARRAY[%10$s]), %7$s
+                INSERT INTO pgrelay.changes (gen, tbl, entity, op, rooms, "row")
+                SELECT (SELECT last_value %% 3 FROM pgrelay.generation), %2$L, %3$L, 'DELETE',
+                       pgrelay.room_list(ARRAY[%10$s]), %7$s
                 FROM old_rows AS o;
             END IF;
             GET DIAGNOSTICS captured = ROW_COUNT;
@@ -393,6 +437,86 @@ LANGUAGE sql IMMUTABLE AS $$
     SELECT coalesce(jsonb_object_agg(o.key, o.value), '{}')
     FROM jsonb_each(old_row) AS o
     WHERE new_row -> o.key IS DISTINCT FROM o.value
+$$;
+
+-- ---------------------------------------------------------------------------------------------
+-- Retention
+-- ---------------------------------------------------------------------------------------------
+
+-- One step of retention; cheap, safe to call often and from several relays at once (only one does
+-- the work). Returns what it did: 'idle', 'busy', 'rotated', 'emptied N' or 'emptied N rotated'.
+--
+-- Why the sequence: a writer reads the generation in the same statement that writes its change,
+-- after its transaction id was assigned. So once nextval() has returned, every transaction that
+-- can still write into the old generation has an id below a snapshot taken now (sealed_xmax);
+-- when the oldest running transaction is past that id, the old generation is complete.
+CREATE OR REPLACE FUNCTION pgrelay.maintain() RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    current smallint;
+    keep    interval;
+    g       pgrelay.generations;
+    did     text := 'idle';
+BEGIN
+    IF NOT pg_try_advisory_xact_lock(hashtext('pgrelay.maintain')) THEN
+        RETURN 'busy';
+    END IF;
+    SELECT r.keep INTO keep FROM pgrelay.retention AS r;
+    current := (SELECT last_value % 3 FROM pgrelay.generation);
+
+    -- Repair after an interrupted rotation: the sequence is the truth.
+    IF (SELECT state FROM pgrelay.generations WHERE gen = current) <> 'current' THEN
+        UPDATE pgrelay.generations
+           SET state = 'sealed', since = now(), complete_at = NULL,
+               sealed_xmax = pg_snapshot_xmax(pg_current_snapshot())
+         WHERE state = 'current';
+        UPDATE pgrelay.generations SET state = 'current', since = now() WHERE gen = current;
+    END IF;
+
+    -- Sealed generations whose writers have all ended are complete.
+    UPDATE pgrelay.generations
+       SET complete_at = now()
+     WHERE state = 'sealed' AND complete_at IS NULL
+       AND pg_snapshot_xmin(pg_current_snapshot()) >= sealed_xmax;
+
+    -- Empty the generation after the current one (the next to be used) once it is `keep` past
+    -- completion. The TRUNCATE waits at most 50 ms for readers, or is left for the next call.
+    SELECT * INTO g FROM pgrelay.generations WHERE gen = (current + 1) % 3;
+    IF g.state = 'sealed' AND g.complete_at + keep <= now() THEN
+        BEGIN
+            SET LOCAL lock_timeout = '50ms';
+            EXECUTE format('TRUNCATE pgrelay.changes_%s', g.gen);
+            UPDATE pgrelay.retention SET horizon = greatest(horizon, g.sealed_xmax);
+            UPDATE pgrelay.generations
+               SET state = 'empty', since = now(), sealed_xmax = NULL, complete_at = NULL
+             WHERE gen = g.gen;
+            g.state := 'empty';
+            did := 'emptied ' || g.gen || ' ';
+        EXCEPTION WHEN lock_not_available THEN
+            RETURN 'busy';
+        END;
+    END IF;
+
+    -- Move on once the current generation is `keep` old and the next one is empty.
+    IF g.state = 'empty'
+       AND (SELECT since FROM pgrelay.generations WHERE gen = current) + keep <= now() THEN
+        UPDATE pgrelay.generations SET state = 'current', since = now() WHERE gen = g.gen;
+        PERFORM nextval('pgrelay.generation');
+        UPDATE pgrelay.generations
+           SET state = 'sealed', since = now(), sealed_xmax = pg_snapshot_xmax(pg_current_snapshot())
+         WHERE gen = current;
+        did := replace(did, 'idle', '') || 'rotated';
+    END IF;
+    RETURN trim(did);
+END $$;
+COMMENT ON FUNCTION pgrelay.maintain() IS 'Rotates and empties outbox generations per pgrelay.retention.keep; the relay calls it';
+
+-- Whether a client that has seen everything in snapshot `seen` can still be given all it missed:
+-- nothing it has not seen was removed, and the snapshot is not from the future (or another database).
+CREATE OR REPLACE FUNCTION pgrelay.resumable(seen pg_snapshot) RETURNS boolean
+LANGUAGE sql STABLE AS $$
+    SELECT pg_snapshot_xmin(seen) >= (SELECT horizon FROM pgrelay.retention)
+       AND pg_snapshot_xmax(seen) <= pg_snapshot_xmax(pg_current_snapshot())
 $$;
 
 SELECT pgrelay.rebuild_dispatch();

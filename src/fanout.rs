@@ -28,7 +28,7 @@ use crate::rooms::Hub;
 
 /// How a change looks to one reader.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Visibility {
+pub enum Visibility {
     /// The change as it happened (with `old` on UPDATE).
     AsIs,
     /// The row entered the reader's view: sent as a creation, without old values.
@@ -38,7 +38,7 @@ enum Visibility {
 }
 
 impl Visibility {
-    fn of(change: &Change, verdict: &Verdict) -> Option<Visibility> {
+    pub fn of(change: &Change, verdict: &Verdict) -> Option<Visibility> {
         let recorded_old = change.old.as_ref().is_some_and(|old| old.get() != "{}");
         match (verdict.sees_new, verdict.sees_old) {
             (true, false) if change.op == Op::Update && recorded_old => Some(Visibility::Appeared),
@@ -105,7 +105,7 @@ pub async fn deliver(
         .add((pairs.len() - visible.len()) as u64);
 
     // 3. Deliver.
-    let state = hub.lock();
+    let mut state = hub.lock();
     let mut delivered = 0u64;
     for (change_ix, change) in changes.iter().enumerate() {
         let id = Position::Within {
@@ -115,11 +115,14 @@ pub async fn deliver(
         }
         .to_string();
         for room in &change.rooms {
-            let Some(members) = state.rooms.get(room.as_str()) else {
+            let Some(members) = state.rooms.get_mut(room.as_str()) else {
                 continue;
             };
             let mut frames: [Option<Utf8Bytes>; 3] = Default::default();
-            for member in members.values().filter(|m| m.first_batch <= batch.number) {
+            for member in members
+                .values_mut()
+                .filter(|m| m.first_batch <= batch.number)
+            {
                 let Some(&principal) = principal_of_client.get(&member.client.id) else {
                     continue; // joined after step 1 began: its position starts after this batch
                 };
@@ -133,7 +136,7 @@ pub async fn deliver(
                         .insert(event_frame(room, &id, change, visibility)?)
                         .clone(),
                 };
-                if member.client.send(frame) {
+                if member.deliver(frame) {
                     delivered += 1;
                 }
             }
@@ -158,7 +161,8 @@ struct EventFrame<'a> {
     ts: &'a str,
 }
 
-fn event_frame(
+/// The `event` message for one room, as a reader with this visibility sees the change.
+pub fn event_frame(
     room: &str,
     id: &str,
     change: &Change,

@@ -10,6 +10,8 @@
 //! 3. [`fanout`] and [`rooms`]: who is in which room, and the frames each of them receives.
 //! 4. [`transport`]: WebSocket sessions, each with a send queue bounded in bytes.
 //!
+//! [`resume`] gives a returning client what it missed; [`subscribe`] is the join both transports use.
+//!
 //! [`server`] wires them together; [`db`] holds the embedded Postgres and migrations.
 
 pub mod authorize;
@@ -20,6 +22,8 @@ pub mod fanout;
 pub mod jwt;
 pub mod metrics;
 pub mod protocol;
+pub mod resume;
 pub mod rooms;
 pub mod server;
+pub mod subscribe;
 pub mod transport;

@@ -297,7 +297,7 @@ async fn tail(database_url: &str, room: Option<&str>) -> anyhow::Result<()> {
     client.batch_execute("LISTEN pgrelay").await?;
     let mut since = outbox::current_snapshot(&client).await?;
     loop {
-        let mut batch = Batch::read(&client, &since, None).await?;
+        let mut batch = Batch::read(&client, &since, None, None).await?;
         loop {
             let chunk = batch.next_chunk(1000).await?;
             if chunk.is_empty() {

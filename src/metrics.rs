@@ -57,6 +57,7 @@ pub struct Metrics {
     pub auth_failures: Counter,
     pub slow_consumer_disconnects: Counter,
     pub client_errors: Counter,
+    pub replay_failures: Counter,
 }
 
 impl Metrics {
@@ -152,6 +153,12 @@ impl Metrics {
             "counter",
             "Error replies sent to clients.",
             self.client_errors.get(),
+        );
+        metric(
+            "replay_failures_total",
+            "counter",
+            "Resumes whose replay failed (the client was told to resume again).",
+            self.replay_failures.get(),
         );
         out
     }

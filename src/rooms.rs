@@ -11,9 +11,18 @@
 //!
 //! The `joined` reply is queued under the same lock that deliveries take, so it always precedes the
 //! member's first event, and `left` always follows its last.
+//!
+//! A member that resumes (`join` with `since`) first receives the changes it missed, replayed by
+//! [`crate::resume`], then the live ones. While the replay runs, live frames for it wait in its
+//! `pending` buffer; [`Hub::finish_replay`] appends them to the client's queue under the lock, so
+//! the switch-over has no gap and no overlap. A resume only joins once this relay's position
+//! covers the client's (a position can come from a relay that is ahead of this one), so every live
+//! change is one the client has not seen.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
+
+use axum::extract::ws::Utf8Bytes;
 
 use crate::capture::position::{Position, Snapshot};
 use crate::jwt::Principal;
@@ -26,6 +35,36 @@ pub struct Member {
     pub principal: Arc<Principal>,
     /// The first batch this member receives.
     pub first_batch: u64,
+    /// While its missed changes are being replayed, live frames wait here.
+    pending: Option<Pending>,
+}
+
+#[derive(Default)]
+struct Pending {
+    frames: Vec<Utf8Bytes>,
+    bytes: usize,
+}
+
+impl Member {
+    /// Queues a live frame, or holds it back while a replay is running. False if it was dropped
+    /// (the client is too slow and is being closed).
+    pub fn deliver(&mut self, frame: Utf8Bytes) -> bool {
+        match &mut self.pending {
+            None => self.client.send(frame),
+            Some(pending) => {
+                pending.bytes += frame.as_str().len();
+                if pending.bytes > self.client.max_queued_bytes() {
+                    self.client.close(crate::transport::client::CloseRequest {
+                        code: crate::protocol::close::TOO_SLOW,
+                        reason: "too slow to keep up; resume with since",
+                    });
+                    return false;
+                }
+                pending.frames.push(frame);
+                true
+            }
+        }
+    }
 }
 
 #[derive(Default)]
@@ -43,10 +82,15 @@ pub struct State {
     last_batch: u64,
 }
 
-/// The relay has not read its first position from the database yet.
-#[derive(Debug, thiserror::Error)]
-#[error("the relay is not connected to the database yet")]
-pub struct NotReady;
+/// Why a join could not be registered (yet).
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NotReady {
+    #[error("the relay is not connected to the database yet")]
+    Starting,
+    /// The client's position is ahead of what this relay has delivered; retry shortly.
+    #[error("the relay has not caught up with this position yet")]
+    Behind,
+}
 
 impl Hub {
     pub fn lock(&self) -> MutexGuard<'_, State> {
@@ -82,29 +126,69 @@ impl Hub {
         state.delivered = Some(upto);
     }
 
-    /// Adds the client to the room and queues `reply(position)` to it, atomically with respect to
-    /// deliveries. Joining a room twice keeps one membership and answers again.
+    /// Adds the client to the rooms and queues `reply(room, position)` for each, atomically with
+    /// respect to deliveries, and returns the position: the member receives every change after
+    /// it, in all the rooms. With `resume_from`, the member starts in replay mode (see
+    /// [`Hub::finish_replay`]), and only if the position covers that snapshot. Joining a room
+    /// again replaces the membership.
     pub fn join(
         &self,
-        room: &Room,
+        rooms: &[Room],
         client: &Arc<ClientHandle>,
         principal: &Arc<Principal>,
-        reply: impl FnOnce(&Position) -> String,
-    ) -> Result<(), NotReady> {
+        resume_from: Option<&Snapshot>,
+        reply: impl Fn(&Room, &Position) -> String,
+    ) -> Result<Snapshot, NotReady> {
         let mut state = self.lock();
         let (position, first_batch) = match (&state.in_flight, &state.delivered) {
-            (Some((n, upto)), _) => (Position::At(upto.clone()), n + 1),
-            (None, Some(delivered)) => (Position::At(delivered.clone()), state.last_batch + 1),
-            (None, None) => return Err(NotReady),
+            (Some((n, upto)), _) => (upto.clone(), n + 1),
+            (None, Some(delivered)) => (delivered.clone(), state.last_batch + 1),
+            (None, None) => return Err(NotReady::Starting),
         };
-        let members = state.rooms.entry(room.clone()).or_default();
-        members.entry(client.id).or_insert_with(|| Member {
-            client: client.clone(),
-            principal: principal.clone(),
-            first_batch,
-        });
-        client.send(reply(&position).into());
-        Ok(())
+        if resume_from.is_some_and(|from| !position.covers(from)) {
+            return Err(NotReady::Behind);
+        }
+        let at = Position::At(position.clone());
+        for room in rooms {
+            let member = Member {
+                client: client.clone(),
+                principal: principal.clone(),
+                first_batch,
+                pending: resume_from.map(|_| Pending::default()),
+            };
+            state
+                .rooms
+                .entry(room.clone())
+                .or_default()
+                .insert(client.id, member);
+            client.send(reply(room, &at).into());
+        }
+        Ok(position)
+    }
+
+    /// Queues a replayed frame to a member that is still replaying; false if it left meanwhile.
+    pub fn replay_send(&self, room: &Room, client_id: u64, frame: Utf8Bytes) -> bool {
+        let state = self.lock();
+        match state.rooms.get(room).and_then(|m| m.get(&client_id)) {
+            Some(member) if member.pending.is_some() => member.client.send(frame),
+            _ => false,
+        }
+    }
+
+    /// Ends a member's replay: the live frames that waited are queued after the replayed ones.
+    pub fn finish_replay(&self, room: &Room, client_id: u64) {
+        let mut state = self.lock();
+        if let Some(member) = state
+            .rooms
+            .get_mut(room)
+            .and_then(|m| m.get_mut(&client_id))
+        {
+            if let Some(pending) = member.pending.take() {
+                for frame in pending.frames {
+                    member.client.send(frame);
+                }
+            }
+        }
     }
 
     /// Removes the client from the room, queuing `reply` under the lock; false if it was not there.

@@ -33,6 +33,9 @@ use crate::transport::ws;
 /// Everything a request handler may need, cloned cheaply into each one.
 #[derive(Clone)]
 pub struct AppState {
+    pub pool: Pool,
+    /// Wakes the reader (a resume waiting for this relay to catch up nudges it).
+    pub wake: Arc<Notify>,
     pub hub: Arc<Hub>,
     pub authorizer: Authorizer,
     pub verifier: Verifier,
@@ -73,7 +76,10 @@ impl Relay {
 
         let shutdown = CancellationToken::new();
         let metrics = Arc::new(Metrics::default());
+        let wake = Arc::new(Notify::new());
         let state = AppState {
+            pool: pool.clone(),
+            wake: wake.clone(),
             hub: Arc::new(Hub::default()),
             authorizer: Authorizer::new(pool.clone()),
             verifier: config.verifier,
@@ -81,7 +87,6 @@ impl Relay {
             limits: config.limits,
             shutdown: shutdown.clone(),
         };
-        let wake = Arc::new(Notify::new());
         let reader = Reader {
             pool,
             hub: state.hub.clone(),

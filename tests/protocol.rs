@@ -339,7 +339,7 @@ async fn health_readiness_and_metrics_endpoints() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn joining_with_since_answers_recovered_false_until_replay_exists() {
+async fn joined_says_recovered_only_when_since_was_given() {
     let relay = TestRelay::start().await;
     let mut alice = relay.client("u1").await;
     let joined = alice.join("project:1").await;
@@ -354,7 +354,7 @@ async fn joining_with_since_answers_recovered_false_until_replay_exists() {
     let resumed = alice.recv().await;
     assert_eq!(
         (resumed["type"].as_str(), resumed["recovered"].as_bool()),
-        (Some("joined"), Some(false))
+        (Some("joined"), Some(true))
     );
 }
 

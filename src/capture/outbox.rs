@@ -19,6 +19,10 @@ use super::position::Snapshot;
 #[derive(Debug)]
 pub struct Change {
     pub id: i64,
+    /// The writing transaction.
+    pub xid: u64,
+    /// The last change its transaction wrote: commit order is `(txn_last, id)` within a batch.
+    pub txn_last: i64,
     pub table: String,
     /// Singular name for event names: `task` → `task_created`.
     pub entity: String,
@@ -58,13 +62,16 @@ impl Op {
     }
 }
 
-/// `$1` = since, `$2` = upto or NULL for "now". The snapshot comes first in every row so an empty
-/// batch still reports how far it read.
+/// `$1` = since, `$2` = upto or NULL for "now", `$3` = only changes to these rooms, or NULL for
+/// all. The snapshot comes first in every row so an empty batch still reports how far it read.
 const READ_BATCH: &str = r#"
-SELECT s.upto::text, c.id, c.tbl, c.entity, c.op, c.rooms, c."row"::text, c.old::text,
-       to_json(c.ts) #>> '{}'
+SELECT s.upto::text, c.id, c.xid::text, c.txn_last, c.tbl, c.entity, c.op, c.rooms,
+       c."row"::text, c.old::text, to_json(c.ts) #>> '{}'
 FROM (SELECT coalesce($2::text::pg_snapshot, pg_current_snapshot()) AS upto) AS s
-LEFT JOIN LATERAL pgrelay.changes_between($1::text::pg_snapshot, s.upto) AS c ON true
+LEFT JOIN LATERAL (
+    SELECT * FROM pgrelay.changes_between($1::text::pg_snapshot, s.upto) AS b
+    WHERE $3::text[] IS NULL OR b.rooms && $3::text[]
+) AS c ON true
 ORDER BY c.txn_last, c.id
 "#;
 
@@ -80,15 +87,17 @@ pub struct Batch {
 
 impl Batch {
     /// Starts reading the changes committed after `since`, up to `upto` or, when `None`, up to a
-    /// snapshot taken now.
+    /// snapshot taken now; only those published to one of `rooms`, when given.
     pub async fn read(
         client: &Client,
         since: &Snapshot,
         upto: Option<&Snapshot>,
+        rooms: Option<&[&str]>,
     ) -> anyhow::Result<Batch> {
         let since_text = since.to_pg();
         let upto_text = upto.map(Snapshot::to_pg);
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&since_text, &upto_text];
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
+            [&since_text, &upto_text, &rooms];
         let rows = client
             .query_raw(READ_BATCH, params)
             .await
@@ -135,15 +144,18 @@ fn change_from_row(row: &tokio_postgres::Row) -> anyhow::Result<Option<Change>> 
         return Ok(None); // the empty side of the LEFT JOIN: nothing new
     };
     let json = |text: String| RawValue::from_string(text).context("outbox row is not JSON");
+    let xid: &str = row.try_get(2)?;
     Ok(Some(Change {
         id,
-        table: row.try_get(2)?,
-        entity: row.try_get(3)?,
-        op: Op::parse(row.try_get(4)?)?,
-        rooms: row.try_get(5)?,
-        row: json(row.try_get(6)?)?,
-        old: row.try_get::<_, Option<String>>(7)?.map(json).transpose()?,
-        ts: row.try_get(8)?,
+        xid: xid.parse().context("outbox xid is not a number")?,
+        txn_last: row.try_get(3)?,
+        table: row.try_get(4)?,
+        entity: row.try_get(5)?,
+        op: Op::parse(row.try_get(6)?)?,
+        rooms: row.try_get(7)?,
+        row: json(row.try_get(8)?)?,
+        old: row.try_get::<_, Option<String>>(9)?.map(json).transpose()?,
+        ts: row.try_get(10)?,
     }))
 }
 

@@ -70,6 +70,21 @@ impl Snapshot {
         )
     }
 
+    /// Whether a committed transaction was visible in the snapshot.
+    pub fn is_visible(&self, xid: u64) -> bool {
+        xid < self.xmin || (xid < self.xmax && self.xip.binary_search(&xid).is_err())
+    }
+
+    /// Whether every transaction visible in `other` is visible in `self` too.
+    pub fn covers(&self, other: &Snapshot) -> bool {
+        other.xmax <= self.xmax
+            && self
+                .xip
+                .iter()
+                .filter(|&&x| x < other.xmax)
+                .all(|&x| !other.is_visible(x))
+    }
+
     /// True when `later` could not have been taken before `self` (used to reject nonsense).
     pub fn precedes_or_equals(&self, later: &Snapshot) -> bool {
         self.xmin <= later.xmin && self.xmax <= later.xmax
@@ -105,6 +120,30 @@ impl fmt::Display for Position {
                 upto,
                 change_id,
             } => write!(f, "{since}~{upto}~{change_id}"),
+        }
+    }
+}
+
+/// What a client at some position has already seen, in terms a change can be checked against.
+///
+/// For [`Position::Within`] the relay looks up the commit-order key of the named change (see
+/// `crate::resume`): changes of the batch `since → upto` up to that key count as seen.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Seen {
+    pub since: Snapshot,
+    /// The batch end and the `(transaction's last change id, change id)` key reached in it.
+    pub within: Option<(Snapshot, (i64, i64))>,
+}
+
+impl Seen {
+    /// Whether a committed change (its transaction id and commit-order key) was already seen.
+    pub fn contains(&self, xid: u64, key: (i64, i64)) -> bool {
+        if self.since.is_visible(xid) {
+            return true;
+        }
+        match &self.within {
+            Some((upto, reached)) => upto.is_visible(xid) && key <= *reached,
+            None => false,
         }
     }
 }
@@ -153,6 +192,57 @@ mod tests {
         assert_eq!(s.to_string(), "100.105.100_103");
         let empty = Snapshot::from_pg("7:7:").expect("valid snapshot");
         assert_eq!(empty.to_string(), "7.7.");
+    }
+
+    #[test]
+    fn visibility_follows_postgres_rules() {
+        let s = Snapshot::from_pg("100:105:100,103").expect("valid");
+        assert!(s.is_visible(99), "below xmin: committed before");
+        assert!(!s.is_visible(100), "in progress");
+        assert!(s.is_visible(101));
+        assert!(!s.is_visible(103), "in progress");
+        assert!(s.is_visible(104));
+        assert!(!s.is_visible(105), "at or above xmax: started after");
+    }
+
+    #[test]
+    fn covering_means_seeing_at_least_as_much() {
+        let s = |t: &str| Snapshot::from_pg(t).expect("valid");
+        assert!(s("10:20:").covers(&s("10:15:12")));
+        assert!(s("10:20:12").covers(&s("10:15:12")), "12 is unseen in both");
+        assert!(
+            !s("10:20:13").covers(&s("10:15:12")),
+            "13 is visible in the other only"
+        );
+        assert!(!s("10:15:").covers(&s("10:20:")), "the other saw 15..20");
+        assert!(s("10:15:").covers(&s("10:15:")));
+    }
+
+    #[test]
+    fn seen_covers_the_batch_prefix_only() {
+        let since = Snapshot::from_pg("10:12:10").expect("valid");
+        let upto = Snapshot::from_pg("13:13:").expect("valid");
+        let seen = Seen {
+            since: since.clone(),
+            within: Some((upto, (50, 48))),
+        };
+        assert!(seen.contains(11, (0, 1)), "visible in since");
+        assert!(seen.contains(10, (50, 48)), "the change itself");
+        assert!(seen.contains(12, (40, 40)), "earlier in the batch");
+        assert!(
+            !seen.contains(12, (50, 49)),
+            "later in the same transaction"
+        );
+        assert!(!seen.contains(10, (60, 55)), "later in the batch");
+        assert!(
+            !seen.contains(13, (1, 1)),
+            "after the batch, whatever its key"
+        );
+        assert!(!Seen {
+            since,
+            within: None
+        }
+        .contains(12, (0, 0)));
     }
 
     #[test]

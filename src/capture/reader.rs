@@ -101,13 +101,13 @@ impl Reader {
     async fn read(&self, cursor: &mut Position) -> anyhow::Result<()> {
         let client = self.pool.get().await?;
         let (mut batch, mut skip_through) = match &*cursor {
-            Position::At(since) => (Batch::read(&client, since, None).await?, None),
+            Position::At(since) => (Batch::read(&client, since, None, None).await?, None),
             Position::Within {
                 since,
                 upto,
                 change_id,
             } => (
-                Batch::read(&client, since, Some(upto)).await?,
+                Batch::read(&client, since, Some(upto), None).await?,
                 Some(*change_id),
             ),
         };

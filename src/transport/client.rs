@@ -27,6 +27,7 @@ pub struct ClientHandle {
     max_queued_bytes: usize,
     closing: AtomicBool,
     close: watch::Sender<Option<CloseRequest>>,
+    drained: tokio::sync::Notify,
 }
 
 /// The session's end of the queue.
@@ -46,6 +47,7 @@ impl ClientHandle {
             max_queued_bytes,
             closing: AtomicBool::new(false),
             close: close_tx,
+            drained: tokio::sync::Notify::new(),
         };
         (
             handle,
@@ -78,8 +80,25 @@ impl ClientHandle {
 
     /// Called by the session once a frame has been handed to the socket.
     pub fn sent(&self, frame: &Utf8Bytes) {
-        self.queued_bytes
-            .fetch_sub(frame.as_str().len(), Ordering::Relaxed);
+        let len = frame.as_str().len();
+        let before = self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+        if before.saturating_sub(len) <= self.max_queued_bytes / 2 {
+            self.drained.notify_one();
+        }
+    }
+
+    pub fn max_queued_bytes(&self) -> usize {
+        self.max_queued_bytes
+    }
+
+    /// Waits until at most half the byte budget is queued (replays pace themselves with this).
+    pub async fn wait_for_room(&self) {
+        while self.queued_bytes.load(Ordering::Relaxed) > self.max_queued_bytes / 2
+            && !self.is_closing()
+        {
+            let wait = self.drained.notified();
+            let _ = tokio::time::timeout(std::time::Duration::from_millis(100), wait).await;
+        }
     }
 
     /// Asks the session to close the connection (the first request wins).

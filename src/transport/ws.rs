@@ -25,6 +25,7 @@ use super::client::{ClientHandle, ClientQueue, CloseRequest};
 use crate::jwt::Principal;
 use crate::protocol::{self, close, ClientMessage, ErrorCode, Room, ServerMessage};
 use crate::server::AppState;
+use crate::subscribe::{self, JoinError};
 
 #[derive(Deserialize)]
 pub struct WsParams {
@@ -280,52 +281,21 @@ impl Session {
         let Some(principal) = self.principal.clone() else {
             return;
         };
-        let recovered = match since.map(|s| s.parse::<crate::capture::position::Position>()) {
-            None => None,
-            // Replay of missed changes is not implemented yet: tell the client to refetch.
-            Some(Ok(_)) => Some(false),
-            Some(Err(err)) => {
-                self.error(ErrorCode::BadRequest, &format!("`since`: {err}"), reference);
-                return;
-            }
-        };
         let already_joined = self.rooms.contains(&room);
-        if !already_joined && self.rooms.len() >= self.app.limits.max_rooms_per_connection {
-            self.error(
-                ErrorCode::TooManyRooms,
-                &format!(
-                    "at most {} rooms per connection",
-                    self.app.limits.max_rooms_per_connection
-                ),
-                reference,
-            );
+        let limit = self.app.limits.max_rooms_per_connection;
+        if !already_joined && self.rooms.len() >= limit {
+            let message = format!("at most {limit} rooms per connection");
+            self.error(ErrorCode::TooManyRooms, &message, reference);
             return;
         }
-        match self.app.authorizer.can_join(&principal, &room).await {
-            Ok(true) => {}
-            Ok(false) => {
-                self.app.metrics.joins_forbidden.inc();
-                self.error(
-                    ErrorCode::Forbidden,
-                    "you may not join this room",
-                    reference,
-                );
-                return;
-            }
-            Err(err) => {
-                tracing::warn!(room = room.as_str(), error = %format!("{err:#}"), "join policy failed");
-                self.error(
-                    ErrorCode::Internal,
-                    "could not check access to the room; try again",
-                    reference,
-                );
-                return;
-            }
-        }
-        let joined = self
-            .app
-            .hub
-            .join(&room, &self.client, &principal, |position| {
+        let rooms = [room];
+        let joined = subscribe::join(
+            &self.app,
+            &self.client,
+            &principal,
+            &rooms,
+            since.as_deref(),
+            |room, position, recovered| {
                 ServerMessage::Joined {
                     room: room.as_str(),
                     position: position.to_string(),
@@ -333,15 +303,24 @@ impl Session {
                     reference,
                 }
                 .to_json()
-            });
+            },
+        )
+        .await;
+        let [room] = rooms;
         match joined {
-            Ok(()) => {
-                self.app.metrics.joins.inc();
-                if !already_joined {
-                    self.rooms.push(room);
-                }
+            Ok(()) if !already_joined => self.rooms.push(room),
+            Ok(()) => {}
+            Err(err @ JoinError::BadPosition) => {
+                self.error(ErrorCode::BadRequest, &err.to_string(), reference)
             }
-            Err(err) => self.error(ErrorCode::Internal, &err.to_string(), reference),
+            Err(JoinError::Forbidden(_)) => self.error(
+                ErrorCode::Forbidden,
+                "you may not join this room",
+                reference,
+            ),
+            Err(err @ JoinError::Unavailable(_)) => {
+                self.error(ErrorCode::Internal, &err.to_string(), reference)
+            }
         }
     }
 

@@ -1,0 +1,132 @@
+//! Joining rooms, live or resuming: the steps WebSocket `join` and SSE share.
+//!
+//! Access is checked with the join policy first (so a refused client learns nothing about
+//! positions). A `since` position is then resolved ([`crate::resume`]): resumable positions join in
+//! replay mode and start a [`Replay`]; lost ones join live with `recovered: false`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::capture::position::{Position, Snapshot};
+use crate::jwt::Principal;
+use crate::protocol::Room;
+use crate::resume::{self, Replay, Resolution, ResolveError};
+use crate::rooms::NotReady;
+use crate::server::AppState;
+use crate::transport::client::ClientHandle;
+
+/// How long a resume waits for this relay to catch up with a position issued by another one.
+const CATCH_UP: Duration = Duration::from_secs(5);
+
+/// Why a join was refused; the messages are safe to show.
+#[derive(Debug, thiserror::Error)]
+pub enum JoinError {
+    #[error("`since`: not a valid position")]
+    BadPosition,
+    #[error("you may not join {0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// Joins `rooms` (all or none), replying `reply(room, position, recovered)` for each, and starts
+/// the replay when resuming. Returns once the client is registered; the replay runs on its own.
+pub async fn join(
+    app: &AppState,
+    client: &Arc<ClientHandle>,
+    principal: &Arc<Principal>,
+    rooms: &[Room],
+    since: Option<&str>,
+    reply: impl Fn(&Room, &Position, Option<bool>) -> String,
+) -> Result<(), JoinError> {
+    for room in rooms {
+        match app.authorizer.can_join(principal, room).await {
+            Ok(true) => {}
+            Ok(false) => {
+                app.metrics.joins_forbidden.inc();
+                return Err(JoinError::Forbidden(room.as_str().to_owned()));
+            }
+            Err(err) => {
+                tracing::warn!(room = room.as_str(), error = %format!("{err:#}"), "join policy failed");
+                return Err(JoinError::Unavailable(
+                    "could not check access to the room; try again".into(),
+                ));
+            }
+        }
+    }
+
+    let seen = match since {
+        None => None,
+        Some(text) => {
+            let position: Position = text.parse().map_err(|_| JoinError::BadPosition)?;
+            match resume::resolve(&app.pool, &position).await {
+                Ok(Resolution::Resumable(seen)) => Some(seen),
+                Ok(Resolution::Lost) => None,
+                Err(ResolveError::Invalid) => return Err(JoinError::BadPosition),
+                Err(ResolveError::Database(err)) => {
+                    tracing::warn!(error = %format!("{err:#}"), "resolving a position failed");
+                    return Err(JoinError::Unavailable(
+                        "could not check the position; try again".into(),
+                    ));
+                }
+            }
+        }
+    };
+    let recovered = since.map(|_| seen.is_some());
+    // Live delivery must start where the client's position ends.
+    let resume_from: Option<Snapshot> = seen.as_ref().map(|s| match &s.within {
+        Some((upto, _)) => upto.clone(),
+        None => s.since.clone(),
+    });
+
+    let deadline = tokio::time::Instant::now() + CATCH_UP;
+    let until = loop {
+        let joined = app.hub.join(
+            rooms,
+            client,
+            principal,
+            resume_from.as_ref(),
+            |room, position| reply(room, position, recovered),
+        );
+        match joined {
+            Ok(position) => break position,
+            Err(NotReady::Behind) if tokio::time::Instant::now() < deadline => {
+                app.wake.notify_one();
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(err) => return Err(JoinError::Unavailable(format!("{err}; try again"))),
+        }
+    };
+    app.metrics.joins.add(rooms.len() as u64);
+
+    if let Some(seen) = seen {
+        let replay = Replay {
+            pool: app.pool.clone(),
+            authorizer: app.authorizer.clone(),
+            hub: app.hub.clone(),
+            client: client.clone(),
+            principal: principal.clone(),
+            rooms: rooms.to_vec(),
+            seen,
+            until,
+        };
+        let metrics = app.metrics.clone();
+        tokio::spawn(async move {
+            if let Err(err) = replay.run().await {
+                tracing::warn!(error = %format!("{err:#}"), "replay failed; the client must resume again");
+                metrics.replay_failures.inc();
+                for room in &replay.rooms {
+                    replay.hub.leave(room, &replay.client, || {
+                        crate::protocol::ServerMessage::Left {
+                            room: room.as_str(),
+                            reason: "replay_failed",
+                            reference: None,
+                        }
+                        .to_json()
+                    });
+                }
+            }
+        });
+    }
+    Ok(())
+}
