@@ -44,6 +44,14 @@ COMMENT ON SCHEMA pgrelay IS 'pgrelay: change capture (outbox), resume positions
 -- transactions may still write into a generation it has left (see pgrelay.maintain()).
 CREATE SEQUENCE IF NOT EXISTS pgrelay.generation MINVALUE 0 START 0;
 
+DO $$
+BEGIN
+    IF EXISTS (SELECT FROM pg_class WHERE oid = to_regclass('pgrelay.changes') AND relkind = 'r') THEN
+        RAISE EXCEPTION 'pgrelay.changes has the pre-release (unpartitioned) layout'
+            USING HINT = 'Deliver or discard its changes, then DROP SCHEMA pgrelay CASCADE and install again.';
+    END IF;
+END $$;
+
 CREATE TABLE IF NOT EXISTS pgrelay.changes (
     id      bigint GENERATED ALWAYS AS IDENTITY,
     gen     smallint    NOT NULL,   -- the partition: pgrelay.generation modulo 3 when written
@@ -57,9 +65,13 @@ CREATE TABLE IF NOT EXISTS pgrelay.changes (
     "row"   jsonb       NOT NULL,   -- the new row; the old row for DELETE
     old     jsonb,                  -- UPDATE only: previous values of the columns that changed
     ts      timestamptz NOT NULL DEFAULT statement_timestamp(),
+    -- Columns recorded for the policies but never shipped to clients (pgrelay.watch(exclude => ...)).
+    hide    text[],
     PRIMARY KEY (id, gen)
 ) PARTITION BY LIST (gen);
 COMMENT ON TABLE pgrelay.changes IS 'Outbox of captured changes, written by the triggers that pgrelay.watch() installs';
+-- Columns added after the first release of this layout (idempotent upgrades).
+ALTER TABLE pgrelay.changes ADD COLUMN IF NOT EXISTS hide text[];
 CREATE TABLE IF NOT EXISTS pgrelay.changes_0 PARTITION OF pgrelay.changes FOR VALUES IN (0);
 CREATE TABLE IF NOT EXISTS pgrelay.changes_1 PARTITION OF pgrelay.changes FOR VALUES IN (1);
 CREATE TABLE IF NOT EXISTS pgrelay.changes_2 PARTITION OF pgrelay.changes FOR VALUES IN (2);
@@ -138,7 +150,8 @@ RETURNS TABLE (
     ts timestamptz, txn_last bigint
 )
 LANGUAGE sql STABLE AS $$
-    SELECT c.id, c.xid, c.tbl, c.entity, c.op, c.rooms, c."row", c.old, c.ts,
+    SELECT c.id, c.xid, c.tbl, c.entity, c.op, c.rooms,
+           c."row" - coalesce(c.hide, '{}'), c.old - coalesce(c.hide, '{}'), c.ts,
            max(c.id) OVER (PARTITION BY c.xid) AS txn_last
     FROM (
         SELECT * FROM pgrelay.changes
@@ -151,7 +164,7 @@ LANGUAGE sql STABLE AS $$
     ORDER BY txn_last, c.id
 $$;
 COMMENT ON FUNCTION pgrelay.changes_between(pg_snapshot, pg_snapshot) IS
-    'Changes committed after snapshot since and visible in snapshot upto, in commit order';
+    'Changes committed after snapshot since and visible in snapshot upto, in commit order, as clients see them';
 
 -- A resume token for the calling transaction's snapshot. An API that reads its data and this
 -- position in one transaction can hand both to a client; joining a room with `since` = the position
@@ -177,7 +190,8 @@ ON CONFLICT (kind) DO NOTHING;
 
 -- (Re)writes pgrelay.can_read() and pgrelay.can_join() from the configuration tables, so that the
 -- relay calls one plain SQL function that Postgres can inline, instead of looking policies up per row.
--- Both deny whatever has no rule.
+-- Both deny whatever has no rule. Policies are called by their schema-qualified names, so the
+-- result does not depend on anyone's search_path.
 CREATE OR REPLACE FUNCTION pgrelay.rebuild_dispatch() RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -185,32 +199,35 @@ DECLARE
     join_cases text := '';
     w record;
 BEGIN
-    FOR w IN SELECT name, policy FROM pgrelay.watches WHERE policy IS NOT NULL ORDER BY name LOOP
-        read_cases := read_cases || format(E'\n                WHEN tbl = %L THEN %s(user_id, claims, "row")',
-                                           w.name, w.policy::regproc);
+    FOR w IN SELECT name, pgrelay.qualified(policy) AS fn FROM pgrelay.watches WHERE policy IS NOT NULL ORDER BY name LOOP
+        read_cases := read_cases || format(E'\n    WHEN tbl = %L THEN %s(user_id, claims, "row")', w.name, w.fn);
     END LOOP;
-    FOR w IN SELECT kind, policy FROM pgrelay.join_rules ORDER BY kind LOOP
-        join_cases := join_cases || format(E'\n                WHEN starts_with(room, %L) THEN %s(user_id, claims, substr(room, %s))',
-                                           w.kind || ':', w.policy::regproc, length(w.kind) + 2);
+    FOR w IN SELECT kind, pgrelay.qualified(policy) AS fn FROM pgrelay.join_rules ORDER BY kind LOOP
+        join_cases := join_cases || format(E'\n    WHEN starts_with(room, %L) THEN %s(user_id, claims, substr(room, %s))',
+                                           w.kind || ':', w.fn, length(w.kind) + 2);
     END LOOP;
 
-    EXECUTE format($f$
-        CREATE OR REPLACE FUNCTION pgrelay.can_read(tbl text, user_id text, claims jsonb, "row" jsonb)
-        RETURNS boolean LANGUAGE sql STABLE AS $body$
-            SELECT coalesce(CASE WHEN tbl IS NULL THEN false%s
-                ELSE false END, false)
-        $body$ $f$, read_cases);
-    EXECUTE format($f$
-        CREATE OR REPLACE FUNCTION pgrelay.can_join(user_id text, claims jsonb, room text)
-        RETURNS boolean LANGUAGE sql STABLE AS $body$
-            SELECT coalesce(CASE WHEN room IS NULL THEN false%s
-                ELSE false END, false)
-        $body$ $f$, join_cases);
+    EXECUTE format(
+        'CREATE OR REPLACE FUNCTION pgrelay.can_read(tbl text, user_id text, claims jsonb, "row" jsonb) '
+        'RETURNS boolean LANGUAGE sql STABLE AS %L',
+        format(E'SELECT coalesce(CASE WHEN tbl IS NULL THEN false%s\n    ELSE false END, false)', read_cases));
+    EXECUTE format(
+        'CREATE OR REPLACE FUNCTION pgrelay.can_join(user_id text, claims jsonb, room text) '
+        'RETURNS boolean LANGUAGE sql STABLE AS %L',
+        format(E'SELECT coalesce(CASE WHEN room IS NULL THEN false%s\n    ELSE false END, false)', join_cases));
     COMMENT ON FUNCTION pgrelay.can_read(text, text, jsonb, jsonb) IS
         'Generated by pgrelay.rebuild_dispatch(): may user_id read this row of table tbl?';
     COMMENT ON FUNCTION pgrelay.can_join(text, jsonb, text) IS
         'Generated by pgrelay.rebuild_dispatch(): may user_id join this room?';
 END $$;
+
+-- A function's name as schema.name, quoted as needed.
+CREATE OR REPLACE FUNCTION pgrelay.qualified(fn regprocedure) RETURNS text
+LANGUAGE sql STABLE AS $$
+    SELECT format('%I.%I', n.nspname, p.proname)
+    FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+    WHERE p.oid = fn
+$$;
 
 -- Register who may join rooms of a kind: pgrelay.allow_join('project', 'can_join_project').
 -- The policy is called as policy(user_id text, claims jsonb, key text), key being the part after
@@ -279,15 +296,18 @@ END $$;
 --               An UPDATE goes to the rooms of the new row and of the old one (a task moved between
 --               projects reaches both project rooms).
 --   policy      who may read a row: fn(user_id text, claims jsonb, row jsonb) RETURNS boolean.
---               Without one nobody receives the table's changes.
+--               Without one nobody receives the table's changes. It sees every column, including
+--               excluded ones.
 --   entity      singular name for event names (default: the table name without its plural 's'):
 --               'task' gives task_created, task_updated, task_deleted.
---   exclude     columns never shipped (e.g. password_hash); include = the only columns shipped.
+--   exclude     columns never shipped to clients (e.g. password_hash); include = the only columns
+--               shipped. They are still recorded in the outbox, for the policy, until retention
+--               removes them.
 --   old_values  record the previous values of changed columns on UPDATE (needed to tell users who
 --               could see the old version but not the new one that the row left their view).
 --
--- Calling it again replaces the table's settings. It takes a brief lock on the table to create the
--- triggers, like any CREATE TRIGGER.
+-- Calling it again replaces the table's settings. Creating the triggers takes a brief lock on the
+-- table, like any CREATE TRIGGER; calling it again with the triggers in place takes none.
 CREATE OR REPLACE FUNCTION pgrelay.watch(
     tbl        regclass,
     rooms      text[],
@@ -302,20 +322,12 @@ DECLARE
     rel        pg_class;
     nsp        text;
     shown_name text;
-    fn_name    text;
-    pk_join    text;
-    payload_n  text;
-    payload_o  text;
-    rooms_n    text;
-    rooms_o    text;
-    rooms_no   text;
-    dropped    text[];
+    hidden     text[];
     fn         regprocedure;
 BEGIN
     SELECT * INTO rel FROM pg_class WHERE oid = tbl;
     nsp := rel.relnamespace::regnamespace::text;
     shown_name := CASE WHEN nsp = 'public' THEN rel.relname ELSE nsp || '.' || rel.relname END;
-    fn_name := format('%I', 'capture_' || replace(shown_name, '.', '_'));
     IF policy IS NOT NULL THEN
         fn := pgrelay.check_policy(policy, 'jsonb');
     ELSE
@@ -324,102 +336,134 @@ BEGIN
     IF coalesce(array_length(rooms, 1), 0) = 0 THEN
         RAISE EXCEPTION 'pgrelay.watch(%): at least one room template is required', shown_name;
     END IF;
-
-    -- Rows of an UPDATE are paired old-with-new by primary key.
-    SELECT string_agg(format('n.%1$I = o.%1$I', a.attname), ' AND ') INTO pk_join
-    FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
-    WHERE i.indrelid = tbl AND i.indisprimary;
-    IF pk_join IS NULL THEN
-        RAISE EXCEPTION 'pgrelay.watch(%): the table needs a primary key', shown_name;
-    END IF;
+    -- Validate the templates now rather than at the first write.
+    PERFORM pgrelay.room_expression(tbl, t, 'n') FROM unnest(rooms) AS t;
 
     -- Columns left out of payloads: the excluded ones, or all but the included ones.
-    SELECT coalesce(array_agg(attname::text ORDER BY attnum), '{}') INTO dropped
+    SELECT coalesce(array_agg(attname::text ORDER BY attnum), '{}') INTO hidden
     FROM pg_attribute
     WHERE attrelid = tbl AND attnum > 0 AND NOT attisdropped
       AND (attname = ANY (exclude) OR (include IS NOT NULL AND NOT attname = ANY (include)));
-    payload_n := 'to_jsonb(n)' || CASE WHEN dropped = '{}' THEN '' ELSE format(' - %L::text[]', dropped) END;
-    payload_o := 'to_jsonb(o)' || CASE WHEN dropped = '{}' THEN '' ELSE format(' - %L::text[]', dropped) END;
-
-    SELECT string_agg(pgrelay.room_expression(tbl, t, 'n'), ', ') INTO rooms_n FROM unnest(rooms) AS t;
-    SELECT string_agg(pgrelay.room_expression(tbl, t, 'o'), ', ') INTO rooms_o FROM unnest(rooms) AS t;
-    rooms_no := rooms_n || ', ' || rooms_o;
 
     INSERT INTO pgrelay.watches AS w (tbl, name, entity, rooms, policy, exclude, old_values)
     VALUES (tbl, shown_name, coalesce(entity, regexp_replace(rel.relname, 's$', '')), rooms, fn,
-            dropped, old_values)
+            hidden, old_values)
     ON CONFLICT ON CONSTRAINT watches_pkey DO UPDATE
         SET name = excluded.name, entity = excluded.entity, rooms = excluded.rooms,
             policy = excluded.policy, exclude = excluded.exclude, old_values = excluded.old_values;
 
-    -- The capture function is generated for this table so that it runs static, pre-planned SQL:
-    -- one INSERT ... SELECT per statement, whatever the number of rows. Read it with \sf.
-    EXECUTE format($f$
-        CREATE OR REPLACE FUNCTION pgrelay.%1$s() RETURNS trigger
-        LANGUAGE plpgsql AS $body$
-        -- Generated by pgrelay.watch(%2$L); do not edit, call pgrelay.watch() again instead.
-        DECLARE
-            captured bigint;
-        BEGIN
-            IF TG_OP = 'INSERT' THEN
-                INSERT INTO pgrelay.changes (gen, tbl, entity, op, rooms, "row")
-                SELECT (SELECT last_value %% 3 FROM pgrelay.generation), %2$L, %3$L, 'INSERT',
-                       pgrelay.room_list(ARRAY[%4$s]), %6$s
-                FROM new_rows AS n;
-            ELSIF TG_OP = 'UPDATE' THEN
-                INSERT INTO pgrelay.changes (gen, tbl, entity, op, rooms, "row", old)
-                SELECT (SELECT last_value %% 3 FROM pgrelay.generation), %2$L, %3$L, 'UPDATE',
-                       pgrelay.room_list(ARRAY[%5$s]), v.new_row,
-                       %9$s
-                FROM new_rows AS n
-                JOIN old_rows AS o ON %8$s
-                CROSS JOIN LATERAL (SELECT %6$s AS new_row, %7$s AS old_row) AS v
-                WHERE v.new_row IS DISTINCT FROM v.old_row;
-            ELSE
-                INSERT INTO pgrelay.changes (gen, tbl, entity, op, rooms, "row")
-                SELECT (SELECT last_value %% 3 FROM pgrelay.generation), %2$L, %3$L, 'DELETE',
-                       pgrelay.room_list(ARRAY[%10$s]), %7$s
-                FROM old_rows AS o;
-            END IF;
-            GET DIAGNOSTICS captured = ROW_COUNT;
-            IF captured > 0 THEN
-                -- A wake-up, not the record: one per transaction (Postgres folds duplicates).
-                PERFORM pg_notify('pgrelay', '');
-            END IF;
-            RETURN NULL;
-        END $body$ $f$,
-        fn_name, shown_name, coalesce(entity, regexp_replace(rel.relname, 's$', '')),
-        rooms_n, rooms_no, payload_n, payload_o, pk_join,
-        CASE WHEN old_values THEN 'pgrelay.changed_values(v.old_row, v.new_row)' ELSE 'NULL' END,
-        rooms_o);
+    PERFORM pgrelay.install_capture(tbl);
+    PERFORM pgrelay.rebuild_dispatch();
+END $$;
+
+-- Generates the table's capture function from its pgrelay.watches row and makes sure its three
+-- triggers exist. The function runs static, pre-planned SQL: one INSERT ... SELECT per statement,
+-- whatever the number of rows. It runs with the rights of whoever called watch() (SECURITY
+-- DEFINER), so application roles need no privileges on schema pgrelay and cannot forge changes.
+-- Read it with \sf pgrelay.capture_<table oid>.
+CREATE OR REPLACE FUNCTION pgrelay.install_capture(tbl regclass) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    w         pgrelay.watches;
+    fn_name   text := 'capture_' || tbl::oid;
+    pk        text;
+    pk_join   text;
+    rooms_n   text;
+    rooms_o   text;
+    hide      text;
+    old_expr  text;
+    body      text;
+    op        text;
+BEGIN
+    SELECT * INTO w FROM pgrelay.watches AS x WHERE x.tbl = install_capture.tbl;
+
+    -- Rows of an UPDATE are paired old-with-new by primary key. A row whose key changed has no
+    -- partner: it is recorded as the old row deleted and the new row created.
+    SELECT string_agg(format('n.%1$I = o.%1$I', a.attname), ' AND '), min(format('%I', a.attname))
+      INTO pk_join, pk
+    FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+    WHERE i.indrelid = tbl AND i.indisprimary;
+    IF pk_join IS NULL THEN
+        RAISE EXCEPTION 'pgrelay.watch(%): the table needs a primary key', w.name;
+    END IF;
+
+    SELECT string_agg(pgrelay.room_expression(tbl, t, 'n'), ', ') INTO rooms_n FROM unnest(w.rooms) AS t;
+    SELECT string_agg(pgrelay.room_expression(tbl, t, 'o'), ', ') INTO rooms_o FROM unnest(w.rooms) AS t;
+    hide := CASE WHEN w.exclude = '{}' THEN 'NULL' ELSE format('%L::text[]', w.exclude) END;
+    old_expr := CASE WHEN w.old_values THEN 'pgrelay.changed_values(v.old_row, v.new_row)' ELSE 'NULL' END;
+
+    body := format($f$
+DECLARE
+    captured bigint;
+BEGIN
+    -- Generated by pgrelay.watch(); call pgrelay.watch() again to change it.
+    IF TG_OP = 'INSERT' THEN
+        INSERT INTO pgrelay.changes (gen, tbl, entity, op, rooms, "row", hide)
+        SELECT (SELECT last_value %% 3 FROM pgrelay.generation), %1$L, %2$L, 'INSERT',
+               pgrelay.room_list(ARRAY[%3$s]), to_jsonb(n), %5$s
+        FROM new_rows AS n;
+    ELSIF TG_OP = 'UPDATE' THEN
+        INSERT INTO pgrelay.changes (gen, tbl, entity, op, rooms, "row", old, hide)
+        SELECT (SELECT last_value %% 3 FROM pgrelay.generation), %1$L, %2$L,
+               CASE WHEN o.%7$s IS NULL THEN 'INSERT' WHEN n.%7$s IS NULL THEN 'DELETE' ELSE 'UPDATE' END,
+               pgrelay.room_list(ARRAY[%3$s, %4$s]),
+               coalesce(v.new_row, v.old_row),
+               CASE WHEN v.new_row IS NOT NULL AND v.old_row IS NOT NULL THEN %6$s END,
+               %5$s
+        FROM new_rows AS n
+        FULL JOIN old_rows AS o ON %8$s
+        CROSS JOIN LATERAL (
+            SELECT CASE WHEN n.%7$s IS NOT NULL THEN to_jsonb(n) END AS new_row,
+                   CASE WHEN o.%7$s IS NOT NULL THEN to_jsonb(o) END AS old_row
+        ) AS v
+        WHERE v.new_row IS DISTINCT FROM v.old_row;
+    ELSE
+        INSERT INTO pgrelay.changes (gen, tbl, entity, op, rooms, "row", hide)
+        SELECT (SELECT last_value %% 3 FROM pgrelay.generation), %1$L, %2$L, 'DELETE',
+               pgrelay.room_list(ARRAY[%4$s]), to_jsonb(o), %5$s
+        FROM old_rows AS o;
+    END IF;
+    GET DIAGNOSTICS captured = ROW_COUNT;
+    IF captured > 0 THEN
+        -- A wake-up, not the record: one per transaction (Postgres folds duplicates).
+        PERFORM pg_notify('pgrelay', '');
+    END IF;
+    RETURN NULL;
+END
+$f$, w.name, w.entity, rooms_n, rooms_o, hide, old_expr, pk, pk_join);
+
+    EXECUTE format('CREATE OR REPLACE FUNCTION pgrelay.%I() RETURNS trigger LANGUAGE plpgsql '
+                   'SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS %L', fn_name, body);
+    EXECUTE format('COMMENT ON FUNCTION pgrelay.%I() IS %L', fn_name,
+                   'pgrelay capture of ' || w.name || ', generated by pgrelay.watch()');
+    EXECUTE format('REVOKE ALL ON FUNCTION pgrelay.%I() FROM PUBLIC', fn_name);
 
     -- Statement-level triggers with transition tables: one invocation per statement.
-    EXECUTE format('DROP TRIGGER IF EXISTS pgrelay_capture_insert ON %s', tbl);
-    EXECUTE format('DROP TRIGGER IF EXISTS pgrelay_capture_update ON %s', tbl);
-    EXECUTE format('DROP TRIGGER IF EXISTS pgrelay_capture_delete ON %s', tbl);
-    EXECUTE format('CREATE TRIGGER pgrelay_capture_insert AFTER INSERT ON %s REFERENCING NEW TABLE AS new_rows '
-                   'FOR EACH STATEMENT EXECUTE FUNCTION pgrelay.%s()', tbl, fn_name);
-    EXECUTE format('CREATE TRIGGER pgrelay_capture_update AFTER UPDATE ON %s REFERENCING OLD TABLE AS old_rows '
-                   'NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION pgrelay.%s()', tbl, fn_name);
-    EXECUTE format('CREATE TRIGGER pgrelay_capture_delete AFTER DELETE ON %s REFERENCING OLD TABLE AS old_rows '
-                   'FOR EACH STATEMENT EXECUTE FUNCTION pgrelay.%s()', tbl, fn_name);
-
-    PERFORM pgrelay.rebuild_dispatch();
+    FOREACH op IN ARRAY ARRAY['insert', 'update', 'delete'] LOOP
+        IF NOT EXISTS (SELECT FROM pg_trigger
+                       WHERE tgrelid = tbl AND tgname = 'pgrelay_capture_' || op
+                         AND tgfoid = format('pgrelay.%I()', fn_name)::regprocedure) THEN
+            EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', 'pgrelay_capture_' || op, tbl);
+            EXECUTE format('CREATE TRIGGER %I AFTER %s ON %s REFERENCING %s FOR EACH STATEMENT '
+                           'EXECUTE FUNCTION pgrelay.%I()',
+                           'pgrelay_capture_' || op, upper(op), tbl,
+                           CASE op WHEN 'insert' THEN 'NEW TABLE AS new_rows'
+                                   WHEN 'update' THEN 'OLD TABLE AS old_rows NEW TABLE AS new_rows'
+                                   ELSE 'OLD TABLE AS old_rows' END,
+                           fn_name);
+        END IF;
+    END LOOP;
 END $$;
 
 -- Stop capturing a table's changes. Changes already in the outbox are still delivered.
 CREATE OR REPLACE FUNCTION pgrelay.unwatch(tbl regclass) RETURNS void
 LANGUAGE plpgsql AS $$
-DECLARE
-    shown_name text;
 BEGIN
-    DELETE FROM pgrelay.watches w WHERE w.tbl = unwatch.tbl RETURNING name INTO shown_name;
+    DELETE FROM pgrelay.watches w WHERE w.tbl = unwatch.tbl;
     EXECUTE format('DROP TRIGGER IF EXISTS pgrelay_capture_insert ON %s', tbl);
     EXECUTE format('DROP TRIGGER IF EXISTS pgrelay_capture_update ON %s', tbl);
     EXECUTE format('DROP TRIGGER IF EXISTS pgrelay_capture_delete ON %s', tbl);
-    IF shown_name IS NOT NULL THEN
-        EXECUTE format('DROP FUNCTION IF EXISTS pgrelay.%I()', 'capture_' || replace(shown_name, '.', '_'));
-    END IF;
+    EXECUTE format('DROP FUNCTION IF EXISTS pgrelay.%I()', 'capture_' || tbl::oid);
     PERFORM pgrelay.rebuild_dispatch();
 END $$;
 
@@ -519,4 +563,22 @@ LANGUAGE sql STABLE AS $$
        AND pg_snapshot_xmax(seen) <= pg_snapshot_xmax(pg_current_snapshot())
 $$;
 
+-- ---------------------------------------------------------------------------------------------
+-- Finish the install
+-- ---------------------------------------------------------------------------------------------
+
+-- Regenerate every capture function, so an upgraded library takes effect on tables watched before.
+DO $$
+DECLARE
+    t regclass;
+BEGIN
+    FOR t IN SELECT tbl FROM pgrelay.watches LOOP
+        PERFORM pgrelay.install_capture(t);
+    END LOOP;
+END $$;
+
 SELECT pgrelay.rebuild_dispatch();
+
+-- Nothing in pgrelay is for application roles: the capture triggers write with their owner's
+-- rights. Grant the relay's role what it needs (see docs/dba.md); nobody else gets anything.
+REVOKE ALL ON SCHEMA pgrelay FROM PUBLIC;

@@ -32,15 +32,18 @@ pub struct Verdict {
     pub sees_new: bool,
     /// UPDATE: could read the row as it was before.
     pub sees_old: bool,
+    /// UPDATE: the change recorded old values, so `sees_old` was actually evaluated.
+    pub knows_old: bool,
 }
 
 const READERS: &str = r#"
-SELECT change_ix, principal_ix, sees_new, sees_old
+SELECT change_ix, principal_ix, sees_new, sees_old, knows_old
 FROM (
     SELECT p.change_ix, p.principal_ix,
            pgrelay.can_read(c.tbl, u.user_id, u.claims, c."row") AS sees_new,
            (c.op = 'UPDATE' AND c.old IS NOT NULL AND c.old <> '{}'
-            AND pgrelay.can_read(c.tbl, u.user_id, u.claims, c."row" || c.old)) AS sees_old
+            AND pgrelay.can_read(c.tbl, u.user_id, u.claims, c."row" || c.old)) AS sees_old,
+           (c.op = 'UPDATE' AND c.old IS NOT NULL AND c.old <> '{}') AS knows_old
     FROM unnest($1::int4[], $2::int4[]) AS p(change_ix, principal_ix)
     JOIN unnest($3::int8[]) WITH ORDINALITY AS ch(change_id, ix) ON ch.ix = p.change_ix
     JOIN pgrelay.changes AS c ON c.id = ch.change_id
@@ -122,6 +125,7 @@ impl Authorizer {
                     principal: (row.try_get::<_, i32>(1)? - 1) as u32,
                     sees_new: row.try_get::<_, Option<bool>>(2)?.unwrap_or(false),
                     sees_old: row.try_get::<_, Option<bool>>(3)?.unwrap_or(false),
+                    knows_old: row.try_get::<_, Option<bool>>(4)?.unwrap_or(false),
                 })
             })
             .collect()

@@ -38,10 +38,9 @@ pub enum Visibility {
 }
 
 impl Visibility {
-    pub fn of(change: &Change, verdict: &Verdict) -> Option<Visibility> {
-        let recorded_old = change.old.as_ref().is_some_and(|old| old.get() != "{}");
+    pub fn of(verdict: &Verdict) -> Option<Visibility> {
         match (verdict.sees_new, verdict.sees_old) {
-            (true, false) if change.op == Op::Update && recorded_old => Some(Visibility::Appeared),
+            (true, false) if verdict.knows_old => Some(Visibility::Appeared),
             (true, _) => Some(Visibility::AsIs),
             (false, true) => Some(Visibility::Vanished),
             (false, false) => None,
@@ -96,9 +95,7 @@ pub async fn deliver(
     let verdicts = authorizer.readers(changes, &principals, &pairs).await?;
     let visible: HashMap<(u32, u32), Visibility> = verdicts
         .iter()
-        .filter_map(|v| {
-            Visibility::of(&changes[v.change as usize], v).map(|vis| ((v.change, v.principal), vis))
-        })
+        .filter_map(|v| Visibility::of(v).map(|vis| ((v.change, v.principal), vis)))
         .collect();
     metrics
         .deliveries_denied

@@ -145,8 +145,7 @@ impl Replay {
                 .await?;
             let mut visible: Vec<Option<Visibility>> = vec![None; chunk.len()];
             for verdict in &verdicts {
-                visible[verdict.change as usize] =
-                    Visibility::of(&chunk[verdict.change as usize], verdict);
+                visible[verdict.change as usize] = Visibility::of(verdict);
             }
             for (change, visibility) in chunk.iter().zip(visible) {
                 let Some(visibility) = visibility else {

@@ -274,7 +274,8 @@ async fn a_statement_is_captured_by_one_trigger_call_whatever_its_row_count() {
     .expect("update");
     let calls: i64 = tx
         .query_one(
-            "SELECT calls FROM pg_stat_xact_user_functions WHERE funcname = 'capture_tasks'",
+            "SELECT calls FROM pg_stat_xact_user_functions
+             WHERE funcid = format('pgrelay.capture_%s()', 'tasks'::regclass::oid)::regprocedure",
             &[],
         )
         .await
@@ -294,4 +295,122 @@ async fn a_statement_is_captured_by_one_trigger_call_whatever_its_row_count() {
         "statement-level trigger: one call for the whole statement"
     );
     assert_eq!(captured, 503, "one change per row (500 + the 3 demo tasks)");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_key_change_is_a_deletion_and_a_creation() {
+    let relay = TestRelay::start().await;
+    let mut bob = relay.client("u2").await;
+    bob.join("user:u2").await;
+    relay
+        .sql("UPDATE project_members SET project_id = 2 WHERE project_id = 1 AND user_id = 'u2'")
+        .await;
+    let mut seen: Vec<(String, i64)> = Vec::new();
+    for _ in 0..2 {
+        let e = bob.recv_event().await;
+        seen.push((
+            e["event"].as_str().unwrap_or_default().to_owned(),
+            e["row"]["project_id"].as_i64().unwrap_or(0),
+        ));
+    }
+    seen.sort();
+    assert_eq!(
+        seen,
+        [
+            ("project_member_created".to_owned(), 2),
+            ("project_member_deleted".to_owned(), 1)
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn excluded_columns_are_never_shipped_but_policies_still_see_them() {
+    let relay = TestRelay::start().await;
+    relay
+        .sql(
+            "CREATE TABLE notes (id int PRIMARY KEY, owner text, visibility text, body text);
+             CREATE FUNCTION can_read_note(u text, c jsonb, r jsonb) RETURNS boolean LANGUAGE sql
+                 AS $$ SELECT r->>'visibility' = 'public' OR r->>'owner' = u $$;
+             SELECT pgrelay.watch('notes', ARRAY['board:1'], 'can_read_note', exclude => ARRAY['visibility']);
+             CREATE FUNCTION can_join_board(u text, c jsonb, k text) RETURNS boolean LANGUAGE sql AS 'SELECT true';
+             SELECT pgrelay.allow_join('board', 'can_join_board');",
+        )
+        .await;
+    let mut bob = relay.client("u2").await;
+    bob.join("board:1").await;
+    relay
+        .sql(
+            "INSERT INTO notes VALUES (1, 'u1', 'private', 'hidden'), (2, 'u1', 'public', 'shown')",
+        )
+        .await;
+    let event = bob.recv_event().await;
+    assert_eq!(
+        event["row"],
+        serde_json::json!({"id": 2, "owner": "u1", "body": "shown"})
+    );
+    // Making note 1 public changes only an excluded column: bob still learns the note appeared.
+    relay
+        .sql("UPDATE notes SET visibility = 'public' WHERE id = 1")
+        .await;
+    let event = bob.recv_event().await;
+    assert_eq!(
+        (event["event"].as_str(), event["row"]["body"].as_str()),
+        (Some("note_created"), Some("hidden"))
+    );
+    assert!(event["row"].get("visibility").is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capture_works_for_unprivileged_roles_other_schemas_and_look_alike_names() {
+    let relay = TestRelay::start().await;
+    let role = format!("app_{}", std::process::id());
+    relay
+        .sql(&format!(
+            "CREATE SCHEMA a;
+             CREATE TABLE a.b (id int PRIMARY KEY, owner text);
+             CREATE TABLE public.a_b (id int PRIMARY KEY, owner text);
+             CREATE FUNCTION a.can_read_b(u text, c jsonb, r jsonb) RETURNS boolean LANGUAGE sql
+                 AS $$ SELECT r->>'owner' = u $$;
+             SET search_path = a, public;
+             SELECT pgrelay.watch('a.b', ARRAY['user:{{owner}}'], 'can_read_b');
+             RESET search_path;
+             SELECT pgrelay.watch('public.a_b', ARRAY['user:{{owner}}'], 'a.can_read_b', entity => 'ab');
+             DO $$ BEGIN
+                 IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{role}') THEN CREATE ROLE {role}; END IF;
+             END $$;
+             GRANT USAGE ON SCHEMA a TO {role};
+             GRANT ALL ON a.b, public.a_b, tasks TO {role};"
+        ))
+        .await;
+    let mut alice = relay.client("u1").await;
+    alice.join("user:u1").await;
+    // The application's role has no rights on schema pgrelay, yet its writes are captured.
+    relay
+        .sql(&format!(
+            "SET ROLE {role}; INSERT INTO a.b VALUES (1, 'u1'); INSERT INTO public.a_b VALUES (1, 'u1'); RESET ROLE;"
+        ))
+        .await;
+    let first = alice.recv_event().await;
+    let second = alice.recv_event().await;
+    assert_eq!(
+        (first["table"].as_str(), first["event"].as_str()),
+        (Some("a.b"), Some("b_created"))
+    );
+    assert_eq!(
+        (second["table"].as_str(), second["event"].as_str()),
+        (Some("a_b"), Some("ab_created"))
+    );
+    // ... but it cannot write the outbox directly (forging events).
+    let forged = relay
+        .db
+        .batch_execute(&format!(
+            "SET ROLE {role}; INSERT INTO pgrelay.changes (gen, tbl, entity, op, rooms, \"row\")
+             VALUES (0, 'tasks', 'task', 'INSERT', '{{user:u1}}', '{{}}')"
+        ))
+        .await;
+    relay.sql("RESET ROLE").await;
+    assert!(
+        forged.is_err(),
+        "application roles must not write the outbox"
+    );
 }
