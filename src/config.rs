@@ -11,6 +11,8 @@ pub struct RelayConfig {
     pub verifier: Verifier,
     /// Read the outbox at least this often, notifications or not (a safety net for a lost wake-up).
     pub poll_interval: Duration,
+    /// How often to run outbox retention (`pgrelay.maintain()`).
+    pub maintenance_interval: Duration,
     pub pool_size: usize,
     pub limits: Limits,
 }
@@ -47,6 +49,7 @@ impl RelayConfig {
             bind: SocketAddr::from(([127, 0, 0, 1], 8080)),
             verifier,
             poll_interval: Duration::from_secs(1),
+            maintenance_interval: Duration::from_secs(10),
             pool_size: 16,
             limits: Limits::default(),
         }

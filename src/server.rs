@@ -23,7 +23,7 @@ use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
 
 use crate::authorize::Authorizer;
-use crate::capture::{listener, reader::Reader};
+use crate::capture::{listener, reader::Reader, retention};
 use crate::config::{Limits, RelayConfig};
 use crate::jwt::Verifier;
 use crate::metrics::Metrics;
@@ -75,6 +75,7 @@ impl Relay {
             .context("building the connection pool")?;
 
         let shutdown = CancellationToken::new();
+        let retention_pool = pool.clone();
         let metrics = Arc::new(Metrics::default());
         let wake = Arc::new(Notify::new());
         let state = AppState {
@@ -115,6 +116,11 @@ impl Relay {
             shutdown.clone(),
         )));
         tasks.push(tokio::spawn(reader.run(shutdown.clone())));
+        tasks.push(tokio::spawn(retention::run(
+            retention_pool,
+            config.maintenance_interval,
+            shutdown.clone(),
+        )));
         let graceful = shutdown.clone();
         tasks.push(tokio::spawn(async move {
             let served = axum::serve(listener, app)

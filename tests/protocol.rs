@@ -275,9 +275,11 @@ async fn a_client_that_stops_reading_is_closed_with_4008_and_others_carry_on() {
     let mut reader = relay.client("u2").await;
     reader.join("project:1").await;
 
-    // ~40 MB of events: more than the socket buffers can absorb, so the stalled queue overflows.
+    // Large events until the stalled client's queue overflows (the socket buffers absorb the first
+    // few megabytes); the reader keeps up throughout.
     let big = "x".repeat(200_000);
-    for i in 0..200 {
+    for i in 0.. {
+        assert!(i < 400, "the stalled client was never closed");
         relay
             .db
             .execute(
@@ -290,10 +292,53 @@ async fn a_client_that_stops_reading_is_closed_with_4008_and_others_carry_on() {
         assert!(event["row"]["description"]
             .as_str()
             .is_some_and(|d| d.ends_with(&i.to_string())));
+        // The relay gives up on the stalled client without waiting for it to read anything.
+        if relay.metric("slow_consumer_disconnects_total").await >= 1 {
+            break;
+        }
     }
-    // The stalled client finds, after what the socket held, the 4008 close.
+    // ... and the client, reading now, finds the 4008 close after what the socket held.
     assert_eq!(stalled.closed().await, close_code(4008));
-    assert!(relay.metric("slow_consumer_disconnects_total").await >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_is_still_closed_when_its_token_expires() {
+    let relay = TestRelay::start().await;
+    let short = pgrelay::jwt::mint(SECRET, "u1", Duration::from_secs(2), &Default::default())
+        .expect("token");
+    let mut stalled = WsClient::connect(&format!("{}?token={short}", relay.ws_url()))
+        .await
+        .expect("connect");
+    stalled
+        .send(json!({"type": "join", "room": "project:1"}))
+        .await;
+    // Fill the socket buffers so that writes to this client block.
+    let big = "x".repeat(100_000);
+    for i in 0..300 {
+        relay
+            .db
+            .execute(
+                "UPDATE tasks SET description = $1 || $2 WHERE id = 1",
+                &[&big, &i.to_string()],
+            )
+            .await
+            .expect("update");
+    }
+    // Expiry at 2 s, then at most 5 s for the close frame: the session is gone without a read.
+    wait_for_metric(&relay, "connections", |v| v == 0).await;
+}
+
+async fn wait_for_metric(relay: &TestRelay, name: &str, done: impl Fn(u64) -> bool) {
+    for _ in 0..300 {
+        if done(relay.metric(name).await) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!(
+        "metric {name} never reached the expected value (now {})",
+        relay.metric(name).await
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -40,7 +40,7 @@ pub async fn run(
         };
         metrics.listener_connected.set(0);
         match outcome {
-            // The connection lived: start over quickly.
+            // The connection was up, then lost: reconnect quickly.
             Ok(()) => backoff = MIN_BACKOFF,
             Err(err) => {
                 tracing::warn!(error = %err, "LISTEN connection failed; retrying in {backoff:?}")
@@ -55,7 +55,8 @@ pub async fn run(
     }
 }
 
-/// One connection's life: connect, LISTEN, forward notifications until it breaks.
+/// One connection's life: connect, LISTEN, forward notifications until it breaks. An error means
+/// it never got as far as listening.
 async fn listen_once(
     config: &tokio_postgres::Config,
     wake: &Arc<Notify>,
@@ -64,7 +65,7 @@ async fn listen_once(
     let (client, mut connection) = config.connect(NoTls).await?;
     // The connection object does the I/O and yields the notifications; it runs on its own task.
     let forward = wake.clone();
-    let io = tokio::spawn(async move {
+    let io: tokio::task::JoinHandle<anyhow::Result<()>> = tokio::spawn(async move {
         loop {
             match poll_fn(|cx| connection.poll_message(cx)).await {
                 Some(Ok(AsyncMessage::Notification(_))) => forward.notify_one(),
@@ -83,5 +84,8 @@ async fn listen_once(
 
     let ended = io.await;
     drop(client);
-    ended?
+    if let Ok(Err(err)) = ended {
+        tracing::warn!(error = %format!("{err:#}"), "LISTEN connection lost");
+    }
+    Ok(())
 }

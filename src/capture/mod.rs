@@ -3,9 +3,10 @@
 //! The triggers of `sql/pgrelay.sql` do the writing side inside the application's transactions.
 //! This module is the reading side: [`listener`] turns `NOTIFY` into wake-ups, [`reader`] reads
 //! [`outbox`] batches between two snapshots and hands them on, and [`position`] names a point in
-//! that stream so a client can come back to it.
+//! that stream so a client can come back to it. [`retention`] keeps the outbox from growing.
 
 pub mod listener;
 pub mod outbox;
 pub mod position;
 pub mod reader;
+pub mod retention;

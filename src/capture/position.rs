@@ -39,7 +39,13 @@ impl Snapshot {
     }
 
     fn parse(text: &str, sep: char, list_sep: char) -> Result<Snapshot, BadPosition> {
-        let number = |s: &str| -> Result<u64, BadPosition> { s.parse().map_err(|_| BadPosition) };
+        let number = |s: &str| -> Result<u64, BadPosition> {
+            // Digits only (no sign, no spaces): exactly what Postgres prints.
+            if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(BadPosition);
+            }
+            s.parse().map_err(|_| BadPosition)
+        };
         let parts: Vec<&str> = text.split(sep).collect();
         let [xmin, xmax, list] = parts.as_slice() else {
             return Err(BadPosition);
@@ -54,7 +60,7 @@ impl Snapshot {
         };
         let in_range = xip.iter().all(|&x| xmin <= x && x < xmax);
         let sorted = xip.windows(2).all(|w| w[0] < w[1]);
-        if xmin > xmax || !in_range || !sorted {
+        if xmin == 0 || xmin > xmax || !in_range || !sorted {
             return Err(BadPosition);
         }
         Ok(Snapshot { xmin, xmax, xip })
@@ -267,6 +273,9 @@ mod tests {
             "1.5.~2.6.",               // missing change id
             "18446744073709551616.1.", // overflow
             "1.5.~2.6.~3~4",
+            "0.0.",  // Postgres rejects xmin 0
+            "+1.2.", // signs are not Postgres' output
+            "1. 2.",
         ] {
             assert_eq!(text.parse::<Position>(), Err(BadPosition), "{text:?}");
         }

@@ -1,7 +1,7 @@
 //! The reader: one task that turns wake-ups into delivered batches.
 //!
-//! It keeps a single cursor, a [`Position`]: either a snapshot (every change visible in it has been
-//! delivered) or a point inside a batch. On every wake-up, and at least every poll interval, it
+//! It keeps a single cursor: a snapshot (every change visible in it has been delivered) and, while
+//! a batch is in progress, the batch's end and how far into it delivery got. On every wake-up, and at least every poll interval, it
 //! reads the next batch and hands it to the fan-out chunk by chunk, advancing the cursor after
 //! each chunk. When anything fails (the database restarted, a connection broke), it waits and
 //! resumes from the cursor: a batch interrupted half-way is read again between the same two
@@ -15,7 +15,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::outbox::{self, Batch};
-use super::position::Position;
+use super::position::Snapshot;
 use crate::authorize::Authorizer;
 use crate::fanout::{self, BatchRef};
 use crate::metrics::Metrics;
@@ -89,28 +89,21 @@ impl Reader {
 
     /// Starts at the database's current snapshot: a new relay delivers what commits from now on
     /// (clients that were away resume with their own positions).
-    async fn start(&self) -> anyhow::Result<Position> {
+    async fn start(&self) -> anyhow::Result<Cursor> {
         let client = self.pool.get().await?;
         let snapshot = outbox::current_snapshot(&client).await?;
         tracing::info!(position = %snapshot, "reading changes");
         self.hub.start_at(snapshot.clone());
-        Ok(Position::At(snapshot))
+        Ok(Cursor::at(snapshot))
     }
 
     /// Reads and delivers everything committed since the cursor.
-    async fn read(&self, cursor: &mut Position) -> anyhow::Result<()> {
+    async fn read(&self, cursor: &mut Cursor) -> anyhow::Result<()> {
         let client = self.pool.get().await?;
-        let (mut batch, mut skip_through) = match &*cursor {
-            Position::At(since) => (Batch::read(&client, since, None, None).await?, None),
-            Position::Within {
-                since,
-                upto,
-                change_id,
-            } => (
-                Batch::read(&client, since, Some(upto), None).await?,
-                Some(*change_id),
-            ),
-        };
+        let mut batch = Batch::read(&client, &cursor.since, cursor.upto.as_ref(), None).await?;
+        // From here on a retry reads this same batch, so members that join meanwhile (whose
+        // position is its end) keep skipping it.
+        cursor.upto = Some(batch.upto.clone());
         let number = self.hub.begin_batch(&batch.upto);
         loop {
             let mut chunk = batch.next_chunk(CHUNK).await?;
@@ -118,15 +111,9 @@ impl Reader {
                 break;
             }
             self.metrics.changes_read.add(chunk.len() as u64);
-            if let Some(done) = skip_through {
+            if let Some(done) = cursor.delivered_through {
                 // Retrying an interrupted batch: drop what was delivered before.
-                match chunk.iter().position(|c| c.id == done) {
-                    Some(last) => {
-                        chunk.drain(..=last);
-                        skip_through = None;
-                    }
-                    None => chunk.clear(),
-                }
+                chunk.retain(|c| (c.txn_last, c.id) > done);
                 if chunk.is_empty() {
                     continue;
                 }
@@ -137,18 +124,30 @@ impl Reader {
                 upto: &batch.upto,
             };
             fanout::deliver(&self.hub, &self.authorizer, &self.metrics, &at, &chunk).await?;
-            if let Some(last) = chunk.last() {
-                *cursor = Position::Within {
-                    since: batch.since.clone(),
-                    upto: batch.upto.clone(),
-                    change_id: last.id,
-                };
-            }
+            cursor.delivered_through = chunk.last().map(|c| (c.txn_last, c.id));
         }
         self.metrics.batches_read.inc();
         self.hub.end_batch(batch.upto.clone());
-        *cursor = Position::At(batch.upto);
+        *cursor = Cursor::at(batch.upto);
         Ok(())
+    }
+}
+
+/// Where the reader is: everything visible in `since` is delivered; when `upto` is set, the batch
+/// `since → upto` is being delivered, up to the commit-order key `delivered_through`.
+struct Cursor {
+    since: Snapshot,
+    upto: Option<Snapshot>,
+    delivered_through: Option<(i64, i64)>,
+}
+
+impl Cursor {
+    fn at(since: Snapshot) -> Cursor {
+        Cursor {
+            since,
+            upto: None,
+            delivered_through: None,
+        }
     }
 }
 

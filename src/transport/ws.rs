@@ -17,6 +17,7 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgr
 use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
+use futures_util::stream::SplitSink;
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use tokio::time::Instant;
@@ -114,62 +115,60 @@ impl Session {
         app.metrics.connections.dec();
     }
 
-    async fn serve(&mut self, mut socket: WebSocket, mut queue: ClientQueue) {
+    /// Reads client messages until something ends the session. Frames are written by a task of
+    /// their own, so a client that stops reading (its TCP window full, a write stuck) cannot keep
+    /// this loop from noticing its token expiring, the relay shutting down, or a close request.
+    async fn serve(&mut self, socket: WebSocket, queue: ClientQueue) {
+        let (sink, mut stream) = socket.split();
+        let mut close = queue.close.clone();
+        let mut writer = tokio::spawn(write_frames(sink, queue, self.client.clone()));
         let shutdown = self.app.shutdown.clone();
         let request = loop {
             tokio::select! {
                 biased;
-                () = shutdown.cancelled() => break CloseRequest { code: close::GOING_AWAY, reason: "relay shutting down" },
-                Ok(()) = queue.close.changed() => {
-                    match *queue.close.borrow() {
-                        Some(request) => break request,
-                        None => continue,
+                () = shutdown.cancelled() => break Some(CloseRequest { code: close::GOING_AWAY, reason: "relay shutting down" }),
+                Ok(()) = close.changed() => {
+                    if let Some(request) = *close.borrow() {
+                        break Some(request);
                     }
                 }
-                Some(frame) = queue.frames.recv() => {
-                    if write_queued(&mut socket, &self.client, &mut queue, frame).await.is_err() {
-                        return;
-                    }
-                }
-                incoming = socket.next() => {
-                    let flow = match incoming {
-                        None => return,
-                        Some(Ok(message)) => self.on_message(message).await,
-                        Some(Err(err)) if is_too_big(&err) => {
-                            Flow::Close(CloseRequest { code: close::MESSAGE_TOO_BIG, reason: "message too big" })
+                _ = &mut writer => break None, // the socket failed
+                incoming = stream.next() => match incoming {
+                    None => break None,
+                    Some(Ok(message)) => {
+                        if let Flow::Close(request) = self.on_message(message).await {
+                            break Some(request);
                         }
-                        Some(Err(err)) => {
-                            tracing::debug!(error = %format!("{err:#}"), "websocket read failed");
-                            return;
-                        }
-                    };
-                    if let Flow::Close(request) = flow {
-                        break request;
                     }
-                }
+                    Some(Err(err)) if is_too_big(&err) => {
+                        break Some(CloseRequest { code: close::MESSAGE_TOO_BIG, reason: "message too big" });
+                    }
+                    Some(Err(err)) => {
+                        tracing::debug!(error = %format!("{err:#}"), "websocket read failed");
+                        break None;
+                    }
+                },
                 () = tokio::time::sleep_until(self.deadline) => {
                     let reason = if self.principal.is_some() { "token expired" } else { "authentication timeout" };
-                    break CloseRequest { code: close::UNAUTHORIZED, reason };
+                    break Some(CloseRequest { code: close::UNAUTHORIZED, reason });
                 }
             }
         };
-        // Say why before closing: flush what is queued (replies such as an error), then close.
-        while let Ok(frame) = queue.frames.try_recv() {
-            if request.code == close::TOO_SLOW || socket.send(Message::Text(frame)).await.is_err() {
-                break;
-            }
-        }
-        let frame = CloseFrame {
-            code: request.code,
-            reason: Utf8Bytes::from_static(request.reason),
+        let Some(request) = request else {
+            writer.abort();
+            return;
         };
-        let _ = tokio::time::timeout(
-            Duration::from_secs(1),
-            socket.send(Message::Close(Some(frame))),
-        )
-        .await;
-        if request.code == close::TOO_SLOW {
+        // The first close request wins; the writer says goodbye with it.
+        self.client.close(request);
+        if close.borrow().is_some_and(|r| r.code == close::TOO_SLOW) {
             self.app.metrics.slow_consumer_disconnects.inc();
+        }
+        // A client that does not read cannot receive the close frame either: give it 5 s.
+        if tokio::time::timeout(Duration::from_secs(5), &mut writer)
+            .await
+            .is_err()
+        {
+            writer.abort();
         }
     }
 
@@ -354,25 +353,60 @@ impl Session {
     }
 }
 
-/// Writes `first` and whatever else is already queued, then flushes once.
-async fn write_queued(
-    socket: &mut WebSocket,
+/// Drains the client's queue into the socket until a close is requested, then says why:
+/// the replies still queued (unless the client is being dropped for slowness), then the close frame.
+async fn write_frames(
+    mut sink: SplitSink<WebSocket, Message>,
+    mut queue: ClientQueue,
+    client: Arc<ClientHandle>,
+) {
+    loop {
+        tokio::select! {
+            biased;
+            Ok(()) = queue.close.changed() => {
+                let Some(request) = *queue.close.borrow() else { continue };
+                if request.code != close::TOO_SLOW {
+                    while let Ok(frame) = queue.frames.try_recv() {
+                        if sink.feed(Message::Text(frame)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                let frame = CloseFrame { code: request.code, reason: Utf8Bytes::from_static(request.reason) };
+                let _ = sink.send(Message::Close(Some(frame))).await;
+                return;
+            }
+            frame = queue.frames.recv() => {
+                let Some(frame) = frame else { return };
+                if write_batch(&mut sink, &client, &mut queue, frame).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Writes `first` and whatever else is already queued, flushes once, then counts them as sent.
+async fn write_batch(
+    sink: &mut SplitSink<WebSocket, Message>,
     client: &ClientHandle,
     queue: &mut ClientQueue,
     first: Utf8Bytes,
 ) -> Result<(), axum::Error> {
-    client.sent(&first);
-    socket.feed(Message::Text(first)).await?;
-    for _ in 0..64 {
-        match queue.frames.try_recv() {
-            Ok(frame) => {
-                client.sent(&frame);
-                socket.feed(Message::Text(frame)).await?;
-            }
-            Err(_) => break,
-        }
+    let mut written = vec![first.clone()];
+    sink.feed(Message::Text(first)).await?;
+    while written.len() < 64 {
+        let Ok(frame) = queue.frames.try_recv() else {
+            break;
+        };
+        written.push(frame.clone());
+        sink.feed(Message::Text(frame)).await?;
     }
-    socket.flush().await
+    sink.flush().await?;
+    for frame in &written {
+        client.sent(frame);
+    }
+    Ok(())
 }
 
 fn is_too_big(err: &axum::Error) -> bool {
