@@ -10,9 +10,10 @@
 //! change can move a row into or out of a user's view (a task made private, moved to another
 //! project). [`Verdict`] carries both answers; [`crate::fanout`] turns them into events.
 //!
-//! One user's policy failing (say, a claim the function cannot cast) must not stop delivery to
-//! everyone else. When the batched query fails with an error from the policy, the relay asks again
-//! user by user, denies the ones whose evaluation fails, and logs them.
+//! One policy evaluation failing (say, a claim or a column the function cannot cast) must not stop
+//! delivery to anyone else. When the batched query fails with an error from a policy, the relay
+//! splits the (change, user) pairs in halves until it has found the failing ones, denies exactly
+//! those, and logs them; everybody else receives their changes.
 
 use std::sync::Arc;
 
@@ -89,12 +90,39 @@ impl Authorizer {
         if pairs.is_empty() {
             return Ok(Vec::new());
         }
-        match self.query(changes, principals, pairs).await {
-            Ok(verdicts) => Ok(verdicts),
-            // An error raised by a policy: find the users it concerns instead of failing everyone.
-            Err(err) if is_policy_error(&err) => self.one_by_one(changes, principals, pairs).await,
-            Err(err) => Err(err),
-        }
+        self.isolating(changes, principals, pairs).await
+    }
+
+    /// Runs the query; when a policy raises an error, splits the pairs in halves until the failing
+    /// ones are found. Those are denied (and logged); everyone else gets their verdicts.
+    fn isolating<'a>(
+        &'a self,
+        changes: &'a [Change],
+        principals: &'a [Arc<Principal>],
+        pairs: &'a [(u32, u32)],
+    ) -> futures_util::future::BoxFuture<'a, anyhow::Result<Vec<Verdict>>> {
+        Box::pin(async move {
+            match self.query(changes, principals, pairs).await {
+                Ok(verdicts) => Ok(verdicts),
+                Err(err) if is_policy_error(&err) => {
+                    if let [(change, principal)] = pairs {
+                        tracing::warn!(
+                            user = %principals[*principal as usize].user,
+                            change = changes[*change as usize].id,
+                            table = %changes[*change as usize].table,
+                            error = %format!("{err:#}"),
+                            "read policy failed; withholding this change from this user"
+                        );
+                        return Ok(Vec::new());
+                    }
+                    let (left, right) = pairs.split_at(pairs.len() / 2);
+                    let mut verdicts = self.isolating(changes, principals, left).await?;
+                    verdicts.extend(self.isolating(changes, principals, right).await?);
+                    Ok(verdicts)
+                }
+                Err(err) => Err(err),
+            }
+        })
     }
 
     async fn query(
@@ -130,42 +158,21 @@ impl Authorizer {
             })
             .collect()
     }
-
-    async fn one_by_one(
-        &self,
-        changes: &[Change],
-        principals: &[Arc<Principal>],
-        pairs: &[(u32, u32)],
-    ) -> anyhow::Result<Vec<Verdict>> {
-        let mut verdicts = Vec::new();
-        for (ix, principal) in principals.iter().enumerate() {
-            let own: Vec<(u32, u32)> = pairs
-                .iter()
-                .filter(|p| p.1 as usize == ix)
-                .map(|p| (p.0, 0))
-                .collect();
-            match self
-                .query(changes, std::slice::from_ref(principal), &own)
-                .await
-            {
-                Ok(found) => verdicts.extend(found.into_iter().map(|v| Verdict {
-                    principal: ix as u32,
-                    ..v
-                })),
-                Err(err) if is_policy_error(&err) => {
-                    tracing::warn!(user = %principal.user, error = %format!("{err:#}"),
-                        "read policy failed for this user; withholding the changes from them");
-                }
-                Err(err) => return Err(err),
-            }
-        }
-        Ok(verdicts)
-    }
 }
 
-/// An error the database raised while running the query (as opposed to a lost connection).
+/// An error a policy raised for its input (bad data, a bug, an explicit RAISE), as opposed to
+/// trouble with the database itself (lost connection, cancellation, deadlock, resources), which
+/// the reader retries.
 fn is_policy_error(err: &anyhow::Error) -> bool {
-    err.downcast_ref::<tokio_postgres::Error>()
+    let Some(db) = err
+        .downcast_ref::<tokio_postgres::Error>()
         .and_then(|e| e.as_db_error())
-        .is_some()
+    else {
+        return false;
+    };
+    let class = &db.code().code()[..2];
+    !matches!(
+        class,
+        "08" | "25" | "40" | "53" | "54" | "55" | "57" | "58" | "XX"
+    )
 }

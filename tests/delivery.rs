@@ -386,3 +386,63 @@ async fn a_statement_touching_many_rows_delivers_every_row_in_order() {
     relay.sql(FENCE).await;
     assert_is_fence(&alice.recv_event().await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_that_throws_denies_only_the_failing_user_and_row() {
+    let relay = TestRelay::start().await;
+    relay
+        .sql(
+            "CREATE TABLE docs (id int PRIMARY KEY, level text);
+             CREATE FUNCTION can_read_doc(u text, c jsonb, r jsonb) RETURNS boolean LANGUAGE sql
+                 AS $$ SELECT (c->>'level')::int >= (r->>'level')::int $$;
+             SELECT pgrelay.watch('docs', ARRAY['board:1'], 'can_read_doc');
+             CREATE FUNCTION can_join_board(u text, c jsonb, k text) RETURNS boolean LANGUAGE sql AS 'SELECT true';
+             SELECT pgrelay.allow_join('board', 'can_join_board');",
+        )
+        .await;
+    let connect = |level: &str| {
+        let mut claims = serde_json::Map::new();
+        claims.insert("level".into(), json!(level));
+        let token = pgrelay::jwt::mint(
+            common::SECRET,
+            "u1",
+            std::time::Duration::from_secs(600),
+            &claims,
+        )
+        .expect("token");
+        format!("{}?token={token}", relay.ws_url())
+    };
+    let mut good = common::WsClient::connect(&connect("5"))
+        .await
+        .expect("connect");
+    let mut broken = common::WsClient::connect(&connect("not a number"))
+        .await
+        .expect("connect");
+    for client in [&mut good, &mut broken] {
+        assert_eq!(client.recv().await["type"], "ready");
+        client.join("board:1").await;
+    }
+    // One statement, so one chunk: a row the policy cannot read, and rows it can.
+    relay
+        .sql("INSERT INTO docs VALUES (1, '1'), (2, 'oops'), (3, '3'), (4, '9')")
+        .await;
+    relay.sql("INSERT INTO docs VALUES (5, '2')").await;
+    let ids: Vec<i64> = [
+        good.recv_event().await,
+        good.recv_event().await,
+        good.recv_event().await,
+    ]
+    .iter()
+    .map(|e| e["row"]["id"].as_i64().expect("id"))
+    .collect();
+    assert_eq!(
+        ids,
+        [1, 3, 5],
+        "row 2 throws, row 4 is above level 5; the rest arrives"
+    );
+    // The user whose claim breaks the policy gets nothing, and the connection stays healthy.
+    broken.ping().await;
+    broken
+        .expect_nothing(std::time::Duration::from_millis(300))
+        .await;
+}
