@@ -28,7 +28,7 @@ use crate::config::{Limits, RelayConfig};
 use crate::jwt::Verifier;
 use crate::metrics::Metrics;
 use crate::rooms::Hub;
-use crate::transport::ws;
+use crate::transport::{sse, ws};
 
 /// Everything a request handler may need, cloned cheaply into each one.
 #[derive(Clone)]
@@ -103,6 +103,7 @@ impl Relay {
         let addr = listener.local_addr()?;
         let app = Router::new()
             .route("/ws", get(ws::upgrade))
+            .route("/sse", get(sse::stream))
             .route("/healthz", get(|| async { "ok" }))
             .route("/readyz", get(readyz))
             .route("/metrics", get(metrics_text))

@@ -1,5 +1,6 @@
 //! Transport: how frames reach clients. [`client`] is the bounded send queue every connection
-//! has; [`ws`] is the WebSocket session that drains it.
+//! has; [`ws`] is the WebSocket session that drains it, [`sse`] the Server-Sent Events one.
 
 pub mod client;
+pub mod sse;
 pub mod ws;

@@ -328,3 +328,90 @@ impl WsClient {
 pub fn close_code(code: u16) -> Ended {
     Ended::Closed(Some(u16::from(CloseCode::from(code))))
 }
+
+/// A minimal Server-Sent Events client over a raw TCP stream.
+pub struct SseClient {
+    lines: tokio::io::Lines<tokio::io::BufReader<TcpStream>>,
+    pub status: u16,
+}
+
+/// One SSE message.
+#[derive(Debug, Default)]
+pub struct SseMessage {
+    pub event: Option<String>,
+    pub id: Option<String>,
+    pub data: String,
+}
+
+impl SseClient {
+    pub async fn connect(
+        addr: std::net::SocketAddr,
+        path: &str,
+        last_event_id: Option<&str>,
+    ) -> SseClient {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        let resume = last_event_id
+            .map(|id| format!("Last-Event-ID: {id}\r\n"))
+            .unwrap_or_default();
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n{resume}\r\n"
+        );
+        stream.write_all(request.as_bytes()).await.expect("write");
+        let mut lines = tokio::io::BufReader::new(stream).lines();
+        let status_line = lines.next_line().await.expect("read").expect("status line");
+        let status = status_line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        // Skip the headers.
+        while let Some(line) = lines.next_line().await.expect("read") {
+            if line.is_empty() {
+                break;
+            }
+        }
+        SseClient { lines, status }
+    }
+
+    /// The next message (comments and chunked-encoding size lines are skipped).
+    pub async fn next(&mut self) -> SseMessage {
+        let mut message = SseMessage::default();
+        loop {
+            let line = tokio::time::timeout(WAIT, self.lines.next_line())
+                .await
+                .expect("timed out waiting for an SSE message")
+                .expect("read")
+                .expect("the stream ended");
+            if let Some(v) = line
+                .strip_prefix("data: ")
+                .or_else(|| line.strip_prefix("data:"))
+            {
+                message.data.push_str(v);
+            } else if let Some(v) = line
+                .strip_prefix("id: ")
+                .or_else(|| line.strip_prefix("id:"))
+            {
+                message.id = Some(v.to_owned());
+            } else if let Some(v) = line
+                .strip_prefix("event: ")
+                .or_else(|| line.strip_prefix("event:"))
+            {
+                message.event = Some(v.to_owned());
+            } else if line.is_empty() && !message.data.is_empty() {
+                return message;
+            }
+        }
+    }
+
+    /// The next unnamed message (a change), parsed.
+    pub async fn next_event(&mut self) -> (String, Value) {
+        loop {
+            let message = self.next().await;
+            if message.event.is_none() {
+                let data: Value = serde_json::from_str(&message.data).expect("JSON data");
+                return (message.id.expect("an id"), data);
+            }
+        }
+    }
+}

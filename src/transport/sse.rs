@@ -1,0 +1,204 @@
+//! `GET /sse?rooms=R1,R2`: the same events over Server-Sent Events, for clients that cannot use
+//! WebSocket.
+//!
+//! Authentication is the same (`Authorization: Bearer` or `?token=`), and so is joining: all the
+//! rooms are joined at once, at one position, with the same policies. Every change arrives as an
+//! SSE message whose `data` is the WebSocket `event` JSON and whose `id` is its position, so the
+//! browser's `EventSource` resumes by itself after a drop: it sends `Last-Event-ID` and the relay
+//! replays what was missed (see [`crate::resume`]). `joined` and `left` notices arrive as named
+//! events (`event: joined`), which `onmessage` handlers ignore. A comment line every 15 s keeps
+//! proxies from closing an idle stream.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures_util::Stream;
+use serde::Deserialize;
+use tokio::time::Instant;
+
+use super::client::{ClientHandle, ClientQueue};
+use super::ws::token_from_request;
+use crate::jwt::Principal;
+use crate::protocol::{ErrorCode, Room, ServerMessage};
+use crate::server::AppState;
+use crate::subscribe::{self, JoinError};
+
+#[derive(Deserialize)]
+pub struct SseParams {
+    rooms: String,
+    token: Option<String>,
+}
+
+pub async fn stream(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    Query(params): Query<SseParams>,
+) -> Response {
+    let refuse = |status: StatusCode, code: ErrorCode, message: &str| {
+        let body = ServerMessage::Error {
+            code,
+            message,
+            reference: None,
+        }
+        .to_json();
+        (
+            status,
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            body,
+        )
+            .into_response()
+    };
+    let Some(token) = token_from_request(&headers, params.token) else {
+        return refuse(
+            StatusCode::UNAUTHORIZED,
+            ErrorCode::Unauthorized,
+            "missing token",
+        );
+    };
+    let principal = match app.verifier.verify(&token) {
+        Ok(principal) => Arc::new(principal),
+        Err(err) => {
+            app.metrics.auth_failures.inc();
+            return refuse(
+                StatusCode::UNAUTHORIZED,
+                ErrorCode::Unauthorized,
+                &err.to_string(),
+            );
+        }
+    };
+    let rooms: Option<Vec<Room>> = params.rooms.split(',').map(Room::parse).collect();
+    let rooms = match rooms {
+        Some(rooms) if !rooms.is_empty() && rooms.len() <= app.limits.max_rooms_per_connection => {
+            rooms
+        }
+        _ => {
+            let message = format!(
+                "rooms must be 1 to {} valid room names separated by commas",
+                app.limits.max_rooms_per_connection
+            );
+            return refuse(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, &message);
+        }
+    };
+    let since = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+
+    let (client, queue) = ClientHandle::new(app.limits.max_queued_bytes);
+    let client = Arc::new(client);
+    let joined = subscribe::join(
+        &app,
+        &client,
+        &principal,
+        &rooms,
+        since.as_deref(),
+        |room, position, recovered| {
+            ServerMessage::Joined {
+                room: room.as_str(),
+                position: position.to_string(),
+                recovered,
+                reference: None,
+            }
+            .to_json()
+        },
+    )
+    .await;
+    match joined {
+        Ok(()) => {}
+        Err(err @ JoinError::BadPosition) => {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::BadRequest,
+                &err.to_string(),
+            )
+        }
+        Err(err @ JoinError::Forbidden(_)) => {
+            return refuse(
+                StatusCode::FORBIDDEN,
+                ErrorCode::Forbidden,
+                &err.to_string(),
+            )
+        }
+        Err(err @ JoinError::Unavailable(_)) => {
+            return refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::Internal,
+                &err.to_string(),
+            )
+        }
+    }
+
+    app.metrics.connections.inc();
+    let session = SseSession {
+        deadline: Instant::now() + principal.remaining(),
+        app,
+        client,
+        principal,
+        rooms,
+    };
+    Sse::new(session.events(queue))
+        .keep_alive(
+            KeepAlive::new()
+                .interval(Duration::from_secs(15))
+                .text("keep-alive"),
+        )
+        .into_response()
+}
+
+/// Leaves the rooms when the stream ends, however it ends (the client went away, expiry, shutdown).
+struct SseSession {
+    app: AppState,
+    client: Arc<ClientHandle>,
+    #[allow(dead_code)] // held for the session's lifetime, like the WebSocket session's
+    principal: Arc<Principal>,
+    rooms: Vec<Room>,
+    deadline: Instant,
+}
+
+impl Drop for SseSession {
+    fn drop(&mut self) {
+        self.app.hub.disconnect(self.client.id, &self.rooms);
+        self.app.metrics.connections.dec();
+    }
+}
+
+impl SseSession {
+    fn events(self, queue: ClientQueue) -> impl Stream<Item = Result<Event, Infallible>> {
+        futures_util::stream::unfold((self, queue), |(session, mut queue)| async move {
+            let shutdown = session.app.shutdown.clone();
+            let frame = tokio::select! {
+                biased;
+                () = shutdown.cancelled() => return None,
+                Ok(()) = queue.close.changed() => return None, // too slow: resume with Last-Event-ID
+                () = tokio::time::sleep_until(session.deadline) => return None,
+                frame = queue.frames.recv() => frame?,
+            };
+            session.client.sent(&frame);
+            Some((Ok(sse_event(frame.as_str())), (session, queue)))
+        })
+    }
+}
+
+/// Events become unnamed messages with their position as id; notices become named events.
+fn sse_event(frame: &str) -> Event {
+    #[derive(Deserialize)]
+    struct Head<'a> {
+        #[serde(rename = "type", borrow)]
+        kind: &'a str,
+        #[serde(borrow)]
+        id: Option<&'a str>,
+    }
+    match serde_json::from_str::<Head>(frame) {
+        Ok(Head {
+            kind: "event",
+            id: Some(id),
+        }) => Event::default().id(id).data(frame),
+        Ok(Head { kind, .. }) => Event::default().event(kind).data(frame),
+        Err(_) => Event::default().data(frame),
+    }
+}
