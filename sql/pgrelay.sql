@@ -104,6 +104,15 @@ CREATE TABLE IF NOT EXISTS pgrelay.retention (
 INSERT INTO pgrelay.retention DEFAULT VALUES ON CONFLICT DO NOTHING;
 COMMENT ON TABLE pgrelay.retention IS 'How long changes are kept for resume: UPDATE pgrelay.retention SET keep = ''6 hours''';
 
+-- The key relays seal client positions with (so event ids reveal nothing about other changes).
+-- Random per database, created once; every relay of this database reads the same key.
+CREATE TABLE IF NOT EXISTS pgrelay.secrets (
+    singleton    bool PRIMARY KEY DEFAULT true CHECK (singleton),
+    position_key bytea NOT NULL CHECK (length(position_key) = 32)
+        DEFAULT decode(replace(gen_random_uuid()::text || gen_random_uuid()::text, '-', ''), 'hex')
+);
+INSERT INTO pgrelay.secrets DEFAULT VALUES ON CONFLICT DO NOTHING;
+
 -- ---------------------------------------------------------------------------------------------
 -- Configuration
 -- ---------------------------------------------------------------------------------------------

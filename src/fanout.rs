@@ -21,7 +21,7 @@ use serde_json::value::RawValue;
 
 use crate::authorize::{Authorizer, Verdict};
 use crate::capture::outbox::{Change, Op};
-use crate::capture::position::{Position, Snapshot};
+use crate::capture::position::{Position, PositionCodec, Snapshot};
 use crate::jwt::Principal;
 use crate::metrics::Metrics;
 use crate::rooms::Hub;
@@ -53,6 +53,7 @@ pub struct BatchRef<'a> {
     pub number: u64,
     pub since: &'a Snapshot,
     pub upto: &'a Snapshot,
+    pub codec: &'a PositionCodec,
 }
 
 /// Authorizes and queues one chunk of changes (in commit order) to the members of their rooms.
@@ -105,12 +106,11 @@ pub async fn deliver(
     let mut state = hub.lock();
     let mut delivered = 0u64;
     for (change_ix, change) in changes.iter().enumerate() {
-        let id = Position::Within {
+        let id = batch.codec.seal(&Position::Within {
             since: batch.since.clone(),
             upto: batch.upto.clone(),
             change_id: change.id,
-        }
-        .to_string();
+        });
         for room in &change.rooms {
             let Some(members) = state.rooms.get_mut(room.as_str()) else {
                 continue;

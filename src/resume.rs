@@ -22,7 +22,7 @@ use deadpool_postgres::Pool;
 
 use crate::authorize::Authorizer;
 use crate::capture::outbox::Batch;
-use crate::capture::position::{Position, Seen, Snapshot};
+use crate::capture::position::{Position, PositionCodec, Seen, Snapshot};
 use crate::fanout::{event_frame, Visibility};
 use crate::jwt::Principal;
 use crate::protocol::Room;
@@ -106,6 +106,7 @@ pub struct Replay {
     pub seen: Seen,
     /// The position the client joined at: live delivery starts after it.
     pub until: Snapshot,
+    pub codec: PositionCodec,
 }
 
 impl Replay {
@@ -151,12 +152,11 @@ impl Replay {
                 let Some(visibility) = visibility else {
                     continue;
                 };
-                let id = Position::Within {
+                let id = self.codec.seal(&Position::Within {
                     since: since.clone(),
                     upto: upto.clone(),
                     change_id: change.id,
-                }
-                .to_string();
+                });
                 for room in self
                     .rooms
                     .iter()

@@ -23,6 +23,7 @@ use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
 
 use crate::authorize::Authorizer;
+use crate::capture::position::PositionCodec;
 use crate::capture::{listener, reader::Reader, retention};
 use crate::config::{Limits, RelayConfig};
 use crate::jwt::Verifier;
@@ -34,6 +35,8 @@ use crate::transport::{sse, ws};
 #[derive(Clone)]
 pub struct AppState {
     pub pool: Pool,
+    /// Seals the positions clients see.
+    pub codec: PositionCodec,
     /// Wakes the reader (a resume waiting for this relay to catch up nudges it).
     pub wake: Arc<Notify>,
     pub hub: Arc<Hub>,
@@ -74,12 +77,14 @@ impl Relay {
             .build()
             .context("building the connection pool")?;
 
+        let codec = load_codec(&pool).await?;
         let shutdown = CancellationToken::new();
         let retention_pool = pool.clone();
         let metrics = Arc::new(Metrics::default());
         let wake = Arc::new(Notify::new());
         let state = AppState {
             pool: pool.clone(),
+            codec: codec.clone(),
             wake: wake.clone(),
             hub: Arc::new(Hub::default()),
             authorizer: Authorizer::new(pool.clone()),
@@ -95,6 +100,7 @@ impl Relay {
             metrics: metrics.clone(),
             wake: wake.clone(),
             poll_interval: config.poll_interval,
+            codec,
         };
 
         let listener = tokio::net::TcpListener::bind(config.bind)
@@ -160,6 +166,22 @@ impl Relay {
             let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
         }
     }
+}
+
+/// The database's position key (see `pgrelay.secrets`).
+async fn load_codec(pool: &Pool) -> anyhow::Result<PositionCodec> {
+    let client = pool.get().await.context("connecting to the database")?;
+    let row = client
+        .query_one("SELECT position_key FROM pgrelay.secrets", &[])
+        .await
+        .context(
+            "reading pgrelay.secrets (is the library installed, and may this role read it?)",
+        )?;
+    let key: Vec<u8> = row.try_get(0)?;
+    let key: [u8; 32] = key
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("pgrelay.secrets.position_key must be 32 bytes"))?;
+    Ok(PositionCodec::new(&key))
 }
 
 /// Ready when the LISTEN connection is up and the last outbox read succeeded.

@@ -29,7 +29,7 @@ pub enum JoinError {
     Unavailable(String),
 }
 
-/// Joins `rooms` (all or none), replying `reply(room, position, recovered)` for each, and starts
+/// Joins `rooms` (all or none), replying `reply(room, sealed position, recovered)` for each, and starts
 /// the replay when resuming. Returns once the client is registered; the replay runs on its own.
 pub async fn join(
     app: &AppState,
@@ -37,7 +37,7 @@ pub async fn join(
     principal: &Arc<Principal>,
     rooms: &[Room],
     since: Option<&str>,
-    reply: impl Fn(&Room, &Position, Option<bool>) -> String,
+    reply: impl Fn(&Room, &str, Option<bool>) -> String,
 ) -> Result<(), JoinError> {
     for room in rooms {
         match app.authorizer.can_join(principal, room).await {
@@ -58,7 +58,7 @@ pub async fn join(
     let seen = match since {
         None => None,
         Some(text) => {
-            let position: Position = text.parse().map_err(|_| JoinError::BadPosition)?;
+            let position: Position = app.codec.open(text).map_err(|_| JoinError::BadPosition)?;
             match resume::resolve(&app.pool, &position).await {
                 Ok(Resolution::Resumable(seen)) => Some(seen),
                 Ok(Resolution::Lost) => None,
@@ -86,7 +86,7 @@ pub async fn join(
             client,
             principal,
             resume_from.as_ref(),
-            |room, position| reply(room, position, recovered),
+            |room, position| reply(room, &app.codec.seal(position), recovered),
         );
         match joined {
             Ok(position) => break position,
@@ -109,6 +109,7 @@ pub async fn join(
             rooms: rooms.to_vec(),
             seen,
             until,
+            codec: app.codec.clone(),
         };
         let metrics = app.metrics.clone();
         tokio::spawn(async move {

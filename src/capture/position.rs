@@ -14,6 +14,11 @@
 //! A snapshot is written as Postgres prints it with URL-safe separators (`.` for `:`, `_` for `,`),
 //! so `pgrelay.position()` can produce the same token in SQL. Positions carry no server state: any
 //! relay process, now or after a restart, can interpret one.
+//!
+//! Positions the relay hands to clients (event ids, `joined.position`) are sealed by
+//! [`PositionCodec`]: encrypted and authenticated with a key kept in the database
+//! (`pgrelay.secrets`), so all relays share it. Plain positions would tell a user how many changes
+//! and transactions happened between two of their events, including ones they may not see.
 
 use std::fmt;
 use std::str::FromStr;
@@ -187,6 +192,155 @@ impl FromStr for Position {
     }
 }
 
+/// Seals positions for clients, and opens sealed or plain ones.
+///
+/// AES-256-GCM-SIV with a fixed nonce: deterministic (the same position always gives the same
+/// token, so a change's id is the same in every room) and still authenticated; it reveals only
+/// whether two tokens are equal.
+#[derive(Clone)]
+pub struct PositionCodec {
+    cipher: std::sync::Arc<aes_gcm_siv::Aes256GcmSiv>,
+}
+
+/// Sealed tokens start with this (plain ones start with a digit).
+const SEALED: char = 'p';
+
+impl PositionCodec {
+    pub fn new(key: &[u8; 32]) -> PositionCodec {
+        use aes_gcm_siv::KeyInit;
+        PositionCodec {
+            cipher: std::sync::Arc::new(aes_gcm_siv::Aes256GcmSiv::new(key.into())),
+        }
+    }
+
+    /// The token a client sees.
+    pub fn seal(&self, position: &Position) -> String {
+        use aes_gcm_siv::aead::Aead;
+        use base64::Engine;
+        let plain = to_bytes(position);
+        // Encrypting a few dozen bytes in memory cannot fail.
+        let sealed = self
+            .cipher
+            .encrypt(&Default::default(), plain.as_slice())
+            .unwrap_or_default();
+        format!(
+            "{SEALED}{}",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sealed)
+        )
+    }
+
+    /// A sealed token from any relay sharing the key, or a plain position (`pgrelay.position()`).
+    pub fn open(&self, token: &str) -> Result<Position, BadPosition> {
+        use aes_gcm_siv::aead::Aead;
+        use base64::Engine;
+        let Some(body) = token.strip_prefix(SEALED) else {
+            return token.parse();
+        };
+        let sealed = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(body)
+            .map_err(|_| BadPosition)?;
+        let plain = self
+            .cipher
+            .decrypt(&Default::default(), sealed.as_slice())
+            .map_err(|_| BadPosition)?;
+        from_bytes(&plain)
+    }
+}
+
+/// Compact binary form: a tag, then LEB128 varints (snapshots relative to their xmin).
+fn to_bytes(position: &Position) -> Vec<u8> {
+    let mut out = Vec::with_capacity(32);
+    let snapshot = |out: &mut Vec<u8>, s: &Snapshot, base: u64| {
+        varint(out, s.xmin - base);
+        varint(out, s.xmax - s.xmin);
+        varint(out, s.xip.len() as u64);
+        for x in &s.xip {
+            varint(out, x - s.xmin);
+        }
+    };
+    match position {
+        Position::At(s) => {
+            out.push(0);
+            snapshot(&mut out, s, 0);
+        }
+        Position::Within {
+            since,
+            upto,
+            change_id,
+        } => {
+            out.push(1);
+            snapshot(&mut out, since, 0);
+            snapshot(&mut out, upto, since.xmin);
+            varint(&mut out, *change_id as u64);
+        }
+    }
+    out
+}
+
+fn from_bytes(bytes: &[u8]) -> Result<Position, BadPosition> {
+    let mut input = bytes;
+    let snapshot = |input: &mut &[u8], base: u64| -> Result<Snapshot, BadPosition> {
+        let xmin = base.checked_add(read_varint(input)?).ok_or(BadPosition)?;
+        let xmax = xmin.checked_add(read_varint(input)?).ok_or(BadPosition)?;
+        let n = read_varint(input)?;
+        if n > 100_000 {
+            return Err(BadPosition);
+        }
+        let xip = (0..n)
+            .map(|_| read_varint(input).and_then(|d| xmin.checked_add(d).ok_or(BadPosition)))
+            .collect::<Result<Vec<_>, _>>()?;
+        // Validate exactly as the text form does.
+        Snapshot::parse(&Snapshot { xmin, xmax, xip }.to_pg(), ':', ',')
+    };
+    let (&tag, rest) = input.split_first().ok_or(BadPosition)?;
+    input = rest;
+    let position = match tag {
+        0 => Position::At(snapshot(&mut input, 0)?),
+        1 => {
+            let since = snapshot(&mut input, 0)?;
+            let upto = snapshot(&mut input, since.xmin)?;
+            let change_id = i64::try_from(read_varint(&mut input)?).map_err(|_| BadPosition)?;
+            // Re-validate through the text form's rules.
+            Position::Within {
+                since,
+                upto,
+                change_id,
+            }
+            .to_string()
+            .parse()?
+        }
+        _ => return Err(BadPosition),
+    };
+    if input.is_empty() {
+        Ok(position)
+    } else {
+        Err(BadPosition)
+    }
+}
+
+fn varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn read_varint(input: &mut &[u8]) -> Result<u64, BadPosition> {
+    let mut value = 0u64;
+    for shift in (0..64).step_by(7) {
+        let (&byte, rest) = input.split_first().ok_or(BadPosition)?;
+        *input = rest;
+        value |= u64::from(byte & 0x7f)
+            .checked_shl(shift)
+            .ok_or(BadPosition)?;
+        if byte & 0x80 == 0 {
+            return Ok(value);
+        }
+    }
+    Err(BadPosition)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -198,6 +352,49 @@ mod tests {
         assert_eq!(s.to_string(), "100.105.100_103");
         let empty = Snapshot::from_pg("7:7:").expect("valid snapshot");
         assert_eq!(empty.to_string(), "7.7.");
+    }
+
+    #[test]
+    fn sealed_positions_round_trip_and_reveal_nothing() {
+        let codec = PositionCodec::new(&[7; 32]);
+        for text in [
+            "774.774.",
+            "100.105.100_103~104.110.104~42",
+            "5000000.5000010.5000001~5000012.5000012.~99999999",
+        ] {
+            let position: Position = text.parse().expect("valid");
+            let token = codec.seal(&position);
+            assert!(token.starts_with('p') && token.len() < 100, "{token}");
+            assert!(!token.contains("774") && !token.contains("42"), "{token}");
+            assert!(
+                token
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'),
+                "URL-safe: {token}"
+            );
+            assert_eq!(codec.open(&token), Ok(position.clone()));
+            assert_eq!(codec.seal(&position), token, "deterministic");
+        }
+        // Plain positions (pgrelay.position()) are accepted too.
+        assert!(codec.open("774.774.").is_ok());
+    }
+
+    #[test]
+    fn tampered_or_foreign_tokens_do_not_open() {
+        let codec = PositionCodec::new(&[7; 32]);
+        let token = codec.seal(&"100.105.100_103~104.110.104~42".parse().expect("valid"));
+        let mut flipped = token.clone().into_bytes();
+        flipped[5] = if flipped[5] == b'A' { b'B' } else { b'A' };
+        let flipped = String::from_utf8(flipped).expect("ascii");
+        assert_eq!(codec.open(&flipped), Err(BadPosition));
+        assert_eq!(
+            PositionCodec::new(&[8; 32]).open(&token),
+            Err(BadPosition),
+            "another database's key"
+        );
+        for garbage in ["p", "p!!!", "pAAAA", "p____________________________"] {
+            assert_eq!(codec.open(garbage), Err(BadPosition), "{garbage}");
+        }
     }
 
     #[test]

@@ -15,7 +15,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::outbox::{self, Batch};
-use super::position::Snapshot;
+use super::position::{PositionCodec, Snapshot};
 use crate::authorize::Authorizer;
 use crate::fanout::{self, BatchRef};
 use crate::metrics::Metrics;
@@ -33,6 +33,7 @@ pub struct Reader {
     pub wake: Arc<Notify>,
     /// Read at least this often, even without a notification.
     pub poll_interval: Duration,
+    pub codec: PositionCodec,
 }
 
 impl Reader {
@@ -122,6 +123,7 @@ impl Reader {
                 number,
                 since: &batch.since,
                 upto: &batch.upto,
+                codec: &self.codec,
             };
             fanout::deliver(&self.hub, &self.authorizer, &self.metrics, &at, &chunk).await?;
             cursor.delivered_through = chunk.last().map(|c| (c.txn_last, c.id));

@@ -100,7 +100,7 @@ pub async fn stream(
         |room, position, recovered| {
             ServerMessage::Joined {
                 room: room.as_str(),
-                position: position.to_string(),
+                position: position.to_owned(),
                 recovered,
                 reference: None,
             }

@@ -297,7 +297,7 @@ impl Session {
             |room, position, recovered| {
                 ServerMessage::Joined {
                     room: room.as_str(),
-                    position: position.to_string(),
+                    position: position.to_owned(),
                     recovered,
                     reference,
                 }
