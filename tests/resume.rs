@@ -396,3 +396,68 @@ async fn sse_delivers_and_resumes_with_last_event_id() {
         400
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_closed_for_being_slow_resumes_without_loss() {
+    let relay = TestRelay::start_with(|c| c.limits.max_queued_bytes = 64 * 1024).await;
+    let mut slow = relay.client("u2").await;
+    slow.join("task:1").await;
+    // Big events while the client does not read: its queue overflows and it is closed with 4008.
+    let big = "x".repeat(100_000);
+    let mut written = 0;
+    while relay.metric("slow_consumer_disconnects_total").await == 0 {
+        assert!(written < 1000, "never closed");
+        relay
+            .db
+            .execute(
+                "UPDATE tasks SET priority = $1, description = $2 WHERE id = 1",
+                &[&(written as i32), &format!("{big}{written}")],
+            )
+            .await
+            .expect("update");
+        written += 1;
+    }
+    for i in written..written + 20 {
+        relay
+            .sql(&format!("UPDATE tasks SET priority = {i} WHERE id = 1"))
+            .await;
+    }
+    let total = written + 20;
+    // It reads what reached it, then the close; then it resumes from the last id it saw.
+    let mut next = 0;
+    let mut last_id = None;
+    loop {
+        match tokio::time::timeout(
+            common::WAIT,
+            futures_util::StreamExt::next(&mut slow.stream),
+        )
+        .await
+        {
+            Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Text(text)))) => {
+                let event: Value = serde_json::from_str(&text).expect("json");
+                assert_eq!(priority(&event), next);
+                next += 1;
+                last_id = event["id"].as_str().map(str::to_owned);
+            }
+            Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Close(frame)))) => {
+                assert_eq!(frame.map(|f| u16::from(f.code)), Some(4008));
+                break;
+            }
+            other => panic!("expected events then the 4008 close, got {other:?}"),
+        }
+    }
+    let mut again = relay.client("u2").await;
+    let since = last_id.expect("received something before the close");
+    assert_eq!(
+        resume(&mut again, "task:1", &since).await["recovered"],
+        true
+    );
+    while next < total {
+        assert_eq!(
+            priority(&again.recv_event().await),
+            next,
+            "nothing lost, nothing repeated"
+        );
+        next += 1;
+    }
+}
