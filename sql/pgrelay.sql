@@ -113,6 +113,16 @@ CREATE TABLE IF NOT EXISTS pgrelay.secrets (
 );
 INSERT INTO pgrelay.secrets DEFAULT VALUES ON CONFLICT DO NOTHING;
 
+-- Deployment settings.
+CREATE TABLE IF NOT EXISTS pgrelay.settings (
+    singleton bool PRIMARY KEY DEFAULT true CHECK (singleton),
+    -- true: writing transactions send NOTIFY pgrelay, so relays read within a millisecond or two.
+    -- false: no NOTIFY at all (no commit-time lock); relays find changes by polling every
+    -- --poll-interval. Change it with pgrelay.set_notify().
+    notify    boolean NOT NULL DEFAULT true
+);
+INSERT INTO pgrelay.settings DEFAULT VALUES ON CONFLICT DO NOTHING;
+
 -- ---------------------------------------------------------------------------------------------
 -- Configuration
 -- ---------------------------------------------------------------------------------------------
@@ -432,14 +442,18 @@ BEGIN
                pgrelay.room_list(ARRAY[%4$s]), to_jsonb(o), %5$s
         FROM old_rows AS o;
     END IF;
+%9$s
+    RETURN NULL;
+END
+$f$, w.name, w.entity, rooms_n, rooms_o, hide, old_expr, pk, pk_join,
+    CASE WHEN (SELECT notify FROM pgrelay.settings) THEN $n$
     GET DIAGNOSTICS captured = ROW_COUNT;
     IF captured > 0 THEN
         -- A wake-up, not the record: one per transaction (Postgres folds duplicates).
         PERFORM pg_notify('pgrelay', '');
-    END IF;
-    RETURN NULL;
-END
-$f$, w.name, w.entity, rooms_n, rooms_o, hide, old_expr, pk, pk_join);
+    END IF;$n$
+    ELSE $n$
+    -- No NOTIFY (pgrelay.settings.notify is off): relays poll.$n$ END);
 
     EXECUTE format('CREATE OR REPLACE FUNCTION pgrelay.%I() RETURNS trigger LANGUAGE plpgsql '
                    'SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS %L', fn_name, body);
@@ -461,6 +475,20 @@ $f$, w.name, w.entity, rooms_n, rooms_o, hide, old_expr, pk, pk_join);
                                    ELSE 'OLD TABLE AS old_rows' END,
                            fn_name);
         END IF;
+    END LOOP;
+END $$;
+
+-- Choose how relays learn of new changes, for the whole database: NOTIFY (lowest latency) or
+-- polling only (no NOTIFY, so no commit-time lock; run relays with a short --poll-interval).
+-- Regenerates every capture function; takes effect for transactions that start afterwards.
+CREATE OR REPLACE FUNCTION pgrelay.set_notify(enabled boolean) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    t regclass;
+BEGIN
+    UPDATE pgrelay.settings SET notify = enabled;
+    FOR t IN SELECT tbl FROM pgrelay.watches LOOP
+        PERFORM pgrelay.install_capture(t);
     END LOOP;
 END $$;
 

@@ -26,6 +26,10 @@ kill -INT $pg 2>/dev/null
 wait $pg"#;
 
 pub struct EmbeddedPostgres {
+    bin: PathBuf,
+    /// The user the server runs as, when we are root.
+    owner: Option<(u32, u32)>,
+    dir: PathBuf,
     data_dir: PathBuf,
     port: u16,
     guardian: Option<Child>,
@@ -83,18 +87,40 @@ impl EmbeddedPostgres {
             }
         }
 
-        let port = free_port()?;
-        let log = fs::File::create(dir.join("postgres.log"))?;
-        if let Some((uid, gid)) = owner {
-            std::os::unix::fs::chown(dir.join("postgres.log"), Some(uid), Some(gid))?;
+        let mut pg = EmbeddedPostgres {
+            bin,
+            owner,
+            dir,
+            data_dir,
+            port: free_port()?,
+            guardian: None,
+            created,
+        };
+        pg.launch()?;
+        Ok(pg)
+    }
+
+    /// Starts a stopped server again, on the same port and data (for testing restarts).
+    pub fn start_again(&mut self) -> anyhow::Result<()> {
+        self.launch()
+    }
+
+    fn launch(&mut self) -> anyhow::Result<()> {
+        let log_path = self.dir.join("postgres.log");
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)?;
+        if let Some((uid, gid)) = self.owner {
+            std::os::unix::fs::chown(&log_path, Some(uid), Some(gid))?;
         }
         let mut guardian = Command::new("sh");
         guardian
             .args(["-c", GUARDIAN, "pgrelay-postgres"])
-            .arg(bin.join("postgres"))
+            .arg(self.bin.join("postgres"))
             .arg("-D")
-            .arg(&data_dir)
-            .args(["-p", &port.to_string()])
+            .arg(&self.data_dir)
+            .args(["-p", &self.port.to_string()])
             .args([
                 "-c",
                 "listen_addresses=127.0.0.1",
@@ -113,16 +139,9 @@ impl EmbeddedPostgres {
             .stdin(Stdio::piped())
             .stdout(log.try_clone()?)
             .stderr(log);
-        run_as(&mut guardian, owner);
-        let child = guardian.spawn().context("starting postgres")?;
-        let mut pg = EmbeddedPostgres {
-            data_dir,
-            port,
-            guardian: Some(child),
-            created,
-        };
-        pg.wait_ready(&bin, &dir)?;
-        Ok(pg)
+        run_as(&mut guardian, self.owner);
+        self.guardian = Some(guardian.spawn().context("starting postgres")?);
+        self.wait_ready()
     }
 
     /// Connection string for one of the cluster's databases.
@@ -138,7 +157,8 @@ impl EmbeddedPostgres {
         &self.data_dir
     }
 
-    fn wait_ready(&mut self, bin: &Path, dir: &Path) -> anyhow::Result<()> {
+    fn wait_ready(&mut self) -> anyhow::Result<()> {
+        let (bin, dir) = (self.bin.clone(), self.dir.clone());
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let ready = Command::new(bin.join("pg_isready"))

@@ -31,11 +31,11 @@ const TEMPLATE: &str = "pgrelay_template";
 /// How long a test waits for a frame it expects.
 pub const WAIT: Duration = Duration::from_secs(10);
 
-static CLUSTER: OnceLock<EmbeddedPostgres> = OnceLock::new();
+static CLUSTER: OnceLock<std::sync::Mutex<EmbeddedPostgres>> = OnceLock::new();
 static NEXT_DB: AtomicU32 = AtomicU32::new(1);
 
-fn cluster() -> &'static EmbeddedPostgres {
-    CLUSTER.get_or_init(|| {
+fn cluster() -> std::sync::MutexGuard<'static, EmbeddedPostgres> {
+    let cluster = CLUSTER.get_or_init(|| {
         // The system temp dir: the server may run as `postgres`, which must be able to reach it.
         let root = std::env::temp_dir().join("pgrelay-tests");
         remove_stale_clusters(&root);
@@ -62,8 +62,32 @@ fn cluster() -> &'static EmbeddedPostgres {
         })
         .join()
         .expect("template setup");
-        pg
-    })
+        std::sync::Mutex::new(pg)
+    });
+    cluster
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Connection string for a database of this binary's cluster.
+pub async fn cluster_url(database: &str) -> String {
+    let database = database.to_owned();
+    tokio::task::spawn_blocking(move || cluster().url(&database))
+        .await
+        .expect("cluster")
+}
+
+/// Stops this binary's cluster (every test in the binary loses its database until it restarts).
+pub async fn stop_cluster() {
+    tokio::task::spawn_blocking(|| cluster().stop())
+        .await
+        .expect("stop");
+}
+
+pub async fn start_cluster_again() {
+    tokio::task::spawn_blocking(|| cluster().start_again().expect("restart"))
+        .await
+        .expect("start");
 }
 
 /// Relay logs in test output (shown for failing tests), filtered by RUST_LOG.
@@ -105,23 +129,22 @@ pub async fn execute(url: &str, sql: &str) {
 /// A fresh database (a copy of the migrated template with demo data).
 pub async fn fresh_database() -> String {
     init_logging();
-    let pg = tokio::task::spawn_blocking(cluster).await.expect("cluster");
     let name = format!("test_{}", NEXT_DB.fetch_add(1, Ordering::Relaxed));
-    execute(
-        &pg.url("postgres"),
-        &format!("CREATE DATABASE {name} TEMPLATE {TEMPLATE}"),
-    )
-    .await;
-    pg.url(&name)
+    let create = format!("CREATE DATABASE {name} TEMPLATE {TEMPLATE}");
+    execute(&cluster_url("postgres").await, &create).await;
+    cluster_url(&name).await
 }
 
 /// A fresh, empty database (nothing installed).
 pub async fn empty_database() -> String {
     init_logging();
-    let pg = tokio::task::spawn_blocking(cluster).await.expect("cluster");
     let name = format!("empty_{}", NEXT_DB.fetch_add(1, Ordering::Relaxed));
-    execute(&pg.url("postgres"), &format!("CREATE DATABASE {name}")).await;
-    pg.url(&name)
+    execute(
+        &cluster_url("postgres").await,
+        &format!("CREATE DATABASE {name}"),
+    )
+    .await;
+    cluster_url(&name).await
 }
 
 pub struct TestRelay {
