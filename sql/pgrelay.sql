@@ -521,6 +521,36 @@ LANGUAGE sql IMMUTABLE AS $$
 $$;
 
 -- ---------------------------------------------------------------------------------------------
+-- Relays: who reads the outbox, and how far behind they are
+-- ---------------------------------------------------------------------------------------------
+
+-- Each relay reports here every few seconds (its own row only: relays never wait for each other).
+CREATE TABLE IF NOT EXISTS pgrelay.relays (
+    name        text PRIMARY KEY,          -- host:pid
+    started_at  timestamptz NOT NULL,
+    seen_at     timestamptz NOT NULL,      -- last report
+    position    text NOT NULL,             -- snapshot: every change visible in it is delivered
+    connections int NOT NULL
+);
+
+-- Backlog (changes committed but not yet delivered) and lag (age of the oldest of them) per relay.
+-- A relay not seen for a minute is probably gone; maintain() forgets it after a day.
+CREATE OR REPLACE VIEW pgrelay.lag AS
+SELECT r.name,
+       r.seen_at > now() - interval '1 minute' AS alive,
+       r.connections,
+       b.backlog,
+       coalesce(now() - b.oldest, interval '0') AS lag,
+       r.seen_at,
+       r.started_at
+FROM pgrelay.relays AS r
+CROSS JOIN LATERAL (
+    SELECT count(*) AS backlog, min(c.ts) AS oldest
+    FROM pgrelay.changes_between(r.position::pg_snapshot, pg_current_snapshot()) AS c
+) AS b;
+COMMENT ON VIEW pgrelay.lag IS 'Per relay: changes committed but not yet delivered, and how old the oldest is';
+
+-- ---------------------------------------------------------------------------------------------
 -- Retention
 -- ---------------------------------------------------------------------------------------------
 
@@ -577,6 +607,9 @@ BEGIN
             RETURN 'busy';
         END;
     END IF;
+
+    -- Forget relays that stopped reporting a day ago.
+    DELETE FROM pgrelay.relays WHERE seen_at < now() - interval '1 day';
 
     -- Move on once the current generation is `keep` old and the next one is empty.
     IF g.state = 'empty'

@@ -25,5 +25,6 @@ pub mod protocol;
 pub mod resume;
 pub mod rooms;
 pub mod server;
+pub mod status;
 pub mod subscribe;
 pub mod transport;

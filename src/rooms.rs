@@ -100,6 +100,11 @@ impl Hub {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// The end of the last fully delivered batch.
+    pub fn delivered(&self) -> Option<Snapshot> {
+        self.lock().delivered.clone()
+    }
+
     /// The reader's starting point.
     pub fn start_at(&self, snapshot: Snapshot) {
         self.lock().delivered = Some(snapshot);

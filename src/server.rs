@@ -80,13 +80,16 @@ impl Relay {
         let codec = load_codec(&pool).await?;
         let shutdown = CancellationToken::new();
         let retention_pool = pool.clone();
+        let status_pool = pool.clone();
         let metrics = Arc::new(Metrics::default());
         let wake = Arc::new(Notify::new());
+        let hub = Arc::new(Hub::default());
+        let status_hub = hub.clone();
         let state = AppState {
             pool: pool.clone(),
             codec: codec.clone(),
             wake: wake.clone(),
-            hub: Arc::new(Hub::default()),
+            hub,
             authorizer: Authorizer::new(pool.clone()),
             verifier: config.verifier,
             metrics: metrics.clone(),
@@ -123,6 +126,13 @@ impl Relay {
             shutdown.clone(),
         )));
         tasks.push(tokio::spawn(reader.run(shutdown.clone())));
+        tasks.push(tokio::spawn(crate::status::run(
+            status_pool,
+            status_hub,
+            metrics.clone(),
+            config.maintenance_interval,
+            shutdown.clone(),
+        )));
         tasks.push(tokio::spawn(retention::run(
             retention_pool,
             config.maintenance_interval,

@@ -492,3 +492,63 @@ async fn poll_mode_delivers_without_any_notify() {
 fn title_or_priority(event: &Value) -> i64 {
     event["row"]["priority"].as_i64().unwrap_or(-1)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lag_view_shows_each_relays_backlog() {
+    let mut relay =
+        TestRelay::start_with(|c| c.maintenance_interval = Duration::from_millis(50)).await;
+    // A relay that stopped reading at this point.
+    relay.sql("INSERT INTO pgrelay.relays VALUES ('stale:1', now(), now(), pg_current_snapshot()::text, 0)").await;
+    for i in 0..5 {
+        relay
+            .sql(&format!("UPDATE tasks SET priority = {i} WHERE id = 1"))
+            .await;
+    }
+    let lag = |name: &'static str| {
+        let db = &relay.db;
+        async move {
+            db.query_opt(
+                "SELECT backlog, alive FROM pgrelay.lag WHERE name LIKE $1",
+                &[&name],
+            )
+            .await
+            .expect("lag")
+            .map(|r| (r.get::<_, i64>(0), r.get::<_, bool>(1)))
+        }
+    };
+    let mut ours = None;
+    for _ in 0..100 {
+        ours = lag_of_running(&relay.db).await;
+        if ours == Some((0, true)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        ours,
+        Some((0, true)),
+        "the running relay has delivered everything"
+    );
+    assert_eq!(
+        lag("stale:1").await,
+        Some((5, true)),
+        "the stale one is 5 changes behind"
+    );
+
+    relay.relay.take().expect("running").shutdown().await;
+    assert_eq!(
+        lag_of_running(&relay.db).await,
+        None,
+        "a relay that stops cleanly leaves"
+    );
+}
+
+async fn lag_of_running(db: &tokio_postgres::Client) -> Option<(i64, bool)> {
+    db.query_opt(
+        "SELECT backlog, alive FROM pgrelay.lag WHERE name <> 'stale:1'",
+        &[],
+    )
+    .await
+    .expect("lag")
+    .map(|r| (r.get::<_, i64>(0), r.get::<_, bool>(1)))
+}
