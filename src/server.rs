@@ -118,35 +118,34 @@ impl Relay {
             .route("/metrics", get(metrics_text))
             .with_state(state);
 
-        let mut tasks = Vec::new();
-        tasks.push(tokio::spawn(listener::run(
-            pg_config,
-            wake,
-            metrics.clone(),
-            shutdown.clone(),
-        )));
-        tasks.push(tokio::spawn(reader.run(shutdown.clone())));
-        tasks.push(tokio::spawn(crate::status::run(
-            status_pool,
-            status_hub,
-            metrics.clone(),
-            config.maintenance_interval,
-            shutdown.clone(),
-        )));
-        tasks.push(tokio::spawn(retention::run(
-            retention_pool,
-            config.maintenance_interval,
-            shutdown.clone(),
-        )));
         let graceful = shutdown.clone();
-        tasks.push(tokio::spawn(async move {
+        let serve = async move {
             let served = axum::serve(listener, app)
                 .with_graceful_shutdown(async move { graceful.cancelled().await })
                 .await;
             if let Err(err) = served {
                 tracing::error!(error = %err, "HTTP server failed");
             }
-        }));
+        };
+        let interval = config.maintenance_interval;
+        let tasks = vec![
+            tokio::spawn(listener::run(
+                pg_config,
+                wake,
+                metrics.clone(),
+                shutdown.clone(),
+            )),
+            tokio::spawn(reader.run(shutdown.clone())),
+            tokio::spawn(crate::status::run(
+                status_pool,
+                status_hub,
+                metrics.clone(),
+                interval,
+                shutdown.clone(),
+            )),
+            tokio::spawn(retention::run(retention_pool, interval, shutdown.clone())),
+            tokio::spawn(serve),
+        ];
         tracing::info!(%addr, "pgrelay listening");
         Ok(Relay {
             addr,

@@ -401,7 +401,10 @@ async fn sse_delivers_and_resumes_with_last_event_id() {
 async fn a_client_closed_for_being_slow_resumes_without_loss() {
     let relay = TestRelay::start_with(|c| c.limits.max_queued_bytes = 64 * 1024).await;
     let mut slow = relay.client("u2").await;
-    slow.join("task:1").await;
+    // What a client keeps: the joined position, then the id of each event it receives.
+    let mut last_id = slow.join("task:1").await["position"]
+        .as_str()
+        .map(str::to_owned);
     // Big events while the client does not read: its queue overflows and it is closed with 4008.
     let big = "x".repeat(100_000);
     let mut written = 0;
@@ -425,7 +428,6 @@ async fn a_client_closed_for_being_slow_resumes_without_loss() {
     let total = written + 20;
     // It reads what reached it, then the close; then it resumes from the last id it saw.
     let mut next = 0;
-    let mut last_id = None;
     loop {
         match tokio::time::timeout(
             common::WAIT,
@@ -447,7 +449,7 @@ async fn a_client_closed_for_being_slow_resumes_without_loss() {
         }
     }
     let mut again = relay.client("u2").await;
-    let since = last_id.expect("received something before the close");
+    let since = last_id.expect("a position");
     assert_eq!(
         resume(&mut again, "task:1", &since).await["recovered"],
         true
