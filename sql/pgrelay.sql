@@ -136,6 +136,8 @@ CREATE TABLE IF NOT EXISTS pgrelay.watches (
     exclude     text[]   NOT NULL DEFAULT '{}',
     old_values  boolean  NOT NULL DEFAULT true
 );
+-- Added after the first release (idempotent upgrades).
+ALTER TABLE pgrelay.watches ADD COLUMN IF NOT EXISTS room_fn regprocedure;  -- fn(row jsonb) -> text[]
 COMMENT ON TABLE pgrelay.watches IS 'Tables whose changes are captured; edit with pgrelay.watch() / pgrelay.unwatch()';
 
 CREATE TABLE IF NOT EXISTS pgrelay.join_rules (
@@ -314,6 +316,8 @@ END $$;
 --   rooms       room templates; '{column}' is replaced by the row's value: ARRAY['project:{project_id}'].
 --               An UPDATE goes to the rooms of the new row and of the old one (a task moved between
 --               projects reaches both project rooms).
+--   room_fn     for rooms that need a lookup: fn(row jsonb) RETURNS text[], called once per row
+--               (in addition to the templates, which may then be empty).
 --   policy      who may read a row: fn(user_id text, claims jsonb, row jsonb) RETURNS boolean.
 --               Without one nobody receives the table's changes. It sees every column, including
 --               excluded ones.
@@ -334,7 +338,8 @@ CREATE OR REPLACE FUNCTION pgrelay.watch(
     entity     text    DEFAULT NULL,
     exclude    text[]  DEFAULT '{}',
     include    text[]  DEFAULT NULL,
-    old_values boolean DEFAULT true
+    old_values boolean DEFAULT true,
+    room_fn    regproc DEFAULT NULL
 ) RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -352,8 +357,13 @@ BEGIN
     ELSE
         RAISE NOTICE 'pgrelay: % has no read policy, so nobody will receive its changes', shown_name;
     END IF;
-    IF coalesce(array_length(rooms, 1), 0) = 0 THEN
-        RAISE EXCEPTION 'pgrelay.watch(%): at least one room template is required', shown_name;
+    IF coalesce(array_length(rooms, 1), 0) = 0 AND room_fn IS NULL THEN
+        RAISE EXCEPTION 'pgrelay.watch(%): give room templates, a room function, or both', shown_name;
+    END IF;
+    IF room_fn IS NOT NULL AND NOT EXISTS (
+        SELECT FROM pg_proc p WHERE p.oid = room_fn AND p.pronargs = 1
+           AND p.proargtypes[0] = 'jsonb'::regtype AND p.prorettype = 'text[]'::regtype) THEN
+        RAISE EXCEPTION 'room function % must be declared as %(row jsonb) RETURNS text[]', room_fn, room_fn;
     END IF;
     -- Validate the templates now rather than at the first write.
     PERFORM pgrelay.room_expression(tbl, t, 'n') FROM unnest(rooms) AS t;
@@ -364,12 +374,13 @@ BEGIN
     WHERE attrelid = tbl AND attnum > 0 AND NOT attisdropped
       AND (attname = ANY (exclude) OR (include IS NOT NULL AND NOT attname = ANY (include)));
 
-    INSERT INTO pgrelay.watches AS w (tbl, name, entity, rooms, policy, exclude, old_values)
-    VALUES (tbl, shown_name, coalesce(entity, regexp_replace(rel.relname, 's$', '')), rooms, fn,
-            hidden, old_values)
+    INSERT INTO pgrelay.watches AS w (tbl, name, entity, rooms, policy, exclude, old_values, room_fn)
+    VALUES (tbl, shown_name, coalesce(entity, regexp_replace(rel.relname, 's$', '')),
+            coalesce(rooms, '{}'), fn, hidden, old_values, room_fn::oid::regprocedure)
     ON CONFLICT ON CONSTRAINT watches_pkey DO UPDATE
         SET name = excluded.name, entity = excluded.entity, rooms = excluded.rooms,
-            policy = excluded.policy, exclude = excluded.exclude, old_values = excluded.old_values;
+            policy = excluded.policy, exclude = excluded.exclude, old_values = excluded.old_values,
+            room_fn = excluded.room_fn;
 
     PERFORM pgrelay.install_capture(tbl);
     PERFORM pgrelay.rebuild_dispatch();
@@ -406,8 +417,17 @@ BEGIN
         RAISE EXCEPTION 'pgrelay.watch(%): the table needs a primary key', w.name;
     END IF;
 
-    SELECT string_agg(pgrelay.room_expression(tbl, t, 'n'), ', ') INTO rooms_n FROM unnest(w.rooms) AS t;
-    SELECT string_agg(pgrelay.room_expression(tbl, t, 'o'), ', ') INTO rooms_o FROM unnest(w.rooms) AS t;
+    -- Each side's rooms as one text[] expression: templates, plus the room function's answer.
+    SELECT format('ARRAY[%s]::text[]', coalesce(string_agg(pgrelay.room_expression(tbl, t, 'n'), ', '), ''))
+      INTO rooms_n FROM unnest(w.rooms) AS t;
+    SELECT format('ARRAY[%s]::text[]', coalesce(string_agg(pgrelay.room_expression(tbl, t, 'o'), ', '), ''))
+      INTO rooms_o FROM unnest(w.rooms) AS t;
+    IF w.room_fn IS NOT NULL THEN
+        rooms_n := format('%s || CASE WHEN n.%s IS NOT NULL THEN %s(to_jsonb(n)) END', rooms_n, pk,
+                          pgrelay.qualified(w.room_fn));
+        rooms_o := format('%s || CASE WHEN o.%s IS NOT NULL THEN %s(to_jsonb(o)) END', rooms_o, pk,
+                          pgrelay.qualified(w.room_fn));
+    END IF;
     hide := CASE WHEN w.exclude = '{}' THEN 'NULL' ELSE format('%L::text[]', w.exclude) END;
     old_expr := CASE WHEN w.old_values THEN 'pgrelay.changed_values(v.old_row, v.new_row)' ELSE 'NULL' END;
 
@@ -419,13 +439,13 @@ BEGIN
     IF TG_OP = 'INSERT' THEN
         INSERT INTO pgrelay.changes (gen, tbl, entity, op, rooms, "row", hide)
         SELECT (SELECT last_value %% 3 FROM pgrelay.generation), %1$L, %2$L, 'INSERT',
-               pgrelay.room_list(ARRAY[%3$s]), to_jsonb(n), %5$s
+               pgrelay.room_list(%3$s), to_jsonb(n), %5$s
         FROM new_rows AS n;
     ELSIF TG_OP = 'UPDATE' THEN
         INSERT INTO pgrelay.changes (gen, tbl, entity, op, rooms, "row", old, hide)
         SELECT (SELECT last_value %% 3 FROM pgrelay.generation), %1$L, %2$L,
                CASE WHEN o.%7$s IS NULL THEN 'INSERT' WHEN n.%7$s IS NULL THEN 'DELETE' ELSE 'UPDATE' END,
-               pgrelay.room_list(ARRAY[%3$s, %4$s]),
+               pgrelay.room_list(%3$s || %4$s),
                coalesce(v.new_row, v.old_row),
                CASE WHEN v.new_row IS NOT NULL AND v.old_row IS NOT NULL THEN %6$s END,
                %5$s
@@ -439,7 +459,7 @@ BEGIN
     ELSE
         INSERT INTO pgrelay.changes (gen, tbl, entity, op, rooms, "row", hide)
         SELECT (SELECT last_value %% 3 FROM pgrelay.generation), %1$L, %2$L, 'DELETE',
-               pgrelay.room_list(ARRAY[%4$s]), to_jsonb(o), %5$s
+               pgrelay.room_list(%4$s), to_jsonb(o), %5$s
         FROM old_rows AS o;
     END IF;
 %9$s

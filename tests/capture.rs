@@ -552,3 +552,77 @@ async fn lag_of_running(db: &tokio_postgres::Client) -> Option<(i64, bool)> {
     .expect("lag")
     .map(|r| (r.get::<_, i64>(0), r.get::<_, bool>(1)))
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rooms_can_come_from_a_lookup_function() {
+    let relay = TestRelay::start().await;
+    // Comments also go to the room of their task's assignee (a lookup, not a column).
+    relay
+        .sql(
+            "CREATE FUNCTION comment_rooms(r jsonb) RETURNS text[] LANGUAGE sql STABLE AS $$
+                 SELECT ARRAY(SELECT 'user:' || t.assignee_id FROM public.tasks t
+                              WHERE t.id = (r->>'task_id')::bigint AND t.assignee_id IS NOT NULL)
+             $$;
+             SELECT pgrelay.watch('comments', rooms => ARRAY['project:{project_id}', 'task:{task_id}'],
+                                  policy => 'can_read_comment', room_fn => 'comment_rooms');",
+        )
+        .await;
+    let mut bob = relay.client("u2").await; // assignee of task 1
+    bob.join("user:u2").await;
+    relay.sql("INSERT INTO comments (task_id, project_id, author_id, body) VALUES (1, 1, 'u1', 'for bob')").await;
+    let event = bob.recv_event().await;
+    assert_eq!(
+        (event["room"].as_str(), event["row"]["body"].as_str()),
+        (Some("user:u2"), Some("for bob"))
+    );
+
+    let db = &relay.db;
+    let bad = db
+        .batch_execute("SELECT pgrelay.watch('tasks', ARRAY['x:{id}'], room_fn => 'can_read_task')")
+        .await
+        .expect_err("wrong signature");
+    assert!(bad
+        .as_db_error()
+        .is_some_and(|e| e.message().contains("RETURNS text[]")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_open_for_30_seconds_delays_only_itself() {
+    let relay = TestRelay::start().await;
+    let mut alice = relay.client("u1").await;
+    alice.join("project:1").await;
+    alice.join("user:u1").await;
+
+    // A batch job writes to another watched table and keeps its transaction open for 30 s.
+    let job = common::connect(&relay.db_url).await;
+    job.batch_execute(
+        "BEGIN; INSERT INTO projects (id, name, owner_id) VALUES (2000, 'batch', 'u1');
+                       INSERT INTO project_members VALUES (2000, 'u1', 'owner');",
+    )
+    .await
+    .expect("begin");
+    let opened = std::time::Instant::now();
+    let mut i = 0;
+    while opened.elapsed() < Duration::from_secs(30) {
+        let committed = std::time::Instant::now();
+        relay
+            .sql(&format!("UPDATE tasks SET priority = {i} WHERE id = 1"))
+            .await;
+        let event = alice.recv_event().await;
+        assert_eq!(event["row"]["priority"], i);
+        // Normal latency, not "after the long transaction": generous for a loaded CI machine.
+        assert!(
+            committed.elapsed() < Duration::from_secs(3),
+            "delivery waited on the open transaction"
+        );
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    job.batch_execute("COMMIT").await.expect("commit");
+    // Its own changes arrive when it commits.
+    let event = alice.recv_event().await;
+    assert_eq!(
+        (event["event"].as_str(), event["row"]["project_id"].as_i64()),
+        (Some("project_member_created"), Some(2000))
+    );
+}

@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# What pgrelay's capture costs the application's writes.
+#
+# 1. Write throughput: pgbench, a custom script updating one random task per transaction, with
+#    1, 8 and 32 clients, for: no triggers, NOTIFY mode, poll mode (pgrelay.set_notify(false)).
+# 2. Bulk: one UPDATE of 100,000 rows with pgrelay's statement-level capture, against an
+#    equivalent row-level trigger, and against no trigger.
+#
+# It starts its own throwaway PostgreSQL with the default (durable) settings, prints a Markdown
+# report, and removes everything it made. Run on an otherwise idle machine:
+#     bash bench/trigger-cost.sh [seconds per pgbench run, default 15]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SECONDS_PER_RUN=${1:-15}
+BIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
+DIR=$(mktemp -d /tmp/pgrelay-bench.XXXXXX)
+PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+AS_PG=()
+if [ "$(id -u)" = 0 ]; then
+    chown postgres "$DIR"
+    AS_PG=(runuser -u postgres --)
+fi
+cleanup() { "${AS_PG[@]}" "$BIN/pg_ctl" -D "$DIR/data" -m fast stop >/dev/null 2>&1 || true; rm -rf "$DIR"; }
+trap cleanup EXIT
+
+"${AS_PG[@]}" "$BIN/initdb" -D "$DIR/data" -A trust -U postgres >/dev/null
+"${AS_PG[@]}" "$BIN/pg_ctl" -D "$DIR/data" -l "$DIR/log" -w \
+    -o "-p $PORT -c listen_addresses=127.0.0.1 -c unix_socket_directories= -c max_connections=100" start >/dev/null
+
+psql_() { psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PORT" -U postgres "$@"; }
+
+# A database with the library, the example schema and 1,000 tasks in 10 projects.
+make_db() {
+    local db=$1 mode=$2
+    psql_ -c "CREATE DATABASE $db" >/dev/null
+    psql_ -d "$db" -1 -f sql/pgrelay.sql >/dev/null 2>&1
+    psql_ -d "$db" -1 -f migrations/001_task_app.sql >/dev/null 2>&1
+    psql_ -d "$db" >/dev/null <<'SQL'
+INSERT INTO users VALUES ('u1', 'alice');
+INSERT INTO projects (name, owner_id) SELECT 'p' || i, 'u1' FROM generate_series(1, 10) i;
+INSERT INTO tasks (project_id, title) SELECT 1 + i % 10, 'task ' || i FROM generate_series(1, 1000) i;
+SQL
+    case $mode in
+        none)   psql_ -d "$db" -c "SELECT pgrelay.unwatch(tbl) FROM pgrelay.watches" >/dev/null ;;
+        poll)   psql_ -d "$db" -c "SELECT pgrelay.set_notify(false)" >/dev/null ;;
+        notify) ;;
+    esac
+    psql_ -d "$db" -c "VACUUM ANALYZE" >/dev/null
+}
+
+cat > "$DIR/update.sql" <<'SQL'
+\set id random(1, 1000)
+UPDATE tasks SET priority = coalesce(priority, 0) + 1, updated_at = now() WHERE id = :id;
+SQL
+
+echo "## Write throughput (pgbench, ${SECONDS_PER_RUN} s per run, one-row UPDATE of tasks per transaction)"
+echo
+echo "| clients | no triggers (TPS) | NOTIFY mode (TPS) | poll mode (TPS) | NOTIFY / none | poll / none |"
+echo "|---|---|---|---|---|---|"
+for mode in none notify poll; do make_db "bench_$mode" "$mode"; done
+for clients in 1 8 32; do
+    declare -A tps=()
+    for mode in none notify poll; do
+        jobs=$(( clients < 2 ? clients : 2 ))
+        out=$(pgbench -n -h 127.0.0.1 -p "$PORT" -U postgres -f "$DIR/update.sql" \
+              -c "$clients" -j "$jobs" -T "$SECONDS_PER_RUN" "bench_$mode" 2>&1)
+        tps[$mode]=$(printf '%s\n' "$out" | sed -n 's/^tps = \([0-9.]*\).*/\1/p' | head -n 1)
+    done
+    printf '| %s | %.0f | %.0f | %.0f | %.0f%% | %.0f%% |\n' "$clients" \
+        "${tps[none]}" "${tps[notify]}" "${tps[poll]}" \
+        "$(echo "100 * ${tps[notify]} / ${tps[none]}" | bc -l)" \
+        "$(echo "100 * ${tps[poll]} / ${tps[none]}" | bc -l)"
+done
+
+echo
+echo "## Bulk: one UPDATE of 100,000 rows (median of 3)"
+echo
+bulk_db() {
+    local db=$1 mode=$2
+    make_db "$db" "$mode"
+    psql_ -d "$db" -c "INSERT INTO tasks (project_id, title) SELECT 1, 'bulk ' || i FROM generate_series(1, 100000) i" >/dev/null
+    if [ "$mode" = rowlevel ]; then
+        # The same record per row, written by a classic row-level trigger instead.
+        psql_ -d "$db" >/dev/null <<'SQL'
+SELECT pgrelay.unwatch('tasks');
+CREATE FUNCTION capture_row() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO pgrelay.changes (gen, tbl, entity, op, rooms, "row", old)
+    VALUES ((SELECT last_value % 3 FROM pgrelay.generation), 'tasks', 'task', TG_OP,
+            pgrelay.room_list(ARRAY['project:' || NEW.project_id, 'task:' || NEW.id,
+                                    'project:' || OLD.project_id, 'task:' || OLD.id]),
+            to_jsonb(NEW), pgrelay.changed_values(to_jsonb(OLD), to_jsonb(NEW)));
+    PERFORM pg_notify('pgrelay', '');
+    RETURN NULL;
+END $$;
+CREATE TRIGGER capture_row AFTER UPDATE ON tasks FOR EACH ROW EXECUTE FUNCTION capture_row();
+SQL
+    fi
+    psql_ -d "$db" -c "VACUUM ANALYZE" >/dev/null
+}
+echo "| capture | UPDATE of 100,000 rows (ms) |"
+echo "|---|---|"
+for mode in none notify rowlevel; do
+    bulk_db "bulk_$mode" "$mode"
+    times=()
+    for run in 1 2 3; do
+        ms=$(psql_ -d "bulk_$mode" -c '\timing on' \
+             -c "UPDATE tasks SET priority = $run WHERE project_id = 1" | sed -n 's/^Time: \([0-9.]*\) ms.*/\1/p')
+        times+=("$ms")
+    done
+    median=$(printf '%s\n' "${times[@]}" | sort -g | sed -n 2p)
+    label=$mode
+    [ "$mode" = none ] && label="no triggers"
+    [ "$mode" = notify ] && label="pgrelay (statement-level)"
+    [ "$mode" = rowlevel ] && label="row-level trigger, same record"
+    printf '| %s | %.0f |\n' "$label" "$median"
+done
+echo
+echo "Machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, PostgreSQL $("$BIN/postgres" --version | awk '{print $3}'), default settings (fsync on, synchronous_commit on)."
