@@ -79,6 +79,26 @@ impl Authorizer {
         Ok(row.try_get::<_, Option<bool>>(0)?.unwrap_or(false))
     }
 
+    /// For each (room, client, principal): may the user still join the room? One query for all.
+    pub async fn still_allowed(
+        &self,
+        checks: &[(String, u64, Arc<Principal>)],
+    ) -> anyhow::Result<Vec<bool>> {
+        let rooms: Vec<&str> = checks.iter().map(|c| c.0.as_str()).collect();
+        let users: Vec<&str> = checks.iter().map(|c| c.2.user.as_str()).collect();
+        let claims: Vec<&serde_json::Value> = checks.iter().map(|c| &c.2.claims).collect();
+        let client = self.pool.get().await.context("no database connection")?;
+        let statement = client
+            .prepare_cached(
+                "SELECT coalesce(pgrelay.can_join(u, c, r), false)
+                 FROM unnest($1::text[], $2::jsonb[], $3::text[]) WITH ORDINALITY AS x(u, c, r, ix)
+                 ORDER BY ix",
+            )
+            .await?;
+        let rows = client.query(&statement, &[&users, &claims, &rooms]).await?;
+        rows.iter().map(|row| Ok(row.try_get(0)?)).collect()
+    }
+
     /// Evaluates the read policy for each `(change index, principal index)` pair (0-based) and
     /// returns the pairs that see something.
     pub async fn readers(

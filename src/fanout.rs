@@ -103,44 +103,87 @@ pub async fn deliver(
         .add((pairs.len() - visible.len()) as u64);
 
     // 3. Deliver.
-    let mut state = hub.lock();
+    let mut recheck: HashMap<(String, u64), Arc<Principal>> = HashMap::new();
     let mut delivered = 0u64;
-    for (change_ix, change) in changes.iter().enumerate() {
-        let id = batch.codec.seal(&Position::Within {
-            since: batch.since.clone(),
-            upto: batch.upto.clone(),
-            change_id: change.id,
-        });
-        for room in &change.rooms {
-            let Some(members) = state.rooms.get_mut(room.as_str()) else {
-                continue;
-            };
-            let mut frames: [Option<Utf8Bytes>; 3] = Default::default();
-            for member in members
-                .values_mut()
-                .filter(|m| m.first_batch <= batch.number)
-            {
-                let Some(&principal) = principal_of_client.get(&member.client.id) else {
-                    continue; // joined after step 1 began: its position starts after this batch
-                };
-                let Some(&visibility) = visible.get(&(change_ix as u32, principal)) else {
+    {
+        let mut state = hub.lock();
+        for (change_ix, change) in changes.iter().enumerate() {
+            let id = batch.codec.seal(&Position::Within {
+                since: batch.since.clone(),
+                upto: batch.upto.clone(),
+                change_id: change.id,
+            });
+            for room in &change.rooms {
+                let Some(members) = state.rooms.get_mut(room.as_str()) else {
                     continue;
                 };
-                let slot = &mut frames[visibility as usize];
-                let frame = match slot {
-                    Some(frame) => frame.clone(),
-                    None => slot
-                        .insert(event_frame(room, &id, change, visibility)?)
-                        .clone(),
-                };
-                if member.deliver(frame) {
-                    delivered += 1;
+                let mut frames: [Option<Utf8Bytes>; 3] = Default::default();
+                for member in members
+                    .values_mut()
+                    .filter(|m| m.first_batch <= batch.number)
+                {
+                    let Some(&principal) = principal_of_client.get(&member.client.id) else {
+                        continue; // joined after step 1 began: its position starts after this batch
+                    };
+                    let Some(&visibility) = visible.get(&(change_ix as u32, principal)) else {
+                        // Denied: maybe this member has lost access to the room itself.
+                        recheck.insert((room.clone(), member.client.id), member.principal.clone());
+                        continue;
+                    };
+                    if visibility == Visibility::Vanished {
+                        recheck.insert((room.clone(), member.client.id), member.principal.clone());
+                    }
+                    let slot = &mut frames[visibility as usize];
+                    let frame = match slot {
+                        Some(frame) => frame.clone(),
+                        None => slot
+                            .insert(event_frame(room, &id, change, visibility)?)
+                            .clone(),
+                    };
+                    if member.deliver(frame) {
+                        delivered += 1;
+                    }
                 }
             }
         }
     }
     metrics.events_delivered.add(delivered);
+
+    // 4. Revoke: members who were denied a change, or saw a row leave their view, may have lost
+    // access to the room. Ask the join policy once for all of them; those refused leave the room.
+    if !recheck.is_empty() {
+        revoke_lost_access(hub, authorizer, metrics, recheck).await;
+    }
     Ok(())
+}
+
+async fn revoke_lost_access(
+    hub: &Hub,
+    authorizer: &Authorizer,
+    metrics: &Metrics,
+    recheck: HashMap<(String, u64), Arc<Principal>>,
+) {
+    let checks: Vec<(String, u64, Arc<Principal>)> = recheck
+        .into_iter()
+        .map(|((room, client), principal)| (room, client, principal))
+        .collect();
+    let allowed = match authorizer.still_allowed(&checks).await {
+        Ok(allowed) => allowed,
+        Err(err) => {
+            // Nothing leaks meanwhile: every event is authorized on its own. Retried next time.
+            tracing::warn!(error = %format!("{err:#}"), "re-checking room access failed");
+            return;
+        }
+    };
+    for ((room, client, _), allowed) in checks.iter().zip(allowed) {
+        if !allowed {
+            if let Some(room) = crate::protocol::Room::parse(room) {
+                if hub.revoke(&room, *client) {
+                    metrics.revocations.inc();
+                }
+            }
+        }
+    }
 }
 
 #[derive(Serialize)]

@@ -58,6 +58,7 @@ pub struct Metrics {
     pub slow_consumer_disconnects: Counter,
     pub client_errors: Counter,
     pub replay_failures: Counter,
+    pub revocations: Counter,
 }
 
 impl Metrics {
@@ -153,6 +154,12 @@ impl Metrics {
             "counter",
             "Error replies sent to clients.",
             self.client_errors.get(),
+        );
+        metric(
+            "revocations_total",
+            "counter",
+            "Members removed from a room because they lost access (left, reason revoked).",
+            self.revocations.get(),
         );
         metric(
             "replay_failures_total",

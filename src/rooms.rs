@@ -217,6 +217,28 @@ impl Hub {
         true
     }
 
+    /// Removes a member who lost access and tells it (`left`, reason `revoked`); false if it was
+    /// not in the room.
+    pub fn revoke(&self, room: &Room, client_id: u64) -> bool {
+        let mut state = self.lock();
+        let Some(members) = state.rooms.get_mut(room) else {
+            return false;
+        };
+        let Some(member) = members.remove(&client_id) else {
+            return false;
+        };
+        if members.is_empty() {
+            state.rooms.remove(room);
+        }
+        let left = crate::protocol::ServerMessage::Left {
+            room: room.as_str(),
+            reason: "revoked",
+            reference: None,
+        };
+        member.client.send(left.to_json().into());
+        true
+    }
+
     /// A refreshed token: later authorization uses its claims.
     pub fn update_principal(&self, client_id: u64, rooms: &[Room], principal: &Arc<Principal>) {
         let mut state = self.lock();
