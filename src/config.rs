@@ -15,6 +15,8 @@ pub struct RelayConfig {
     pub maintenance_interval: Duration,
     pub pool_size: usize,
     pub limits: Limits,
+    /// Browser origins allowed to connect (`Origin` header); empty = any.
+    pub allowed_origins: Vec<String>,
 }
 
 /// Per-connection limits.
@@ -28,6 +30,18 @@ pub struct Limits {
     pub max_queued_bytes: usize,
     /// Time to send `auth` when the upgrade carried no token.
     pub auth_timeout: Duration,
+    /// Client messages per second per connection, and the burst allowed above it.
+    pub messages_per_second: u32,
+    pub message_burst: u32,
+    /// Join attempts per second per connection (each costs a policy query), and the burst.
+    pub joins_per_second: u32,
+    pub join_burst: u32,
+    /// Open connections (WebSocket and SSE) per user.
+    pub max_connections_per_user: usize,
+    /// The relay pings every connection this often ...
+    pub ping_interval: Duration,
+    /// ... and closes one it has heard nothing from (not even a pong) for this long.
+    pub idle_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -37,6 +51,13 @@ impl Default for Limits {
             max_rooms_per_connection: 100,
             max_queued_bytes: 1024 * 1024,
             auth_timeout: Duration::from_secs(10),
+            messages_per_second: 20,
+            message_burst: 40,
+            joins_per_second: 10,
+            join_burst: 20,
+            max_connections_per_user: 20,
+            ping_interval: Duration::from_secs(25),
+            idle_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -52,6 +73,7 @@ impl RelayConfig {
             maintenance_interval: Duration::from_secs(10),
             pool_size: 16,
             limits: Limits::default(),
+            allowed_origins: Vec::new(),
         }
     }
 }

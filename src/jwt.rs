@@ -53,8 +53,27 @@ pub struct Verifier {
 
 impl Verifier {
     /// HS256 with a shared secret.
+    /// HS256/384/512 with a shared secret.
     pub fn from_secret(secret: &[u8]) -> Verifier {
-        Self::new(DecodingKey::from_secret(secret), vec![Algorithm::HS256])
+        use Algorithm::*;
+        Self::new(DecodingKey::from_secret(secret), vec![HS256, HS384, HS512])
+    }
+
+    /// Also require this `iss` claim.
+    pub fn with_issuer(mut self, issuer: &str) -> Verifier {
+        let validation = Arc::make_mut(&mut self.validation);
+        validation.set_issuer(&[issuer]);
+        validation.required_spec_claims.insert("iss".into());
+        self
+    }
+
+    /// Also require this audience in `aud`.
+    pub fn with_audience(mut self, audience: &str) -> Verifier {
+        let validation = Arc::make_mut(&mut self.validation);
+        validation.set_audience(&[audience]);
+        validation.validate_aud = true;
+        validation.required_spec_claims.insert("aud".into());
+        self
     }
 
     /// A PEM public key: RSA (RS256/384/512, PS*), EC (ES256/384) or Ed25519 (EdDSA).
@@ -114,6 +133,8 @@ fn describe(kind: &jsonwebtoken::errors::ErrorKind) -> String {
         ImmatureSignature => "token not valid yet (nbf)".into(),
         InvalidSignature => "invalid signature".into(),
         InvalidAlgorithm => "algorithm not accepted".into(),
+        InvalidIssuer => "wrong issuer (iss)".into(),
+        InvalidAudience => "wrong audience (aud)".into(),
         MissingRequiredClaim(claim) => format!("missing required claim `{claim}`"),
         InvalidToken | Base64(_) | Json(_) | Utf8(_) => "malformed token".into(),
         _ => "invalid token".into(),
@@ -239,10 +260,14 @@ mod tests {
                 "not valid yet",
             ),
             (
-                sign(
-                    serde_json::json!({"sub":"u1","exp":now+60}),
-                    Algorithm::HS512,
-                    SECRET,
+                // A valid HS256 token relabelled RS256 (algorithm confusion).
+                relabel(
+                    &sign(
+                        serde_json::json!({"sub":"u1","exp":now+60}),
+                        Algorithm::HS256,
+                        SECRET,
+                    ),
+                    "RS256",
                 ),
                 "algorithm not accepted",
             ),
@@ -267,9 +292,55 @@ mod tests {
         }
     }
 
+    fn relabel(token: &str, alg: &str) -> String {
+        let rest = token.split_once('.').map(|(_, r)| r).unwrap_or_default();
+        format!(
+            "{}.{rest}",
+            b64(&format!(r#"{{"alg":"{alg}","typ":"JWT"}}"#))
+        )
+    }
+
     fn b64(s: &str) -> String {
         use base64::Engine;
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s)
+    }
+
+    #[test]
+    fn all_hmac_sizes_are_accepted_and_issuer_and_audience_are_checked() {
+        let now = now_secs();
+        let claims = serde_json::json!({"sub":"u1","exp":now+60,"iss":"https://auth.example","aud":"pgrelay"});
+        for alg in [Algorithm::HS256, Algorithm::HS384, Algorithm::HS512] {
+            assert!(
+                Verifier::from_secret(SECRET)
+                    .verify(&sign(claims.clone(), alg, SECRET))
+                    .is_ok(),
+                "{alg:?}"
+            );
+        }
+        let strict = Verifier::from_secret(SECRET)
+            .with_issuer("https://auth.example")
+            .with_audience("pgrelay");
+        assert!(strict
+            .verify(&sign(claims, Algorithm::HS256, SECRET))
+            .is_ok());
+        let wrong_iss = serde_json::json!({"sub":"u1","exp":now+60,"iss":"https://evil.example","aud":"pgrelay"});
+        let err = strict
+            .verify(&sign(wrong_iss, Algorithm::HS256, SECRET))
+            .expect_err("iss");
+        assert!(err.to_string().contains("issuer"), "{err}");
+        let wrong_aud =
+            serde_json::json!({"sub":"u1","exp":now+60,"iss":"https://auth.example","aud":"other"});
+        let err = strict
+            .verify(&sign(wrong_aud, Algorithm::HS256, SECRET))
+            .expect_err("aud");
+        assert!(err.to_string().contains("audience"), "{err}");
+        let missing = serde_json::json!({"sub":"u1","exp":now+60});
+        assert!(
+            strict
+                .verify(&sign(missing, Algorithm::HS256, SECRET))
+                .is_err(),
+            "iss and aud required when configured"
+        );
     }
 
     #[test]

@@ -85,6 +85,15 @@ struct ServeArgs {
     /// Where the embedded Postgres keeps its data.
     #[arg(long, env = "PGRELAY_DATA_DIR", default_value = ".pgrelay")]
     data_dir: PathBuf,
+    /// Require this `iss` claim in tokens.
+    #[arg(long, env = "PGRELAY_JWT_ISSUER")]
+    jwt_issuer: Option<String>,
+    /// Require this audience in tokens' `aud` claim.
+    #[arg(long, env = "PGRELAY_JWT_AUDIENCE")]
+    jwt_audience: Option<String>,
+    /// Browser origins allowed to connect, comma-separated (default: any).
+    #[arg(long, env = "PGRELAY_ALLOWED_ORIGINS", value_delimiter = ',')]
+    allowed_origins: Vec<String>,
     /// Read the outbox at least this often even without a notification.
     #[arg(long, env = "PGRELAY_POLL_INTERVAL", default_value = "1s", value_parser = jwt::parse_ttl)]
     poll_interval: Duration,
@@ -193,6 +202,15 @@ async fn serve(args: ServeArgs) -> Result<(), Failure> {
         }
     };
 
+    let verifier = match &args.jwt_issuer {
+        Some(issuer) => verifier.with_issuer(issuer),
+        None => verifier,
+    };
+    let verifier = match &args.jwt_audience {
+        Some(audience) => verifier.with_audience(audience),
+        None => verifier,
+    };
+
     // Development mode: an embedded database, migrated, with demo data on first start.
     let mut embedded = None;
     let database_url = match args.database_url {
@@ -218,6 +236,7 @@ async fn serve(args: ServeArgs) -> Result<(), Failure> {
     let mut config = RelayConfig::new(database_url.clone(), verifier);
     config.bind = args.bind;
     config.poll_interval = args.poll_interval;
+    config.allowed_origins = args.allowed_origins;
     let relay = Relay::start(config).await.map_err(Failure::Config)?;
     if embedded.is_some() {
         print_dev_banner(&relay, &database_url)?;

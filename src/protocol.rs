@@ -172,10 +172,12 @@ pub enum ErrorCode {
 
 /// WebSocket close codes (contract §4).
 pub mod close {
+    pub const NORMAL: u16 = 1000;
     pub const GOING_AWAY: u16 = 1001;
     pub const MESSAGE_TOO_BIG: u16 = 1009;
     pub const UNAUTHORIZED: u16 = 4001;
     pub const TOO_SLOW: u16 = 4008;
+    pub const RATE_LIMITED: u16 = 4029;
 }
 
 /// Replies and notices from the relay (events are built in [`crate::fanout`], where they are

@@ -44,7 +44,22 @@ pub struct AppState {
     pub verifier: Verifier,
     pub metrics: Arc<Metrics>,
     pub limits: Limits,
+    pub allowed_origins: Arc<Vec<String>>,
+    pub connections_per_user: Arc<crate::transport::limits::ConnectionsPerUser>,
     pub shutdown: CancellationToken,
+}
+
+impl AppState {
+    /// False for a browser request from an origin that is not allowed (requests without an
+    /// `Origin` header come from non-browser clients and are not restricted).
+    pub fn origin_allowed(&self, headers: &axum::http::HeaderMap) -> bool {
+        match headers.get(header::ORIGIN).and_then(|o| o.to_str().ok()) {
+            Some(origin) if !self.allowed_origins.is_empty() => {
+                self.allowed_origins.iter().any(|a| a == origin)
+            }
+            _ => true,
+        }
+    }
 }
 
 /// A running relay.
@@ -94,6 +109,8 @@ impl Relay {
             verifier: config.verifier,
             metrics: metrics.clone(),
             limits: config.limits,
+            allowed_origins: Arc::new(config.allowed_origins),
+            connections_per_user: Arc::default(),
             shutdown: shutdown.clone(),
         };
         let reader = Reader {

@@ -471,11 +471,17 @@ async fn a_user_who_loses_access_is_told_and_receives_nothing_more() {
     }
 
     // Task 2 made private: bob sees it leave, then loses its room, but stays in the project.
-    relay.sql("UPDATE tasks SET is_private = true WHERE id = 2").await;
+    relay
+        .sql("UPDATE tasks SET is_private = true WHERE id = 2")
+        .await;
     let mut got: Vec<(String, String)> = Vec::new();
     for _ in 0..3 {
         let m = bob.recv().await;
-        let what = m["event"].as_str().or(m["reason"].as_str()).unwrap_or_default().to_owned();
+        let what = m["event"]
+            .as_str()
+            .or(m["reason"].as_str())
+            .unwrap_or_default()
+            .to_owned();
         got.push((m["room"].as_str().unwrap_or_default().to_owned(), what));
     }
     got.sort();
@@ -490,24 +496,36 @@ async fn a_user_who_loses_access_is_told_and_receives_nothing_more() {
     assert_eq!(alice.recv_event().await["event"], "task_updated");
 
     // Removed from the project: bob learns it (his own membership row), then is out of the rooms.
-    relay.sql("DELETE FROM project_members WHERE project_id = 1 AND user_id = 'u2'").await;
+    relay
+        .sql("DELETE FROM project_members WHERE project_id = 1 AND user_id = 'u2'")
+        .await;
     let mut removed = BTreeSet::new();
     for _ in 0..2 {
         let e = bob.recv_event().await;
         assert_eq!(e["event"], "project_member_deleted");
         removed.insert(e["room"].as_str().unwrap_or_default().to_owned());
     }
-    assert_eq!(removed, BTreeSet::from(["project:1".to_owned(), "user:u2".to_owned()]));
+    assert_eq!(
+        removed,
+        BTreeSet::from(["project:1".to_owned(), "user:u2".to_owned()])
+    );
     alice.recv_event().await;
 
     relay.sql(FENCE).await; // task 1, in project:1 and task:1
     let mut left = BTreeSet::new();
     for _ in 0..2 {
         let m = bob.recv().await;
-        assert_eq!((m["type"].as_str(), m["reason"].as_str()), (Some("left"), Some("revoked")), "{m}");
+        assert_eq!(
+            (m["type"].as_str(), m["reason"].as_str()),
+            (Some("left"), Some("revoked")),
+            "{m}"
+        );
         left.insert(m["room"].as_str().unwrap_or_default().to_owned());
     }
-    assert_eq!(left, BTreeSet::from(["project:1".to_owned(), "task:1".to_owned()]));
+    assert_eq!(
+        left,
+        BTreeSet::from(["project:1".to_owned(), "task:1".to_owned()])
+    );
     assert_is_fence(&alice.recv_event().await);
 
     relay.sql(FENCE).await;

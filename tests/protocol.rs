@@ -445,3 +445,157 @@ async fn a_join_racing_a_batch_gets_every_change_after_its_position_and_none_bef
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn floods_get_rate_limited_then_closed_with_4029_and_others_carry_on() {
+    let relay = TestRelay::start_with(|c| {
+        c.limits.messages_per_second = 5;
+        c.limits.message_burst = 5;
+        c.limits.joins_per_second = 1;
+        c.limits.join_burst = 2;
+    })
+    .await;
+    let mut calm = relay.client("u1").await;
+
+    let mut joiner = relay.client("u2").await;
+    joiner.join("project:1").await;
+    joiner.join("task:1").await;
+    joiner
+        .send(json!({"type": "join", "room": "task:2", "ref": "j3"}))
+        .await;
+    let reply = joiner.recv().await;
+    assert_eq!(
+        (reply["code"].as_str(), reply["ref"].as_str()),
+        (Some("rate_limited"), Some("j3"))
+    );
+
+    let mut flood = relay.client("u2").await;
+    for _ in 0..100 {
+        // The relay may close the connection before the flood ends.
+        let ping = Message::Text(json!({"type": "ping"}).to_string().into());
+        if futures_util::SinkExt::send(&mut flood.stream, ping)
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    let mut pongs = 0;
+    let mut limited = 0;
+    loop {
+        match tokio::time::timeout(
+            common::WAIT,
+            futures_util::StreamExt::next(&mut flood.stream),
+        )
+        .await
+        {
+            Ok(Some(Ok(Message::Text(text)))) => {
+                let m: Value = serde_json::from_str(&text).expect("json");
+                match m["type"].as_str() {
+                    Some("pong") => pongs += 1,
+                    Some("error") if m["code"] == "rate_limited" => limited += 1,
+                    _ => panic!("unexpected {m}"),
+                }
+            }
+            Ok(Some(Ok(Message::Close(frame)))) => {
+                assert_eq!(frame.map(|f| u16::from(f.code)), Some(4029));
+                break;
+            }
+            Ok(Some(Ok(_))) => continue,
+            other => panic!("expected pongs, rate_limited, then 4029; got {other:?}"),
+        }
+    }
+    assert!(
+        (5..=10).contains(&pongs),
+        "about the burst got through: {pongs}"
+    );
+    assert_eq!(limited, 1, "one error, not one per dropped message");
+    calm.ping().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_per_user_are_limited_across_websocket_and_sse() {
+    let relay = TestRelay::start_with(|c| c.limits.max_connections_per_user = 2).await;
+    let first = relay.client("u1").await;
+    let path = format!("/sse?rooms=user:u1&token={}", token("u1"));
+    let sse = common::SseClient::connect(relay.addr(), &path, None).await;
+    assert_eq!(sse.status, 200);
+    let mut third = WsClient::connect(&format!("{}?token={}", relay.ws_url(), token("u1")))
+        .await
+        .expect("connect");
+    let error = third.recv().await;
+    assert_eq!(error["code"], "rate_limited");
+    assert_eq!(third.closed().await, close_code(4029));
+    assert_eq!(
+        common::SseClient::connect(relay.addr(), &path, None)
+            .await
+            .status,
+        429
+    );
+    // Other users are not affected, and closing one connection frees a slot.
+    relay.client("u2").await;
+    drop(first);
+    let mut again = None;
+    for _ in 0..100 {
+        let mut c = WsClient::connect(&format!("{}?token={}", relay.ws_url(), token("u1")))
+            .await
+            .expect("connect");
+        if c.recv().await["type"] == "ready" {
+            again = Some(c);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(again.is_some(), "the slot was released");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_client_is_closed_after_the_idle_timeout_and_a_live_one_is_not() {
+    let relay = TestRelay::start_with(|c| {
+        c.limits.ping_interval = Duration::from_millis(100);
+        c.limits.idle_timeout = Duration::from_millis(600);
+    })
+    .await;
+    let mut live = relay.client("u1").await;
+    let mut silent = relay.client("u2").await;
+    // The live client reads (and so answers the relay's pings) for well over the timeout.
+    live.expect_nothing(Duration::from_millis(1500)).await;
+    live.ping().await;
+    // The silent one read nothing and answered no ping: the relay has closed it (1000, "idle
+    // timeout"); only the live client remains.
+    wait_for_metric(&relay, "connections", |n| n == 1).await;
+    // (Reading now, the client's library may trip over its own pending pongs before it sees the
+    // close frame, so either ending is accepted here.)
+    assert!(matches!(
+        silent.closed().await,
+        common::Ended::Closed(None | Some(1000))
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browsers_from_other_origins_are_refused() {
+    let relay =
+        TestRelay::start_with(|c| c.allowed_origins = vec!["https://app.example".to_owned()]).await;
+    let connect = |origin: Option<&'static str>| {
+        let url = format!("{}?token={}", relay.ws_url(), token("u1"));
+        async move {
+            let mut request =
+                tungstenite::client::IntoClientRequest::into_client_request(url).expect("request");
+            if let Some(origin) = origin {
+                request
+                    .headers_mut()
+                    .insert("Origin", origin.parse().expect("header"));
+            }
+            tokio_tungstenite::connect_async(request).await.map(|_| ())
+        }
+    };
+    match connect(Some("https://evil.example")).await {
+        Err(tungstenite::Error::Http(response)) => assert_eq!(response.status(), 403),
+        other => panic!("expected 403, got {other:?}"),
+    }
+    assert!(connect(Some("https://app.example")).await.is_ok());
+    assert!(
+        connect(None).await.is_ok(),
+        "non-browser clients send no Origin"
+    );
+}

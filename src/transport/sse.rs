@@ -53,6 +53,13 @@ pub async fn stream(
         )
             .into_response()
     };
+    if !app.origin_allowed(&headers) {
+        return refuse(
+            StatusCode::FORBIDDEN,
+            ErrorCode::Forbidden,
+            "origin not allowed",
+        );
+    }
     let Some(token) = token_from_request(&headers, params.token) else {
         return refuse(
             StatusCode::UNAUTHORIZED,
@@ -89,6 +96,20 @@ pub async fn stream(
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
 
+    let max = app.limits.max_connections_per_user;
+    if !app.connections_per_user.acquire(&principal.user, max) {
+        let message = format!("at most {max} connections per user");
+        return refuse(
+            StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::RateLimited,
+            &message,
+        );
+    }
+    // From here on the session (or this guard, if joining fails) releases the slot.
+    let slot = UserSlot {
+        app: app.clone(),
+        user: principal.user.clone(),
+    };
     let (client, queue) = ClientHandle::new(app.limits.max_queued_bytes);
     let client = Arc::new(client);
     let joined = subscribe::join(
@@ -135,6 +156,7 @@ pub async fn stream(
 
     app.metrics.connections.inc();
     let session = SseSession {
+        _slot: slot,
         deadline: Instant::now() + principal.remaining(),
         app,
         client,
@@ -152,6 +174,7 @@ pub async fn stream(
 
 /// Leaves the rooms when the stream ends, however it ends (the client went away, expiry, shutdown).
 struct SseSession {
+    _slot: UserSlot,
     app: AppState,
     client: Arc<ClientHandle>,
     #[allow(dead_code)] // held for the session's lifetime, like the WebSocket session's
@@ -164,6 +187,18 @@ impl Drop for SseSession {
     fn drop(&mut self) {
         self.app.hub.disconnect(self.client.id, &self.rooms);
         self.app.metrics.connections.dec();
+    }
+}
+
+/// One of the user's connection slots, given back when dropped.
+struct UserSlot {
+    app: AppState,
+    user: String,
+}
+
+impl Drop for UserSlot {
+    fn drop(&mut self) {
+        self.app.connections_per_user.release(&self.user);
     }
 }
 

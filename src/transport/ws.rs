@@ -23,6 +23,7 @@ use serde::Deserialize;
 use tokio::time::Instant;
 
 use super::client::{ClientHandle, ClientQueue, CloseRequest};
+use super::limits::TokenBucket;
 use crate::jwt::Principal;
 use crate::protocol::{self, close, ClientMessage, ErrorCode, Room, ServerMessage};
 use crate::server::AppState;
@@ -40,6 +41,19 @@ pub async fn upgrade(
     headers: HeaderMap,
     Query(params): Query<WsParams>,
 ) -> Response {
+    if !app.origin_allowed(&headers) {
+        let body = ServerMessage::Error {
+            code: ErrorCode::Forbidden,
+            message: "origin not allowed",
+            reference: None,
+        };
+        return (
+            StatusCode::FORBIDDEN,
+            [(header::CONTENT_TYPE, "application/json")],
+            body.to_json(),
+        )
+            .into_response();
+    }
     let principal = match token_from_request(&headers, params.token) {
         Some(token) => match app.verifier.verify(&token) {
             Ok(principal) => Some(principal),
@@ -88,7 +102,16 @@ struct Session {
     principal: Option<Arc<Principal>>,
     rooms: Vec<Room>,
     deadline: Instant,
+    /// When the client was last heard from (any frame, pongs included).
+    heard: Instant,
+    messages: TokenBucket,
+    joins: TokenBucket,
+    /// Messages dropped in a row for exceeding the rate.
+    strikes: u32,
 }
+
+/// Rate-limited messages in a row after which the connection is closed (4029).
+const MAX_STRIKES: u32 = 20;
 
 /// What to do after handling a client message.
 enum Flow {
@@ -100,18 +123,30 @@ impl Session {
     async fn run(app: AppState, socket: WebSocket, principal: Option<Principal>) {
         app.metrics.connections.inc();
         let (client, queue) = ClientHandle::new(app.limits.max_queued_bytes);
+        let limits = &app.limits;
         let mut session = Session {
-            deadline: Instant::now() + app.limits.auth_timeout,
+            deadline: Instant::now() + limits.auth_timeout,
+            heard: Instant::now(),
+            messages: TokenBucket::new(limits.messages_per_second, limits.message_burst),
+            joins: TokenBucket::new(limits.joins_per_second, limits.join_burst),
+            strikes: 0,
             app: app.clone(),
             client: Arc::new(client),
             principal: None,
             rooms: Vec::new(),
         };
-        if let Some(principal) = principal {
-            session.authenticated(principal, None);
+        let refused = match principal {
+            Some(principal) => session.authenticated(principal, None),
+            None => None,
+        };
+        if let Some(request) = refused {
+            session.client.close(request);
         }
         session.serve(socket, queue).await;
         app.hub.disconnect(session.client.id, &session.rooms);
+        if let Some(principal) = &session.principal {
+            app.connections_per_user.release(&principal.user);
+        }
         app.metrics.connections.dec();
     }
 
@@ -121,7 +156,8 @@ impl Session {
     async fn serve(&mut self, socket: WebSocket, queue: ClientQueue) {
         let (sink, mut stream) = socket.split();
         let mut close = queue.close.clone();
-        let mut writer = tokio::spawn(write_frames(sink, queue, self.client.clone()));
+        let ping_every = self.app.limits.ping_interval;
+        let mut writer = tokio::spawn(write_frames(sink, queue, self.client.clone(), ping_every));
         let shutdown = self.app.shutdown.clone();
         let request = loop {
             tokio::select! {
@@ -148,6 +184,9 @@ impl Session {
                         break None;
                     }
                 },
+                () = tokio::time::sleep_until(self.heard + self.app.limits.idle_timeout) => {
+                    break Some(CloseRequest { code: close::NORMAL, reason: "idle timeout" });
+                }
                 () = tokio::time::sleep_until(self.deadline) => {
                     let reason = if self.principal.is_some() { "token expired" } else { "authentication timeout" };
                     break Some(CloseRequest { code: close::UNAUTHORIZED, reason });
@@ -173,6 +212,21 @@ impl Session {
     }
 
     async fn on_message(&mut self, message: Message) -> Flow {
+        self.heard = Instant::now();
+        if matches!(message, Message::Text(_) | Message::Binary(_)) && !self.messages.take() {
+            self.strikes += 1;
+            if self.strikes >= MAX_STRIKES {
+                return Flow::Close(CloseRequest {
+                    code: close::RATE_LIMITED,
+                    reason: "rate limited",
+                });
+            }
+            if self.strikes == 1 {
+                self.error(ErrorCode::RateLimited, "too many messages; slow down", None);
+            }
+            return Flow::Continue;
+        }
+        self.strikes = 0;
         let text = match message {
             Message::Text(text) => text,
             Message::Binary(_) => {
@@ -208,6 +262,14 @@ impl Session {
                 self.error(
                     ErrorCode::Unauthorized,
                     "authenticate first: {\"type\":\"auth\",\"token\":...}",
+                    reference,
+                );
+                Flow::Continue
+            }
+            ClientMessage::Join { .. } if !self.joins.take() => {
+                self.error(
+                    ErrorCode::RateLimited,
+                    "too many joins; slow down",
                     reference,
                 );
                 Flow::Continue
@@ -258,11 +320,33 @@ impl Session {
                 return Flow::Continue;
             }
         }
-        self.authenticated(principal, reference);
-        Flow::Continue
+        match self.authenticated(principal, reference) {
+            Some(request) => Flow::Close(request),
+            None => Flow::Continue,
+        }
     }
 
-    fn authenticated(&mut self, principal: Principal, reference: Option<&str>) {
+    /// Takes a verified token; on the first one, counts the connection against the user's limit
+    /// (returning the close to send if it is over).
+    fn authenticated(
+        &mut self,
+        principal: Principal,
+        reference: Option<&str>,
+    ) -> Option<CloseRequest> {
+        if self.principal.is_none() {
+            let max = self.app.limits.max_connections_per_user;
+            if !self.app.connections_per_user.acquire(&principal.user, max) {
+                self.error(
+                    ErrorCode::RateLimited,
+                    &format!("at most {max} connections per user"),
+                    reference,
+                );
+                return Some(CloseRequest {
+                    code: close::RATE_LIMITED,
+                    reason: "too many connections",
+                });
+            }
+        }
         let principal = Arc::new(principal);
         self.deadline = Instant::now() + principal.remaining();
         self.reply(ServerMessage::Ready {
@@ -274,6 +358,7 @@ impl Session {
             .hub
             .update_principal(self.client.id, &self.rooms, &principal);
         self.principal = Some(principal);
+        None
     }
 
     async fn on_join(&mut self, room: Room, since: Option<String>, reference: Option<&str>) {
@@ -359,7 +444,9 @@ async fn write_frames(
     mut sink: SplitSink<WebSocket, Message>,
     mut queue: ClientQueue,
     client: Arc<ClientHandle>,
+    ping_every: Duration,
 ) {
+    let mut pings = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
     loop {
         tokio::select! {
             biased;
@@ -375,6 +462,12 @@ async fn write_frames(
                 let frame = CloseFrame { code: request.code, reason: Utf8Bytes::from_static(request.reason) };
                 let _ = sink.send(Message::Close(Some(frame))).await;
                 return;
+            }
+            _ = pings.tick() => {
+                // Liveness: the client's pong (or anything else) resets its idle timer.
+                if sink.send(Message::Ping(Default::default())).await.is_err() {
+                    return;
+                }
             }
             frame = queue.frames.recv() => {
                 let Some(frame) = frame else { return };

@@ -310,10 +310,15 @@ impl WsClient {
         message
     }
 
-    /// Asserts nothing arrives for `quiet`.
+    /// Asserts no message arrives for `quiet` (pings and pongs are answered and ignored).
     pub async fn expect_nothing(&mut self, quiet: Duration) {
-        if let Ok(Some(message)) = tokio::time::timeout(quiet, self.stream.next()).await {
-            panic!("expected nothing, got {message:?}");
+        let deadline = tokio::time::Instant::now() + quiet;
+        while let Ok(next) = tokio::time::timeout_at(deadline, self.stream.next()).await {
+            match next {
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                Some(message) => panic!("expected nothing, got {message:?}"),
+                None => panic!("expected nothing, but the connection ended"),
+            }
         }
     }
 
