@@ -4,11 +4,13 @@
 //! claim set is handed to the SQL policies (as `claims jsonb`), so a policy can use tenant or role
 //! claims without the relay knowing about them.
 //!
-//! Keys: an HS256 secret (`PGRELAY_JWT_SECRET`), or a PEM public key
-//! (`PGRELAY_JWT_PUBLIC_KEY_FILE`), which fixes the algorithm family so that a token signed with
-//! the public key as an HMAC secret (the classic RS/HS confusion) is refused.
+//! Keys: an HMAC secret (`PGRELAY_JWT_SECRET`), or `PGRELAY_JWT_PUBLIC_KEY_FILE`: a PEM public key
+//! or a JWKS document with several keys chosen by the token's `kid`, reloaded when the file
+//! changes. A key accepts only its own algorithm family, so a token signed with a public key as an
+//! HMAC secret (the classic RS/HS confusion), or with `alg: none`, is refused.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
@@ -44,19 +46,68 @@ impl Principal {
 #[error("{0}")]
 pub struct InvalidToken(String);
 
-/// Verifies tokens with one configured key.
+/// Verifies tokens against the configured key or keys. Cloning shares the keys, so a reload (see
+/// [`watch_key_file`]) reaches every clone.
 #[derive(Clone)]
 pub struct Verifier {
-    key: Arc<DecodingKey>,
+    keys: Arc<RwLock<Keys>>,
+    /// Claims rules (required claims, `iss`, `aud`); the algorithms come from the key used.
     validation: Arc<Validation>,
 }
 
+#[derive(Default)]
+struct Keys {
+    /// JWKS keys by `kid`.
+    by_kid: HashMap<String, Key>,
+    /// The key for tokens without `kid`: the secret, the PEM key, or a JWKS's only key.
+    default: Option<Key>,
+}
+
+#[derive(Clone)]
+struct Key {
+    decoding: Arc<DecodingKey>,
+    /// What this key may verify: its family only, so no token passes with another family's
+    /// algorithm (RS/HS confusion, `none`).
+    algorithms: Vec<Algorithm>,
+}
+
 impl Verifier {
-    /// HS256 with a shared secret.
     /// HS256/384/512 with a shared secret.
     pub fn from_secret(secret: &[u8]) -> Verifier {
         use Algorithm::*;
-        Self::new(DecodingKey::from_secret(secret), vec![HS256, HS384, HS512])
+        Self::with_keys(Keys::single(
+            DecodingKey::from_secret(secret),
+            vec![HS256, HS384, HS512],
+        ))
+    }
+
+    /// A PEM public key: RSA (RS256/384/512, PS*), EC (ES256/384) or Ed25519 (EdDSA).
+    pub fn from_public_key_pem(pem: &[u8]) -> anyhow::Result<Verifier> {
+        Ok(Self::with_keys(Keys::from_pem(pem)?))
+    }
+
+    /// A PEM public key or a JWKS document (`{"keys": [...]}`), read from a file.
+    pub fn from_key_file(path: &std::path::Path) -> anyhow::Result<Verifier> {
+        Ok(Self::with_keys(Keys::from_file(path)?))
+    }
+
+    /// Reads the key file again; on error the keys in use stay.
+    pub fn reload_from(&self, path: &std::path::Path) -> anyhow::Result<()> {
+        let keys = Keys::from_file(path)?;
+        *self.keys.write().unwrap_or_else(|p| p.into_inner()) = keys;
+        Ok(())
+    }
+
+    fn with_keys(keys: Keys) -> Verifier {
+        let mut validation = Validation::default();
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        validation.leeway = 0;
+        validation.validate_nbf = true;
+        validation.validate_aud = false;
+        Verifier {
+            keys: Arc::new(RwLock::new(keys)),
+            validation: Arc::new(validation),
+        }
     }
 
     /// Also require this `iss` claim.
@@ -76,38 +127,24 @@ impl Verifier {
         self
     }
 
-    /// A PEM public key: RSA (RS256/384/512, PS*), EC (ES256/384) or Ed25519 (EdDSA).
-    pub fn from_public_key_pem(pem: &[u8]) -> anyhow::Result<Verifier> {
-        use Algorithm::*;
-        if let Ok(key) = DecodingKey::from_rsa_pem(pem) {
-            return Ok(Self::new(
-                key,
-                vec![RS256, RS384, RS512, PS256, PS384, PS512],
-            ));
-        }
-        if let Ok(key) = DecodingKey::from_ec_pem(pem) {
-            return Ok(Self::new(key, vec![ES256, ES384]));
-        }
-        let key = DecodingKey::from_ed_pem(pem)
-            .context("not an RSA, EC or Ed25519 public key in PEM form")?;
-        Ok(Self::new(key, vec![EdDSA]))
-    }
-
-    fn new(key: DecodingKey, algorithms: Vec<Algorithm>) -> Verifier {
-        let mut validation = Validation::new(algorithms[0]);
-        validation.algorithms = algorithms;
-        validation.set_required_spec_claims(&["exp", "sub"]);
-        validation.leeway = 0;
-        validation.validate_nbf = true;
-        validation.validate_aud = false;
-        Verifier {
-            key: Arc::new(key),
-            validation: Arc::new(validation),
-        }
-    }
-
     pub fn verify(&self, token: &str) -> Result<Principal, InvalidToken> {
-        let data = jsonwebtoken::decode::<Map<String, Value>>(token, &self.key, &self.validation)
+        let header =
+            jsonwebtoken::decode_header(token).map_err(|e| InvalidToken(describe(e.kind())))?;
+        let key = {
+            let keys = self.keys.read().unwrap_or_else(|p| p.into_inner());
+            let key = match &header.kid {
+                Some(kid) => keys
+                    .by_kid
+                    .get(kid)
+                    .or(keys.default.as_ref().filter(|_| keys.by_kid.is_empty())),
+                None => keys.default.as_ref(),
+            };
+            key.cloned()
+                .ok_or_else(|| InvalidToken("unknown key (kid)".into()))?
+        };
+        let mut validation = (*self.validation).clone();
+        validation.algorithms = key.algorithms;
+        let data = jsonwebtoken::decode::<Map<String, Value>>(token, &key.decoding, &validation)
             .map_err(|e| InvalidToken(describe(e.kind())))?;
         let claims = data.claims;
         let user = match claims.get("sub") {
@@ -126,6 +163,128 @@ impl Verifier {
     }
 }
 
+impl Keys {
+    fn single(key: DecodingKey, algorithms: Vec<Algorithm>) -> Keys {
+        Keys {
+            by_kid: HashMap::new(),
+            default: Some(Key {
+                decoding: Arc::new(key),
+                algorithms,
+            }),
+        }
+    }
+
+    fn from_pem(pem: &[u8]) -> anyhow::Result<Keys> {
+        use Algorithm::*;
+        if let Ok(key) = DecodingKey::from_rsa_pem(pem) {
+            return Ok(Keys::single(
+                key,
+                vec![RS256, RS384, RS512, PS256, PS384, PS512],
+            ));
+        }
+        if let Ok(key) = DecodingKey::from_ec_pem(pem) {
+            return Ok(Keys::single(key, vec![ES256, ES384]));
+        }
+        let key = DecodingKey::from_ed_pem(pem)
+            .context("not an RSA, EC or Ed25519 public key in PEM form")?;
+        Ok(Keys::single(key, vec![EdDSA]))
+    }
+
+    fn from_file(path: &std::path::Path) -> anyhow::Result<Keys> {
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        if bytes.trim_ascii_start().starts_with(b"{") {
+            Keys::from_jwks(&bytes)
+                .with_context(|| format!("{} is not a usable JWKS", path.display()))
+        } else {
+            Keys::from_pem(&bytes)
+                .with_context(|| format!("{} is not a usable PEM key", path.display()))
+        }
+    }
+
+    fn from_jwks(json: &[u8]) -> anyhow::Result<Keys> {
+        use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet};
+        use Algorithm::*;
+        let set: JwkSet = serde_json::from_slice(json)?;
+        let mut by_kid = HashMap::new();
+        for jwk in &set.keys {
+            let Some(kid) = &jwk.common.key_id else {
+                anyhow::bail!("every key needs a kid");
+            };
+            let family = match &jwk.algorithm {
+                AlgorithmParameters::RSA(_) => vec![RS256, RS384, RS512, PS256, PS384, PS512],
+                AlgorithmParameters::EllipticCurve(ec) if ec.curve == EllipticCurve::P256 => {
+                    vec![ES256]
+                }
+                AlgorithmParameters::EllipticCurve(ec) if ec.curve == EllipticCurve::P384 => {
+                    vec![ES384]
+                }
+                AlgorithmParameters::OctetKeyPair(_) => vec![EdDSA],
+                _ => anyhow::bail!(
+                    "key {kid}: only RSA, EC (P-256, P-384) and Ed25519 public keys are accepted"
+                ),
+            };
+            // A key that names its algorithm accepts only that one.
+            let algorithms = match &jwk.common.key_algorithm {
+                Some(alg) => {
+                    let alg: Algorithm = alg
+                        .to_string()
+                        .parse()
+                        .map_err(|_| anyhow::anyhow!("key {kid}: unknown alg"))?;
+                    anyhow::ensure!(
+                        family.contains(&alg),
+                        "key {kid}: alg does not match the key type"
+                    );
+                    vec![alg]
+                }
+                None => family,
+            };
+            let decoding = DecodingKey::from_jwk(jwk).with_context(|| format!("key {kid}"))?;
+            by_kid.insert(
+                kid.clone(),
+                Key {
+                    decoding: Arc::new(decoding),
+                    algorithms,
+                },
+            );
+        }
+        anyhow::ensure!(!by_kid.is_empty(), "no keys");
+        let default = if by_kid.len() == 1 {
+            by_kid.values().next().cloned()
+        } else {
+            None
+        };
+        Ok(Keys { by_kid, default })
+    }
+}
+
+/// Reloads the key file whenever it changes (checked every `every`), until `shutdown`. A file that
+/// fails to parse is logged and the keys in use stay.
+pub async fn watch_key_file(
+    verifier: Verifier,
+    path: std::path::PathBuf,
+    every: Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let mut seen = modified(&path);
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = shutdown.cancelled() => return,
+        }
+        let now = modified(&path);
+        if now != seen {
+            seen = now;
+            match verifier.reload_from(&path) {
+                Ok(()) => tracing::info!(path = %path.display(), "reloaded token keys"),
+                Err(err) => {
+                    tracing::warn!(error = %format!("{err:#}"), "key file changed but could not be used; keeping the old keys")
+                }
+            }
+        }
+    }
+}
+
 fn describe(kind: &jsonwebtoken::errors::ErrorKind) -> String {
     use jsonwebtoken::errors::ErrorKind::*;
     match kind {
@@ -137,6 +296,7 @@ fn describe(kind: &jsonwebtoken::errors::ErrorKind) -> String {
         InvalidAudience => "wrong audience (aud)".into(),
         MissingRequiredClaim(claim) => format!("missing required claim `{claim}`"),
         InvalidToken | Base64(_) | Json(_) | Utf8(_) => "malformed token".into(),
+        InvalidKeyFormat => "algorithm not accepted".into(),
         _ => "invalid token".into(),
     }
 }
@@ -341,6 +501,104 @@ mod tests {
                 .is_err(),
             "iss and aud required when configured"
         );
+    }
+
+    const KEY_A: &str = include_str!("../tests/fixtures/ed25519-a.pem");
+    const KEY_B: &str = include_str!("../tests/fixtures/ed25519-b.pem");
+    const PUB_A: &str = include_str!("../tests/fixtures/ed25519-a.pub.pem");
+    const X_A: &str = "GC5AC9E0B3Hm8q6Z6mSFK8OqbUfybMJOCiOrrGRzwsw";
+    const X_B: &str = "i5DtJYIZxoeDSTJtwCyDUcHGQ3hovEVVoj_PFyKOcJc";
+
+    fn ed_token(private_pem: &str, kid: Option<&str>) -> String {
+        let mut header = Header::new(Algorithm::EdDSA);
+        header.kid = kid.map(str::to_owned);
+        let claims = serde_json::json!({"sub": "u1", "exp": now_secs() + 60});
+        jsonwebtoken::encode(
+            &header,
+            &claims,
+            &EncodingKey::from_ed_pem(private_pem.as_bytes()).expect("key"),
+        )
+        .expect("sign")
+    }
+
+    fn jwks(keys: &[(&str, &str)]) -> String {
+        let keys: Vec<Value> = keys
+            .iter()
+            .map(|(kid, x)| serde_json::json!({"kty": "OKP", "crv": "Ed25519", "kid": kid, "x": x}))
+            .collect();
+        serde_json::json!({ "keys": keys }).to_string()
+    }
+
+    #[test]
+    fn a_pem_public_key_accepts_its_family_only() {
+        let v = Verifier::from_public_key_pem(PUB_A.as_bytes()).expect("pem");
+        assert!(v.verify(&ed_token(KEY_A, None)).is_ok());
+        assert!(v.verify(&ed_token(KEY_B, None)).is_err(), "another key");
+        // The public key used as an HMAC secret: the confusion attack.
+        let forged = sign(
+            serde_json::json!({"sub":"u1","exp":now_secs()+60}),
+            Algorithm::HS256,
+            PUB_A.as_bytes(),
+        );
+        assert_eq!(
+            v.verify(&forged).expect_err("confusion").to_string(),
+            "algorithm not accepted"
+        );
+    }
+
+    #[tokio::test]
+    async fn jwks_keys_are_chosen_by_kid_and_reloaded_when_the_file_changes() {
+        let dir = std::env::temp_dir().join(format!("pgrelay-jwks-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("jwks.json");
+        std::fs::write(&path, jwks(&[("a", X_A)])).expect("write");
+        let v = Verifier::from_key_file(&path).expect("jwks");
+        assert!(v.verify(&ed_token(KEY_A, Some("a"))).is_ok());
+        assert!(
+            v.verify(&ed_token(KEY_A, None)).is_ok(),
+            "a single key serves tokens without kid"
+        );
+        assert_eq!(
+            v.verify(&ed_token(KEY_B, Some("b")))
+                .expect_err("b")
+                .to_string(),
+            "unknown key (kid)"
+        );
+        assert!(
+            v.verify(&ed_token(KEY_B, Some("a"))).is_err(),
+            "signed by b, claiming a"
+        );
+
+        // Rotation: b is added, without a restart.
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let watcher = tokio::spawn(watch_key_file(
+            v.clone(),
+            path.clone(),
+            Duration::from_millis(20),
+            shutdown.clone(),
+        ));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        std::fs::write(&path, jwks(&[("a", X_A), ("b", X_B)])).expect("write");
+        let mut reloaded = false;
+        for _ in 0..100 {
+            if v.verify(&ed_token(KEY_B, Some("b"))).is_ok() {
+                reloaded = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(reloaded, "the new key was picked up");
+        assert!(
+            v.verify(&ed_token(KEY_A, None)).is_err(),
+            "two keys: a token must say which"
+        );
+        // A broken file keeps the keys in use.
+        std::fs::write(&path, "{ not json").expect("write");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(v.verify(&ed_token(KEY_B, Some("b"))).is_ok());
+        shutdown.cancel();
+        let _ = watcher.await;
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

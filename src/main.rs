@@ -79,7 +79,8 @@ struct ServeArgs {
     /// HS256 secret (required unless in development mode or a public key is given).
     #[arg(long, env = "PGRELAY_JWT_SECRET", hide_env_values = true)]
     jwt_secret: Option<String>,
-    /// PEM public key (RS*/ES*/EdDSA) to verify tokens with, instead of a secret.
+    /// PEM public key (RS*/ES*/EdDSA) or JWKS file to verify tokens with, instead of a secret;
+    /// reloaded when it changes.
     #[arg(long, env = "PGRELAY_JWT_PUBLIC_KEY_FILE")]
     jwt_public_key_file: Option<PathBuf>,
     /// Where the embedded Postgres keeps its data.
@@ -187,12 +188,7 @@ async fn run(command: Command) -> Result<(), Failure> {
 async fn serve(args: ServeArgs) -> Result<(), Failure> {
     let dev_mode = args.database_url.is_none();
     let verifier = match (&args.jwt_public_key_file, &args.jwt_secret) {
-        (Some(path), _) => {
-            let pem = std::fs::read(path)
-                .with_context(|| format!("reading PGRELAY_JWT_PUBLIC_KEY_FILE {}", path.display()))
-                .map_err(Failure::Config)?;
-            Verifier::from_public_key_pem(&pem).map_err(Failure::Config)?
-        }
+        (Some(path), _) => Verifier::from_key_file(path).map_err(Failure::Config)?,
         (None, Some(secret)) if !secret.is_empty() => Verifier::from_secret(secret.as_bytes()),
         (None, _) if dev_mode => Verifier::from_secret(DEV_SECRET.as_bytes()),
         (None, _) => {
@@ -237,7 +233,19 @@ async fn serve(args: ServeArgs) -> Result<(), Failure> {
     config.bind = args.bind;
     config.poll_interval = args.poll_interval;
     config.allowed_origins = args.allowed_origins;
+    let verifier_for_reloads = config.verifier.clone();
     let relay = Relay::start(config).await.map_err(Failure::Config)?;
+    if let Some(path) = args.jwt_public_key_file.clone() {
+        // Rotating keys (a JWKS file, say) needs no restart.
+        let every = Duration::from_secs(2);
+        let forever = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(jwt::watch_key_file(
+            verifier_for_reloads,
+            path,
+            every,
+            forever,
+        ));
+    }
     if embedded.is_some() {
         print_dev_banner(&relay, &database_url)?;
     }
