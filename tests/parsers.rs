@@ -21,8 +21,29 @@ impl Rng {
 }
 
 const INTERESTING: &[&str] = &[
-    "\"", "\\", "{", "}", "[", "]", ":", ",", "null", "true", "1e999", "-0", "\u{0}", "é", "\u{10FFFF}", "~", ".", "_",
-    "18446744073709551616", "\"type\"", "\"room\"", "\"since\"", "\"ref\"",
+    "\"",
+    "\\",
+    "{",
+    "}",
+    "[",
+    "]",
+    ":",
+    ",",
+    "null",
+    "true",
+    "1e999",
+    "-0",
+    "\u{0}",
+    "é",
+    "\u{10FFFF}",
+    "~",
+    ".",
+    "_",
+    "18446744073709551616",
+    "\"type\"",
+    "\"room\"",
+    "\"since\"",
+    "\"ref\"",
 ];
 
 fn mutate(rng: &mut Rng, input: &str) -> String {
@@ -71,7 +92,10 @@ fn the_message_parser_never_panics_on_mutated_input() {
             parsed += 1;
         }
     }
-    assert!(parsed > 0 && parsed < 20_000, "the mutations exercise both outcomes: {parsed}");
+    assert!(
+        parsed > 0 && parsed < 20_000,
+        "the mutations exercise both outcomes: {parsed}"
+    );
 }
 
 #[test]
@@ -83,8 +107,16 @@ fn positions_never_panic_and_whatever_opens_round_trips() {
     for i in 0..20_000 {
         let input = mutate(&mut rng, &seeds[i % seeds.len()]);
         if let Ok(position) = codec.open(&input) {
-            assert_eq!(codec.open(&codec.seal(&position)), Ok(position.clone()), "{input:?}");
-            assert_eq!(position.to_string().parse::<Position>(), Ok(position), "{input:?}");
+            assert_eq!(
+                codec.open(&codec.seal(&position)),
+                Ok(position.clone()),
+                "{input:?}"
+            );
+            assert_eq!(
+                position.to_string().parse::<Position>(),
+                Ok(position),
+                "{input:?}"
+            );
         }
     }
 }

@@ -5,3 +5,19 @@ pub mod client;
 pub mod limits;
 pub mod sse;
 pub mod ws;
+
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+
+use crate::protocol::{ErrorCode, ServerMessage};
+
+/// An HTTP refusal (before any socket or stream exists) with the protocol's JSON `error` body.
+pub fn refuse(status: StatusCode, code: ErrorCode, message: &str) -> Response {
+    let body = ServerMessage::Error {
+        code,
+        message,
+        reference: None,
+    }
+    .to_json();
+    (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+}

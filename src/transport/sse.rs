@@ -39,20 +39,7 @@ pub async fn stream(
     headers: HeaderMap,
     Query(params): Query<SseParams>,
 ) -> Response {
-    let refuse = |status: StatusCode, code: ErrorCode, message: &str| {
-        let body = ServerMessage::Error {
-            code,
-            message,
-            reference: None,
-        }
-        .to_json();
-        (
-            status,
-            [(axum::http::header::CONTENT_TYPE, "application/json")],
-            body,
-        )
-            .into_response()
-    };
+    use super::refuse;
     if !app.origin_allowed(&headers) {
         return refuse(
             StatusCode::FORBIDDEN,

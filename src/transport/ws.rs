@@ -16,7 +16,7 @@ use std::time::Duration;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use futures_util::stream::SplitSink;
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
@@ -42,34 +42,22 @@ pub async fn upgrade(
     Query(params): Query<WsParams>,
 ) -> Response {
     if !app.origin_allowed(&headers) {
-        let body = ServerMessage::Error {
-            code: ErrorCode::Forbidden,
-            message: "origin not allowed",
-            reference: None,
-        };
-        return (
+        return super::refuse(
             StatusCode::FORBIDDEN,
-            [(header::CONTENT_TYPE, "application/json")],
-            body.to_json(),
-        )
-            .into_response();
+            ErrorCode::Forbidden,
+            "origin not allowed",
+        );
     }
     let principal = match token_from_request(&headers, params.token) {
         Some(token) => match app.verifier.verify(&token) {
             Ok(principal) => Some(principal),
             Err(err) => {
                 app.metrics.auth_failures.inc();
-                let body = ServerMessage::Error {
-                    code: ErrorCode::Unauthorized,
-                    message: &err.to_string(),
-                    reference: None,
-                };
-                return (
+                return super::refuse(
                     StatusCode::UNAUTHORIZED,
-                    [(header::CONTENT_TYPE, "application/json")],
-                    body.to_json(),
-                )
-                    .into_response();
+                    ErrorCode::Unauthorized,
+                    &err.to_string(),
+                );
             }
         },
         None => None,
