@@ -611,9 +611,14 @@ BEGIN
        AND pg_snapshot_xmin(pg_current_snapshot()) >= sealed_xmax;
 
     -- Empty the generation after the current one (the next to be used) once it is `keep` past
-    -- completion. The TRUNCATE waits at most 50 ms for readers, or is left for the next call.
+    -- completion, ... (a relay silent for 5 minutes no longer holds it back). The TRUNCATE waits
+    -- at most 50 ms for readers, or is left for the next call.
     SELECT * INTO g FROM pgrelay.generations WHERE gen = (current + 1) % 3;
-    IF g.state = 'sealed' AND g.complete_at + keep <= now() THEN
+    -- ... and once every live relay has read past it.
+    IF g.state = 'sealed' AND g.complete_at + keep <= now()
+       AND NOT EXISTS (SELECT FROM pgrelay.relays AS r
+                       WHERE r.seen_at > now() - interval '5 minutes'
+                         AND pg_snapshot_xmin(r.position::pg_snapshot) < g.sealed_xmax) THEN
         BEGIN
             SET LOCAL lock_timeout = '50ms';
             EXECUTE format('TRUNCATE pgrelay.changes_%s', g.gen);

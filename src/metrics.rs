@@ -59,6 +59,7 @@ pub struct Metrics {
     pub client_errors: Counter,
     pub replay_failures: Counter,
     pub revocations: Counter,
+    pub retention_gaps: Counter,
 }
 
 impl Metrics {
@@ -154,6 +155,12 @@ impl Metrics {
             "counter",
             "Error replies sent to clients.",
             self.client_errors.get(),
+        );
+        metric(
+            "retention_gaps_total",
+            "counter",
+            "Times the relay found the outbox's retention had removed changes it had not read yet.",
+            self.retention_gaps.get(),
         );
         metric(
             "revocations_total",

@@ -133,6 +133,11 @@ impl Replay {
         let db = self.pool.get().await.context("no database connection")?;
         let names: Vec<&str> = self.rooms.iter().map(Room::as_str).collect();
         let mut batch = Batch::read(&db, since, Some(upto), Some(&names)).await?;
+        // Retention may have moved since the position was checked.
+        anyhow::ensure!(
+            !batch.incomplete(),
+            "the position fell out of retention during the replay"
+        );
         loop {
             let mut chunk = batch.next_chunk(500).await?;
             if chunk.is_empty() {
@@ -162,16 +167,15 @@ impl Replay {
                     .iter()
                     .filter(|r| change.rooms.iter().any(|c| c == r.as_str()))
                 {
+                    let frame = event_frame(room.as_str(), &id, change, visibility)?;
                     // Pace the replay to what the client actually reads.
-                    self.client.wait_for_room().await;
-                    if self.client.is_closing() {
+                    self.client.wait_for_room(frame.as_str().len()).await;
+                    // A client that went away, or left the room, ends the replay.
+                    if self.client.is_closing()
+                        || !self.hub.replay_send(room, self.client.id, frame)
+                    {
                         return Ok(());
                     }
-                    self.hub.replay_send(
-                        room,
-                        self.client.id,
-                        event_frame(room.as_str(), &id, change, visibility)?,
-                    );
                 }
             }
         }

@@ -239,6 +239,14 @@ impl Hub {
         true
     }
 
+    /// Asks every connected member to close (they resume with their positions).
+    pub fn close_all(&self, request: crate::transport::client::CloseRequest) {
+        let state = self.lock();
+        for member in state.rooms.values().flat_map(|m| m.values()) {
+            member.client.close(request);
+        }
+    }
+
     /// A refreshed token: later authorization uses its claims.
     pub fn update_principal(&self, client_id: u64, rooms: &[Room], principal: &Arc<Principal>) {
         let mut state = self.lock();

@@ -217,7 +217,12 @@ async fn data_read_with_pgrelay_position_plus_join_since_misses_nothing_and_repe
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn positions_past_retention_are_not_recovered_and_forged_ones_are_refused() {
-    let relay = TestRelay::start().await;
+    // Relays report their position at this interval; retention waits for live relays.
+    let relay = TestRelay::start_with(|c| {
+        c.maintenance_interval = Duration::from_millis(50);
+        c.poll_interval = Duration::from_millis(20);
+    })
+    .await;
     let mut alice = relay.client("u1").await;
     let old = alice.join("project:1").await["position"]
         .as_str()
@@ -233,9 +238,32 @@ async fn positions_past_retention_are_not_recovered_and_forged_ones_are_refused(
 
     // Keep nothing, and let retention run its course: rotate, complete, empty.
     relay.sql("UPDATE pgrelay.retention SET keep = '0'").await;
-    for _ in 0..6 {
+    let mark: i64 = relay
+        .db
+        .query_one(
+            "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint",
+            &[],
+        )
+        .await
+        .expect("mark")
+        .get(0);
+    let mut passed = false;
+    for _ in 0..200 {
         relay.sql("SELECT pgrelay.maintain()").await;
+        let horizon: i64 = relay
+            .db
+            .query_one("SELECT horizon::text::bigint FROM pgrelay.retention", &[])
+            .await
+            .expect("horizon")
+            .get(0);
+        if horizon > mark {
+            passed = true;
+            break;
+        }
+        // Retention waits for the relay to report that it has read past each generation.
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    assert!(passed, "retention never emptied the old generations");
     relay
         .sql("UPDATE tasks SET priority = 2 WHERE id = 1")
         .await;

@@ -65,7 +65,7 @@ impl Op {
 /// `$1` = since, `$2` = upto or NULL for "now", `$3` = only changes to these rooms, or NULL for
 /// all. The snapshot comes first in every row so an empty batch still reports how far it read.
 const READ_BATCH: &str = r#"
-SELECT s.upto::text, c.id, c.xid::text, c.txn_last, c.tbl, c.entity, c.op, c.rooms,
+SELECT s.upto::text, (SELECT horizon FROM pgrelay.retention)::text, c.id, c.xid::text, c.txn_last, c.tbl, c.entity, c.op, c.rooms,
        c."row"::text, c.old::text, to_json(c.ts) #>> '{}'
 FROM (SELECT coalesce($2::text::pg_snapshot, pg_current_snapshot()) AS upto) AS s
 LEFT JOIN LATERAL (
@@ -79,6 +79,9 @@ ORDER BY c.txn_last, c.id
 pub struct Batch {
     pub since: Snapshot,
     pub upto: Snapshot,
+    /// Retention's horizon when the batch was read: if `since` is older, changes after it may
+    /// already have been removed (see `pgrelay.maintain()`).
+    pub horizon: u64,
     first: Option<Change>,
     rows: std::pin::Pin<Box<RowStream>>,
     /// A finished `RowStream` must not be polled again (it would report a closed connection).
@@ -86,6 +89,11 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// Whether retention may have removed changes of this batch before they were read.
+    pub fn incomplete(&self) -> bool {
+        self.since.xmin() < self.horizon
+    }
+
     /// Starts reading the changes committed after `since`, up to `upto` or, when `None`, up to a
     /// snapshot taken now; only those published to one of `rooms`, when given.
     pub async fn read(
@@ -110,7 +118,9 @@ impl Batch {
             .context("reading the outbox")?;
         let upto = Snapshot::from_pg(first.try_get(0)?)
             .map_err(|_| anyhow::anyhow!("Postgres returned an unreadable snapshot"))?;
+        let horizon: &str = first.try_get(1)?;
         Ok(Batch {
+            horizon: horizon.parse().context("unreadable retention horizon")?,
             since: since.clone(),
             upto,
             first: change_from_row(&first)?,
@@ -140,22 +150,25 @@ impl Batch {
 }
 
 fn change_from_row(row: &tokio_postgres::Row) -> anyhow::Result<Option<Change>> {
-    let Some(id) = row.try_get::<_, Option<i64>>(1)? else {
+    let Some(id) = row.try_get::<_, Option<i64>>(2)? else {
         return Ok(None); // the empty side of the LEFT JOIN: nothing new
     };
     let json = |text: String| RawValue::from_string(text).context("outbox row is not JSON");
-    let xid: &str = row.try_get(2)?;
+    let xid: &str = row.try_get(3)?;
     Ok(Some(Change {
         id,
         xid: xid.parse().context("outbox xid is not a number")?,
-        txn_last: row.try_get(3)?,
-        table: row.try_get(4)?,
-        entity: row.try_get(5)?,
-        op: Op::parse(row.try_get(6)?)?,
-        rooms: row.try_get(7)?,
-        row: json(row.try_get(8)?)?,
-        old: row.try_get::<_, Option<String>>(9)?.map(json).transpose()?,
-        ts: row.try_get(10)?,
+        txn_last: row.try_get(4)?,
+        table: row.try_get(5)?,
+        entity: row.try_get(6)?,
+        op: Op::parse(row.try_get(7)?)?,
+        rooms: row.try_get(8)?,
+        row: json(row.try_get(9)?)?,
+        old: row
+            .try_get::<_, Option<String>>(10)?
+            .map(json)
+            .transpose()?,
+        ts: row.try_get(11)?,
     }))
 }
 

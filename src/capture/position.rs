@@ -81,6 +81,11 @@ impl Snapshot {
         )
     }
 
+    /// The oldest transaction still running when the snapshot was taken.
+    pub fn xmin(&self) -> u64 {
+        self.xmin
+    }
+
     /// Whether a committed transaction was visible in the snapshot.
     pub fn is_visible(&self, xid: u64) -> bool {
         xid < self.xmin || (xid < self.xmax && self.xip.binary_search(&xid).is_err())

@@ -19,7 +19,9 @@ use super::position::{PositionCodec, Snapshot};
 use crate::authorize::Authorizer;
 use crate::fanout::{self, BatchRef};
 use crate::metrics::Metrics;
+use crate::protocol::close;
 use crate::rooms::Hub;
+use crate::transport::client::CloseRequest;
 
 /// Changes handed to one authorization query.
 const CHUNK: usize = 1000;
@@ -102,6 +104,18 @@ impl Reader {
     async fn read(&self, cursor: &mut Cursor) -> anyhow::Result<()> {
         let client = self.pool.get().await?;
         let mut batch = Batch::read(&client, &cursor.since, cursor.upto.as_ref(), None).await?;
+        if batch.incomplete() {
+            // This relay fell further behind than retention keeps: some changes were removed
+            // before it read them. Its clients must not believe their streams are complete.
+            tracing::error!(
+                "the relay fell behind the outbox's retention; closing its clients so they refetch"
+            );
+            self.metrics.retention_gaps.inc();
+            self.hub.close_all(CloseRequest {
+                code: close::TOO_SLOW,
+                reason: "relay fell behind; resume with since",
+            });
+        }
         // From here on a retry reads this same batch, so members that join meanwhile (whose
         // position is its end) keep skipping it.
         cursor.upto = Some(batch.upto.clone());

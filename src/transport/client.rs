@@ -80,22 +80,24 @@ impl ClientHandle {
 
     /// Called by the session once a frame has been handed to the socket.
     pub fn sent(&self, frame: &Utf8Bytes) {
-        let len = frame.as_str().len();
-        let before = self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
-        if before.saturating_sub(len) <= self.max_queued_bytes / 2 {
-            self.drained.notify_one();
-        }
+        self.queued_bytes
+            .fetch_sub(frame.as_str().len(), Ordering::Relaxed);
+        self.drained.notify_one();
     }
 
     pub fn max_queued_bytes(&self) -> usize {
         self.max_queued_bytes
     }
 
-    /// Waits until at most half the byte budget is queued (replays pace themselves with this).
-    pub async fn wait_for_room(&self) {
-        while self.queued_bytes.load(Ordering::Relaxed) > self.max_queued_bytes / 2
-            && !self.is_closing()
-        {
+    /// Waits until a frame of `len` bytes can be queued without going over the byte budget (the
+    /// queue is empty, or the frame fits), or the client is closing. Replays pace themselves
+    /// with this, so replaying to a slow reader never closes it.
+    pub async fn wait_for_room(&self, len: usize) {
+        loop {
+            let queued = self.queued_bytes.load(Ordering::Relaxed);
+            if queued == 0 || queued + len <= self.max_queued_bytes || self.is_closing() {
+                return;
+            }
             let wait = self.drained.notified();
             let _ = tokio::time::timeout(std::time::Duration::from_millis(100), wait).await;
         }

@@ -172,6 +172,11 @@ struct SseSession {
 
 impl Drop for SseSession {
     fn drop(&mut self) {
+        // Nothing may wait on this client any more (a replay, say).
+        self.client.close(crate::transport::client::CloseRequest {
+            code: crate::protocol::close::GOING_AWAY,
+            reason: "stream ended",
+        });
         self.app.hub.disconnect(self.client.id, &self.rooms);
         self.app.metrics.connections.dec();
     }

@@ -182,6 +182,11 @@ impl Session {
             }
         };
         let Some(request) = request else {
+            // The socket is gone: mark the client closed so nothing waits on it (a replay).
+            self.client.close(CloseRequest {
+                code: close::GOING_AWAY,
+                reason: "connection lost",
+            });
             writer.abort();
             return;
         };
