@@ -19,7 +19,7 @@ use axum::extract::ws::Utf8Bytes;
 use serde::Serialize;
 use serde_json::value::RawValue;
 
-use crate::authorize::{Authorizer, Verdict};
+use crate::authorize::{AccessCheck, Authorizer, Verdict};
 use crate::capture::outbox::{Change, Op};
 use crate::capture::position::{Position, PositionCodec, Snapshot};
 use crate::jwt::Principal;
@@ -103,7 +103,7 @@ pub async fn deliver(
         .add((pairs.len() - visible.len()) as u64);
 
     // 3. Deliver.
-    let mut recheck: HashMap<(String, u64), Arc<Principal>> = HashMap::new();
+    let mut recheck: HashMap<(String, u64, u64), Arc<Principal>> = HashMap::new();
     let mut delivered = 0u64;
     {
         let mut state = hub.lock();
@@ -127,11 +127,17 @@ pub async fn deliver(
                     };
                     let Some(&visibility) = visible.get(&(change_ix as u32, principal)) else {
                         // Denied: maybe this member has lost access to the room itself.
-                        recheck.insert((room.clone(), member.client.id), member.principal.clone());
+                        recheck.insert(
+                            (room.clone(), member.client.id, member.join_id),
+                            member.principal.clone(),
+                        );
                         continue;
                     };
                     if visibility == Visibility::Vanished {
-                        recheck.insert((room.clone(), member.client.id), member.principal.clone());
+                        recheck.insert(
+                            (room.clone(), member.client.id, member.join_id),
+                            member.principal.clone(),
+                        );
                     }
                     let slot = &mut frames[visibility as usize];
                     let frame = match slot {
@@ -161,12 +167,12 @@ async fn revoke_lost_access(
     hub: &Hub,
     authorizer: &Authorizer,
     metrics: &Metrics,
-    recheck: HashMap<(String, u64), Arc<Principal>>,
+    recheck: HashMap<(String, u64, u64), Arc<Principal>>,
 ) {
-    let checks: Vec<(String, u64, Arc<Principal>)> = recheck
+    let (memberships, checks): (Vec<u64>, Vec<AccessCheck>) = recheck
         .into_iter()
-        .map(|((room, client), principal)| (room, client, principal))
-        .collect();
+        .map(|((room, client, join_id), principal)| (join_id, (room, client, principal)))
+        .unzip();
     let allowed = match authorizer.still_allowed(&checks).await {
         Ok(allowed) => allowed,
         Err(err) => {
@@ -175,13 +181,15 @@ async fn revoke_lost_access(
             return;
         }
     };
-    for ((room, client, _), allowed) in checks.iter().zip(allowed) {
-        if !allowed {
-            if let Some(room) = crate::protocol::Room::parse(room) {
-                if hub.revoke(&room, *client) {
-                    metrics.revocations.inc();
-                }
-            }
+    for (((room, client, _), allowed), join_id) in checks.iter().zip(allowed).zip(memberships) {
+        if allowed {
+            continue;
+        }
+        // Only the membership that was denied: the client may have left and joined again since.
+        let revoked = crate::protocol::Room::parse(room)
+            .is_some_and(|room| hub.revoke(&room, *client, join_id));
+        if revoked {
+            metrics.revocations.inc();
         }
     }
 }

@@ -106,6 +106,8 @@ pub struct Replay {
     pub seen: Seen,
     /// The position the client joined at: live delivery starts after it.
     pub until: Snapshot,
+    /// The membership this replay serves (see `Hub::join`).
+    pub join_id: u64,
     pub codec: PositionCodec,
 }
 
@@ -121,7 +123,7 @@ impl Replay {
             self.replay_batch(&self.seen.since, &self.until).await?;
         }
         for room in &self.rooms {
-            self.hub.finish_replay(room, self.client.id);
+            self.hub.finish_replay(room, self.client.id, self.join_id);
         }
         Ok(())
     }
@@ -172,7 +174,9 @@ impl Replay {
                     self.client.wait_for_room(frame.as_str().len()).await;
                     // A client that went away, or left the room, ends the replay.
                     if self.client.is_closing()
-                        || !self.hub.replay_send(room, self.client.id, frame)
+                        || !self
+                            .hub
+                            .replay_send(room, self.client.id, self.join_id, frame)
                     {
                         return Ok(());
                     }

@@ -35,6 +35,9 @@ pub struct Member {
     pub principal: Arc<Principal>,
     /// The first batch this member receives.
     pub first_batch: u64,
+    /// Identifies this membership: a replay or a revocation started for an earlier membership of
+    /// the same client in the same room must not touch this one.
+    pub join_id: u64,
     /// While its missed changes are being replayed, live frames wait here.
     pending: Option<Pending>,
 }
@@ -80,6 +83,7 @@ pub struct State {
     /// The batch being delivered now: its number and end.
     in_flight: Option<(u64, Snapshot)>,
     last_batch: u64,
+    last_join: u64,
 }
 
 /// Why a join could not be registered (yet).
@@ -143,7 +147,7 @@ impl Hub {
         principal: &Arc<Principal>,
         resume_from: Option<&Snapshot>,
         reply: impl Fn(&Room, &Position) -> String,
-    ) -> Result<Snapshot, NotReady> {
+    ) -> Result<(Snapshot, u64), NotReady> {
         let mut state = self.lock();
         let (position, first_batch) = match (&state.in_flight, &state.delivered) {
             (Some((n, upto)), _) => (upto.clone(), n + 1),
@@ -154,11 +158,14 @@ impl Hub {
             return Err(NotReady::Behind);
         }
         let at = Position::At(position.clone());
+        state.last_join += 1;
+        let join_id = state.last_join;
         for room in rooms {
             let member = Member {
                 client: client.clone(),
                 principal: principal.clone(),
                 first_batch,
+                join_id,
                 pending: resume_from.map(|_| Pending::default()),
             };
             state
@@ -168,26 +175,28 @@ impl Hub {
                 .insert(client.id, member);
             client.send(reply(room, &at).into());
         }
-        Ok(position)
+        Ok((position, join_id))
     }
 
     /// Queues a replayed frame to a member that is still replaying; false if it left meanwhile.
-    pub fn replay_send(&self, room: &Room, client_id: u64, frame: Utf8Bytes) -> bool {
+    pub fn replay_send(&self, room: &Room, client_id: u64, join_id: u64, frame: Utf8Bytes) -> bool {
         let state = self.lock();
         match state.rooms.get(room).and_then(|m| m.get(&client_id)) {
-            Some(member) if member.pending.is_some() => member.client.send(frame),
+            Some(member) if member.join_id == join_id && member.pending.is_some() => {
+                member.client.send(frame)
+            }
             _ => false,
         }
     }
 
     /// Ends a member's replay: the live frames that waited are queued after the replayed ones.
-    pub fn finish_replay(&self, room: &Room, client_id: u64) {
+    pub fn finish_replay(&self, room: &Room, client_id: u64, join_id: u64) {
         let mut state = self.lock();
-        if let Some(member) = state
+        let member = state
             .rooms
             .get_mut(room)
-            .and_then(|m| m.get_mut(&client_id))
-        {
+            .and_then(|m| m.get_mut(&client_id));
+        if let Some(member) = member.filter(|m| m.join_id == join_id) {
             if let Some(pending) = member.pending.take() {
                 for frame in pending.frames {
                     member.client.send(frame);
@@ -219,11 +228,19 @@ impl Hub {
 
     /// Removes a member who lost access and tells it (`left`, reason `revoked`); false if it was
     /// not in the room.
-    pub fn revoke(&self, room: &Room, client_id: u64) -> bool {
+    pub fn revoke(&self, room: &Room, client_id: u64, join_id: u64) -> bool {
+        self.end_membership(room, client_id, join_id, "revoked")
+    }
+
+    /// Removes one particular membership (`join_id`), telling the client why (`left`).
+    pub fn end_membership(&self, room: &Room, client_id: u64, join_id: u64, reason: &str) -> bool {
         let mut state = self.lock();
         let Some(members) = state.rooms.get_mut(room) else {
             return false;
         };
+        if members.get(&client_id).is_none_or(|m| m.join_id != join_id) {
+            return false;
+        }
         let Some(member) = members.remove(&client_id) else {
             return false;
         };
@@ -232,11 +249,26 @@ impl Hub {
         }
         let left = crate::protocol::ServerMessage::Left {
             room: room.as_str(),
-            reason: "revoked",
+            reason,
             reference: None,
         };
         member.client.send(left.to_json().into());
         true
+    }
+
+    /// Which of `rooms` the client is still a member of (it may have been revoked from some).
+    pub fn still_in(&self, client_id: u64, rooms: &[Room]) -> Vec<Room> {
+        let state = self.lock();
+        rooms
+            .iter()
+            .filter(|room| {
+                state
+                    .rooms
+                    .get(*room)
+                    .is_some_and(|m| m.contains_key(&client_id))
+            })
+            .cloned()
+            .collect()
     }
 
     /// Asks every connected member to close (they resume with their positions).

@@ -80,7 +80,7 @@ pub async fn join(
     });
 
     let deadline = tokio::time::Instant::now() + CATCH_UP;
-    let until = loop {
+    let (until, join_id) = loop {
         let joined = app.hub.join(
             rooms,
             client,
@@ -89,7 +89,7 @@ pub async fn join(
             |room, position| reply(room, &app.codec.seal(position), recovered),
         );
         match joined {
-            Ok(position) => break position,
+            Ok(joined) => break joined,
             Err(NotReady::Behind) if tokio::time::Instant::now() < deadline => {
                 app.wake.notify_one();
                 tokio::time::sleep(Duration::from_millis(10)).await;
@@ -109,6 +109,7 @@ pub async fn join(
             rooms: rooms.to_vec(),
             seen,
             until,
+            join_id,
             codec: app.codec.clone(),
         };
         let metrics = app.metrics.clone();
@@ -117,14 +118,12 @@ pub async fn join(
                 tracing::warn!(error = %format!("{err:#}"), "replay failed; the client must resume again");
                 metrics.replay_failures.inc();
                 for room in &replay.rooms {
-                    replay.hub.leave(room, &replay.client, || {
-                        crate::protocol::ServerMessage::Left {
-                            room: room.as_str(),
-                            reason: "replay_failed",
-                            reference: None,
-                        }
-                        .to_json()
-                    });
+                    replay.hub.end_membership(
+                        room,
+                        replay.client.id,
+                        replay.join_id,
+                        "replay_failed",
+                    );
                 }
             }
         });

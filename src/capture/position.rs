@@ -173,7 +173,7 @@ impl FromStr for Position {
     type Err = BadPosition;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        if s.len() > 4096 {
+        if s.len() > MAX_POSITION_TEXT {
             return Err(BadPosition);
         }
         let parts: Vec<&str> = s.split('~').collect();
@@ -207,6 +207,10 @@ pub struct PositionCodec {
     cipher: std::sync::Arc<aes_gcm_siv::Aes256GcmSiv>,
 }
 
+/// Positions grow with the number of transactions in progress (a snapshot lists them); this is
+/// far beyond any real one and still bounds the work a client can cause.
+const MAX_POSITION_TEXT: usize = 1 << 20;
+
 /// Sealed tokens start with this (plain ones start with a digit).
 const SEALED: char = 'p';
 
@@ -239,8 +243,16 @@ impl PositionCodec {
         use aes_gcm_siv::aead::Aead;
         use base64::Engine;
         let Some(body) = token.strip_prefix(SEALED) else {
-            return token.parse();
+            // Plain positions come from pgrelay.position(): snapshots only. A plain position
+            // inside a batch would let a client probe change ids it may not know about.
+            return match token.parse()? {
+                position @ Position::At(_) => Ok(position),
+                Position::Within { .. } => Err(BadPosition),
+            };
         };
+        if body.len() > MAX_POSITION_TEXT {
+            return Err(BadPosition);
+        }
         let sealed = base64::engine::general_purpose::URL_SAFE_NO_PAD
             .decode(body)
             .map_err(|_| BadPosition)?;
@@ -380,8 +392,18 @@ mod tests {
             assert_eq!(codec.open(&token), Ok(position.clone()));
             assert_eq!(codec.seal(&position), token, "deterministic");
         }
-        // Plain positions (pgrelay.position()) are accepted too.
+        // Plain snapshots (pgrelay.position()) are accepted too, plain batch positions are not.
         assert!(codec.open("774.774.").is_ok());
+        assert_eq!(
+            codec.open("100.105.100_103~104.110.104~42"),
+            Err(BadPosition)
+        );
+        // A snapshot with thousands of transactions in progress still round-trips.
+        let xip: Vec<String> = (1000..6000).map(|x| x.to_string()).collect();
+        let busy: Position = format!("1000.7000.{}", xip.join("_"))
+            .parse()
+            .expect("valid");
+        assert_eq!(codec.open(&codec.seal(&busy)), Ok(busy));
     }
 
     #[test]

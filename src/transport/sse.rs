@@ -66,6 +66,11 @@ pub async fn stream(
         }
     };
     let rooms: Option<Vec<Room>> = params.rooms.split(',').map(Room::parse).collect();
+    let rooms = rooms.map(|mut rooms| {
+        rooms.sort();
+        rooms.dedup();
+        rooms
+    });
     let rooms = match rooms {
         Some(rooms) if !rooms.is_empty() && rooms.len() <= app.limits.max_rooms_per_connection => {
             rooms
@@ -219,12 +224,21 @@ fn sse_event(frame: &str) -> Event {
         kind: &'a str,
         #[serde(borrow)]
         id: Option<&'a str>,
+        #[serde(borrow)]
+        position: Option<&'a str>,
     }
     match serde_json::from_str::<Head>(frame) {
         Ok(Head {
             kind: "event",
             id: Some(id),
+            ..
         }) => Event::default().id(id).data(frame),
+        // The joined position is where a reconnect must resume if no event arrived before it.
+        Ok(Head {
+            kind: "joined",
+            position: Some(position),
+            ..
+        }) => Event::default().event("joined").id(position).data(frame),
         Ok(Head { kind, .. }) => Event::default().event(kind).data(frame),
         Err(_) => Event::default().data(frame),
     }

@@ -358,6 +358,8 @@ impl Session {
         let Some(principal) = self.principal.clone() else {
             return;
         };
+        // Rooms the relay removed us from (revoked, failed replay) no longer count.
+        self.rooms = self.app.hub.still_in(self.client.id, &self.rooms);
         let already_joined = self.rooms.contains(&room);
         let limit = self.app.limits.max_rooms_per_connection;
         if !already_joined && self.rooms.len() >= limit {
@@ -410,9 +412,8 @@ impl Session {
             }
             .to_json()
         });
-        if left {
-            self.rooms.retain(|r| r != &room);
-        } else {
+        self.rooms.retain(|r| r != &room);
+        if !left {
             self.error(ErrorCode::NotJoined, "not in this room", reference);
         }
     }
