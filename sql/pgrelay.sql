@@ -72,6 +72,8 @@ CREATE TABLE IF NOT EXISTS pgrelay.changes (
 COMMENT ON TABLE pgrelay.changes IS 'Outbox of captured changes, written by the triggers that pgrelay.watch() installs';
 -- Columns added after the first release of this layout (idempotent upgrades).
 ALTER TABLE pgrelay.changes ADD COLUMN IF NOT EXISTS hide text[];
+-- With watch(include => ...): the only columns shipped (columns added later stay hidden).
+ALTER TABLE pgrelay.changes ADD COLUMN IF NOT EXISTS show text[];
 CREATE TABLE IF NOT EXISTS pgrelay.changes_0 PARTITION OF pgrelay.changes FOR VALUES IN (0);
 CREATE TABLE IF NOT EXISTS pgrelay.changes_1 PARTITION OF pgrelay.changes FOR VALUES IN (1);
 CREATE TABLE IF NOT EXISTS pgrelay.changes_2 PARTITION OF pgrelay.changes FOR VALUES IN (2);
@@ -138,6 +140,7 @@ CREATE TABLE IF NOT EXISTS pgrelay.watches (
 );
 -- Added after the first release (idempotent upgrades).
 ALTER TABLE pgrelay.watches ADD COLUMN IF NOT EXISTS room_fn regprocedure;  -- fn(row jsonb) -> text[]
+ALTER TABLE pgrelay.watches ADD COLUMN IF NOT EXISTS include text[];           -- NULL: all but `exclude`
 COMMENT ON TABLE pgrelay.watches IS 'Tables whose changes are captured; edit with pgrelay.watch() / pgrelay.unwatch()';
 
 CREATE TABLE IF NOT EXISTS pgrelay.join_rules (
@@ -149,6 +152,17 @@ COMMENT ON TABLE pgrelay.join_rules IS 'Who may join rooms of each kind (the par
 -- ---------------------------------------------------------------------------------------------
 -- Reading changes in commit order
 -- ---------------------------------------------------------------------------------------------
+
+-- What clients see of a recorded row: only the `show` columns when set, never the `hide` ones.
+CREATE OR REPLACE FUNCTION pgrelay.shipped(r jsonb, show text[], hide text[]) RETURNS jsonb
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE
+        WHEN r IS NULL THEN NULL
+        WHEN show IS NULL THEN r - coalesce(hide, '{}')
+        ELSE (SELECT coalesce(jsonb_object_agg(k, v), '{}') FROM jsonb_each(r) AS e(k, v)
+              WHERE k = ANY (show) AND NOT k = ANY (coalesce(hide, '{}')))
+    END
+$$;
 
 -- The changes committed after snapshot `since` and no later than snapshot `upto`, in commit order.
 --
@@ -172,7 +186,7 @@ RETURNS TABLE (
 )
 LANGUAGE sql STABLE AS $$
     SELECT c.id, c.xid, c.tbl, c.entity, c.op, c.rooms,
-           c."row" - coalesce(c.hide, '{}'), c.old - coalesce(c.hide, '{}'), c.ts,
+           pgrelay.shipped(c."row", c.show, c.hide), pgrelay.shipped(c.old, c.show, c.hide), c.ts,
            max(c.id) OVER (PARTITION BY c.xid) AS txn_last
     FROM (
         SELECT * FROM pgrelay.changes
@@ -368,19 +382,17 @@ BEGIN
     -- Validate the templates now rather than at the first write.
     PERFORM pgrelay.room_expression(tbl, t, 'n') FROM unnest(rooms) AS t;
 
-    -- Columns left out of payloads: the excluded ones, or all but the included ones.
-    SELECT coalesce(array_agg(attname::text ORDER BY attnum), '{}') INTO hidden
-    FROM pg_attribute
-    WHERE attrelid = tbl AND attnum > 0 AND NOT attisdropped
-      AND (attname = ANY (exclude) OR (include IS NOT NULL AND NOT attname = ANY (include)));
+    -- Columns left out of payloads: the excluded ones; with `include`, also every column not in
+    -- it, including columns added later (decided when the change is read).
+    hidden := coalesce(exclude, '{}');
 
-    INSERT INTO pgrelay.watches AS w (tbl, name, entity, rooms, policy, exclude, old_values, room_fn)
+    INSERT INTO pgrelay.watches AS w (tbl, name, entity, rooms, policy, exclude, old_values, room_fn, include)
     VALUES (tbl, shown_name, coalesce(entity, regexp_replace(rel.relname, 's$', '')),
-            coalesce(rooms, '{}'), fn, hidden, old_values, room_fn::oid::regprocedure)
+            coalesce(rooms, '{}'), fn, hidden, old_values, room_fn::oid::regprocedure, watch.include)
     ON CONFLICT ON CONSTRAINT watches_pkey DO UPDATE
         SET name = excluded.name, entity = excluded.entity, rooms = excluded.rooms,
             policy = excluded.policy, exclude = excluded.exclude, old_values = excluded.old_values,
-            room_fn = excluded.room_fn;
+            room_fn = excluded.room_fn, include = excluded.include;
 
     PERFORM pgrelay.install_capture(tbl);
     PERFORM pgrelay.rebuild_dispatch();
@@ -428,7 +440,8 @@ BEGIN
         rooms_o := format('%s || CASE WHEN o.%s IS NOT NULL THEN %s(to_jsonb(o)) END', rooms_o, pk,
                           pgrelay.qualified(w.room_fn));
     END IF;
-    hide := CASE WHEN w.exclude = '{}' THEN 'NULL' ELSE format('%L::text[]', w.exclude) END;
+    hide := CASE WHEN w.exclude = '{}' THEN 'NULL' ELSE format('%L::text[]', w.exclude) END
+            || ', ' || CASE WHEN w.include IS NULL THEN 'NULL' ELSE format('%L::text[]', w.include) END;
     old_expr := CASE WHEN w.old_values THEN 'pgrelay.changed_values(v.old_row, v.new_row)' ELSE 'NULL' END;
 
     body := format($f$
@@ -437,12 +450,12 @@ DECLARE
 BEGIN
     -- Generated by pgrelay.watch(); call pgrelay.watch() again to change it.
     IF TG_OP = 'INSERT' THEN
-        INSERT INTO pgrelay.changes (gen, tbl, entity, op, rooms, "row", hide)
+        INSERT INTO pgrelay.changes (gen, tbl, entity, op, rooms, "row", hide, show)
         SELECT (SELECT last_value %% 3 FROM pgrelay.generation), %1$L, %2$L, 'INSERT',
                pgrelay.room_list(%3$s), to_jsonb(n), %5$s
         FROM new_rows AS n;
     ELSIF TG_OP = 'UPDATE' THEN
-        INSERT INTO pgrelay.changes (gen, tbl, entity, op, rooms, "row", old, hide)
+        INSERT INTO pgrelay.changes (gen, tbl, entity, op, rooms, "row", old, hide, show)
         SELECT (SELECT last_value %% 3 FROM pgrelay.generation), %1$L, %2$L,
                CASE WHEN o.%7$s IS NULL THEN 'INSERT' WHEN n.%7$s IS NULL THEN 'DELETE' ELSE 'UPDATE' END,
                pgrelay.room_list(%3$s || %4$s),
@@ -457,7 +470,7 @@ BEGIN
         ) AS v
         WHERE v.new_row IS DISTINCT FROM v.old_row;
     ELSE
-        INSERT INTO pgrelay.changes (gen, tbl, entity, op, rooms, "row", hide)
+        INSERT INTO pgrelay.changes (gen, tbl, entity, op, rooms, "row", hide, show)
         SELECT (SELECT last_value %% 3 FROM pgrelay.generation), %1$L, %2$L, 'DELETE',
                pgrelay.room_list(%4$s), to_jsonb(o), %5$s
         FROM old_rows AS o;

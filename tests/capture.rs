@@ -626,3 +626,23 @@ async fn a_transaction_open_for_30_seconds_delays_only_itself() {
         (Some("project_member_created"), Some(2000))
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_include_a_column_added_later_is_not_shipped() {
+    let relay = TestRelay::start().await;
+    relay
+        .sql(
+            "CREATE TABLE cards (id int PRIMARY KEY, owner text, title text);
+             CREATE FUNCTION can_read_card(u text, c jsonb, r jsonb) RETURNS boolean LANGUAGE sql
+                 AS $$ SELECT r->>'owner' = u $$;
+             SELECT pgrelay.watch('cards', ARRAY['user:{owner}'], 'can_read_card',
+                                  include => ARRAY['id', 'owner', 'title']);
+             ALTER TABLE cards ADD COLUMN api_key text;",
+        )
+        .await;
+    let mut alice = relay.client("u1").await;
+    alice.join("user:u1").await;
+    relay.sql("INSERT INTO cards VALUES (1, 'u1', 'hello', 'sk-secret')").await;
+    let event = alice.recv_event().await;
+    assert_eq!(event["row"], serde_json::json!({"id": 1, "owner": "u1", "title": "hello"}));
+}
