@@ -642,7 +642,12 @@ async fn with_include_a_column_added_later_is_not_shipped() {
         .await;
     let mut alice = relay.client("u1").await;
     alice.join("user:u1").await;
-    relay.sql("INSERT INTO cards VALUES (1, 'u1', 'hello', 'sk-secret')").await;
+    relay
+        .sql("INSERT INTO cards VALUES (1, 'u1', 'hello', 'sk-secret')")
+        .await;
     let event = alice.recv_event().await;
-    assert_eq!(event["row"], serde_json::json!({"id": 1, "owner": "u1", "title": "hello"}));
+    assert_eq!(
+        event["row"],
+        serde_json::json!({"id": 1, "owner": "u1", "title": "hello"})
+    );
 }
