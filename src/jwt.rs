@@ -207,6 +207,13 @@ impl Keys {
         let set: JwkSet = serde_json::from_slice(json)?;
         let mut by_kid = HashMap::new();
         for jwk in &set.keys {
+            // Keys published for encryption never verify signatures.
+            if matches!(
+                jwk.common.public_key_use,
+                Some(jsonwebtoken::jwk::PublicKeyUse::Encryption)
+            ) {
+                continue;
+            }
             let Some(kid) = &jwk.common.key_id else {
                 anyhow::bail!("every key needs a kid");
             };
@@ -592,6 +599,20 @@ mod tests {
             v.verify(&ed_token(KEY_A, None)).is_err(),
             "two keys: a token must say which"
         );
+        // A key published for encryption is not a signing key.
+        let mut with_enc: Value =
+            serde_json::from_str(&jwks(&[("a", X_A), ("b", X_B)])).expect("json");
+        with_enc["keys"][1]["use"] = "enc".into();
+        std::fs::write(&path, with_enc.to_string()).expect("write");
+        v.reload_from(&path).expect("reload");
+        assert_eq!(
+            v.verify(&ed_token(KEY_B, Some("b")))
+                .expect_err("enc")
+                .to_string(),
+            "unknown key (kid)"
+        );
+        std::fs::write(&path, jwks(&[("a", X_A), ("b", X_B)])).expect("write");
+        v.reload_from(&path).expect("reload");
         // A broken file keeps the keys in use.
         std::fs::write(&path, "{ not json").expect("write");
         tokio::time::sleep(Duration::from_millis(100)).await;
