@@ -123,7 +123,9 @@ impl Replay {
             self.replay_batch(&self.seen.since, &self.until).await?;
         }
         for room in &self.rooms {
-            self.hub.finish_replay(room, self.client.id, self.join_id);
+            self.hub
+                .finish_replay(room, &self.client, self.join_id)
+                .await;
         }
         Ok(())
     }

@@ -55,14 +55,16 @@ impl Member {
         match &mut self.pending {
             None => self.client.send(frame),
             Some(pending) => {
-                pending.bytes += frame.as_str().len();
-                if pending.bytes > self.client.max_queued_bytes() {
+                // Like the queue itself, an empty buffer always takes one frame.
+                let len = frame.as_str().len();
+                if pending.bytes > 0 && pending.bytes + len > self.client.max_queued_bytes() {
                     self.client.close(crate::transport::client::CloseRequest {
                         code: crate::protocol::close::TOO_SLOW,
                         reason: "too slow to keep up; resume with since",
                     });
                     return false;
                 }
+                pending.bytes += len;
                 pending.frames.push(frame);
                 true
             }
@@ -189,17 +191,35 @@ impl Hub {
         }
     }
 
-    /// Ends a member's replay: the live frames that waited are queued after the replayed ones.
-    pub fn finish_replay(&self, room: &Room, client_id: u64, join_id: u64) {
-        let mut state = self.lock();
-        let member = state
-            .rooms
-            .get_mut(room)
-            .and_then(|m| m.get_mut(&client_id));
-        if let Some(member) = member.filter(|m| m.join_id == join_id) {
-            if let Some(pending) = member.pending.take() {
-                for frame in pending.frames {
-                    member.client.send(frame);
+    /// Ends a member's replay: the live frames that waited are queued after the replayed ones,
+    /// paced like the replay. Frames that arrive meanwhile keep waiting behind them, so the
+    /// member leaves replay mode only once nothing is held back.
+    pub async fn finish_replay(&self, room: &Room, client: &ClientHandle, join_id: u64) {
+        loop {
+            let frames = {
+                let mut state = self.lock();
+                let member = state
+                    .rooms
+                    .get_mut(room)
+                    .and_then(|m| m.get_mut(&client.id));
+                let Some(member) = member.filter(|m| m.join_id == join_id) else {
+                    return;
+                };
+                match &mut member.pending {
+                    Some(pending) if !pending.frames.is_empty() => {
+                        pending.bytes = 0;
+                        std::mem::take(&mut pending.frames)
+                    }
+                    _ => {
+                        member.pending = None;
+                        return;
+                    }
+                }
+            };
+            for frame in frames {
+                client.wait_for_room(frame.as_str().len()).await;
+                if client.is_closing() || !self.replay_send(room, client.id, join_id, frame) {
+                    return;
                 }
             }
         }
@@ -304,5 +324,74 @@ impl Hub {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A member that resumes while live changes keep coming, with events bigger than its whole
+    /// queue: the held-back frames are released at the pace the client reads, never all at once.
+    #[tokio::test]
+    async fn live_frames_held_during_a_replay_are_released_at_the_readers_pace() {
+        let hub = Hub::default();
+        hub.start_at(Snapshot::from_pg("10:10:").expect("snapshot"));
+        let room = Room::parse("task:1").expect("room");
+        let (client, mut queue) = ClientHandle::new(4000);
+        let client = Arc::new(client);
+        let principal = Arc::new(Principal {
+            user: "u1".into(),
+            claims: serde_json::json!({}),
+            expires_at: u64::MAX,
+        });
+        let from = Snapshot::from_pg("5:5:").expect("snapshot");
+        let (_, join_id) = hub
+            .join(
+                std::slice::from_ref(&room),
+                &client,
+                &principal,
+                Some(&from),
+                |_, _| "joined".into(),
+            )
+            .expect("join");
+        let big = |n: usize| Utf8Bytes::from(format!("{n}{}", "x".repeat(1500)));
+        assert!(
+            hub.replay_send(&room, client.id, join_id, big(0)),
+            "replayed"
+        );
+        for n in 1..3 {
+            let mut state = hub.lock();
+            let member = state
+                .rooms
+                .get_mut(&room)
+                .and_then(|m| m.get_mut(&client.id));
+            assert!(
+                member.expect("member").deliver(big(n)),
+                "held back, not dropped"
+            );
+        }
+        let reading = client.clone();
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            while got.len() < 4 {
+                let frame = queue.frames.recv().await.expect("a frame");
+                got.push(frame.as_str()[..1].to_owned());
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                reading.sent(&frame);
+            }
+            got
+        });
+        hub.finish_replay(&room, &client, join_id).await;
+        assert!(!client.is_closing(), "a client that reads is never closed");
+        let got = tokio::time::timeout(std::time::Duration::from_secs(5), reader)
+            .await
+            .expect("the reader got every frame")
+            .expect("reader");
+        assert_eq!(
+            got,
+            ["j", "0", "1", "2"],
+            "joined, then the held frames in order"
+        );
     }
 }

@@ -428,6 +428,7 @@ async fn sse_delivers_and_resumes_with_last_event_id() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_closed_for_being_slow_resumes_without_loss() {
     let relay = TestRelay::start_with(|c| c.limits.max_queued_bytes = 64 * 1024).await;
+    let read_before = relay.metric("changes_read_total").await;
     let mut slow = relay.client("u2").await;
     // What a client keeps: the joined position, then the id of each event it receives.
     let mut last_id = slow.join("task:1").await["position"]
@@ -454,6 +455,16 @@ async fn a_client_closed_for_being_slow_resumes_without_loss() {
             .await;
     }
     let total = written + 20;
+    // Each event is bigger than the whole queue, so two live ones back to back would close even a
+    // prompt reader. Resume once the relay has read everything: all of it then comes by replay,
+    // which is paced to the reader.
+    tokio::time::timeout(common::WAIT, async {
+        while relay.metric("changes_read_total").await < read_before + total as u64 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the relay reads every change");
     // It reads what reached it, then the close; then it resumes from the last id it saw.
     let mut next = 0;
     loop {
