@@ -17,6 +17,7 @@ pub struct RelayConfig {
     pub limits: Limits,
     /// Browser origins allowed to connect (`Origin` header); empty = any.
     pub allowed_origins: Vec<String>,
+    pub presence: crate::presence::PresenceTimings,
 }
 
 /// Per-connection limits.
@@ -74,6 +75,46 @@ impl RelayConfig {
             pool_size: 16,
             limits: Limits::default(),
             allowed_origins: Vec::new(),
+            presence: Default::default(),
         }
+    }
+}
+
+/// Parses a duration such as `250ms`, `90s`, `15m`, `1h` or `7d` (a bare number is seconds).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("invalid duration {text:?} (try 250ms, 30s, 15m, 1h, 7d)"))?;
+    let millis = match unit {
+        "ms" => 1,
+        "" | "s" => 1000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => {
+            return Err(format!(
+                "invalid duration unit in {text:?} (use ms, s, m, h or d)"
+            ))
+        }
+    };
+    Ok(Duration::from_millis(n.saturating_mul(millis)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        assert_eq!(parse_duration("15"), Ok(Duration::from_secs(15)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert!(parse_duration("1y").is_err());
+        assert!(parse_duration("h").is_err());
     }
 }

@@ -328,29 +328,6 @@ pub fn mint(
     .context("signing the token")
 }
 
-/// Parses a duration such as `90s`, `15m`, `1h` or `7d`.
-pub fn parse_ttl(text: &str) -> Result<Duration, String> {
-    let (number, unit) = text.split_at(
-        text.find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(text.len()),
-    );
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("invalid duration {text:?} (try 30s, 15m, 1h, 7d)"))?;
-    let seconds = match unit {
-        "" | "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86400,
-        _ => {
-            return Err(format!(
-                "invalid duration unit in {text:?} (use s, m, h or d)"
-            ))
-        }
-    };
-    Ok(Duration::from_secs(n.saturating_mul(seconds)))
-}
-
 fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -620,14 +597,5 @@ mod tests {
         shutdown.cancel();
         let _ = watcher.await;
         let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    #[test]
-    fn ttls_parse() {
-        assert_eq!(parse_ttl("90s"), Ok(Duration::from_secs(90)));
-        assert_eq!(parse_ttl("2h"), Ok(Duration::from_secs(7200)));
-        assert_eq!(parse_ttl("15"), Ok(Duration::from_secs(15)));
-        assert!(parse_ttl("1y").is_err());
-        assert!(parse_ttl("h").is_err());
     }
 }

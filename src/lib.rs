@@ -11,6 +11,7 @@
 //! 4. [`transport`]: WebSocket sessions, each with a send queue bounded in bytes.
 //!
 //! [`resume`] gives a returning client what it missed; [`subscribe`] is the join both transports use.
+//! [`presence`] (who is in a room, who is typing) runs beside the change path, never on it.
 //!
 //! [`server`] wires them together; [`db`] holds the embedded Postgres and migrations.
 
@@ -21,6 +22,7 @@ pub mod db;
 pub mod fanout;
 pub mod jwt;
 pub mod metrics;
+pub mod presence;
 pub mod protocol;
 pub mod resume;
 pub mod rooms;

@@ -13,6 +13,7 @@ use clap::{Parser, Subcommand};
 use futures_util::future::poll_fn;
 use pgrelay::capture::outbox::{self, Batch};
 use pgrelay::capture::position::Position;
+use pgrelay::config::parse_duration;
 use pgrelay::config::RelayConfig;
 use pgrelay::db::{embedded::EmbeddedPostgres, migrate};
 use pgrelay::jwt::{self, Verifier};
@@ -50,7 +51,7 @@ enum Command {
         #[arg(long)]
         sub: String,
         /// Lifetime: 90s, 15m, 1h, 7d.
-        #[arg(long, default_value = "1h", value_parser = jwt::parse_ttl)]
+        #[arg(long, default_value = "1h", value_parser = parse_duration)]
         ttl: Duration,
         /// Extra claims, key=value (repeatable); values that parse as JSON are kept as JSON.
         #[arg(long = "claim", value_parser = parse_claim)]
@@ -96,8 +97,12 @@ struct ServeArgs {
     #[arg(long, env = "PGRELAY_ALLOWED_ORIGINS", value_delimiter = ',')]
     allowed_origins: Vec<String>,
     /// Read the outbox at least this often even without a notification.
-    #[arg(long, env = "PGRELAY_POLL_INTERVAL", default_value = "1s", value_parser = jwt::parse_ttl)]
+    #[arg(long, env = "PGRELAY_POLL_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     poll_interval: Duration,
+    /// How often this relay tells the others it is alive (presence); a relay silent for three
+    /// intervals is dropped from presence everywhere.
+    #[arg(long, env = "PGRELAY_PRESENCE_HEARTBEAT", default_value = "5s", value_parser = parse_duration)]
+    presence_heartbeat: Duration,
 }
 
 /// A failure and the exit code it maps to.
@@ -232,6 +237,8 @@ async fn serve(args: ServeArgs) -> Result<(), Failure> {
     let mut config = RelayConfig::new(database_url.clone(), verifier);
     config.bind = args.bind;
     config.poll_interval = args.poll_interval;
+    config.presence.heartbeat = args.presence_heartbeat;
+    config.presence.relay_timeout = 3 * args.presence_heartbeat;
     config.allowed_origins = args.allowed_origins;
     let verifier_for_reloads = config.verifier.clone();
     let relay = Relay::start(config).await.map_err(Failure::Config)?;

@@ -60,6 +60,10 @@ pub struct Metrics {
     pub replay_failures: Counter,
     pub revocations: Counter,
     pub retention_gaps: Counter,
+    pub presence_bus_connected: Gauge,
+    pub presence_relays: Gauge,
+    pub presence_connections: Gauge,
+    pub presence_resyncs: Counter,
 }
 
 impl Metrics {
@@ -173,6 +177,30 @@ impl Metrics {
             "counter",
             "Resumes whose replay failed (the client was told to resume again).",
             self.replay_failures.get(),
+        );
+        metric(
+            "presence_bus_connected",
+            "gauge",
+            "1 while the presence bus (LISTEN pgrelay_presence) is connected.",
+            self.presence_bus_connected.get(),
+        );
+        metric(
+            "presence_relays",
+            "gauge",
+            "Other relays heard from on the presence bus within the timeout.",
+            self.presence_relays.get(),
+        );
+        metric(
+            "presence_connections",
+            "gauge",
+            "Connections in the presence view, on all relays, counted once per room.",
+            self.presence_connections.get(),
+        );
+        metric(
+            "presence_resyncs_total",
+            "counter",
+            "Full presence states requested from another relay after missing its messages.",
+            self.presence_resyncs.get(),
         );
         out
     }

@@ -26,6 +26,7 @@ use axum::extract::ws::Utf8Bytes;
 
 use crate::capture::position::{Position, Snapshot};
 use crate::jwt::Principal;
+use crate::presence::Presence;
 use crate::protocol::Room;
 use crate::transport::client::ClientHandle;
 
@@ -72,9 +73,17 @@ impl Member {
     }
 }
 
-#[derive(Default)]
 pub struct Hub {
     state: Mutex<State>,
+    /// Told of every membership change, under this hub's lock (see [`crate::presence`]).
+    presence: Arc<Presence>,
+}
+
+impl Default for Hub {
+    /// A hub whose presence is seen on this relay only.
+    fn default() -> Hub {
+        Hub::new(Presence::new(Default::default()).0)
+    }
 }
 
 #[derive(Default)]
@@ -99,6 +108,17 @@ pub enum NotReady {
 }
 
 impl Hub {
+    pub fn new(presence: Arc<Presence>) -> Hub {
+        Hub {
+            state: Mutex::default(),
+            presence,
+        }
+    }
+
+    pub fn presence(&self) -> &Arc<Presence> {
+        &self.presence
+    }
+
     pub fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock leaves plain maps behind; keep serving.
         self.state
@@ -176,6 +196,7 @@ impl Hub {
                 .or_default()
                 .insert(client.id, member);
             client.send(reply(room, &at).into());
+            self.presence.joined(room, client, &principal.user);
         }
         Ok((position, join_id))
     }
@@ -242,6 +263,7 @@ impl Hub {
         if members.is_empty() {
             state.rooms.remove(room);
         }
+        self.presence.left(room, client.id);
         client.send(reply().into());
         true
     }
@@ -267,6 +289,7 @@ impl Hub {
         if members.is_empty() {
             state.rooms.remove(room);
         }
+        self.presence.left(room, client_id);
         let left = crate::protocol::ServerMessage::Left {
             room: room.as_str(),
             reason,
@@ -323,6 +346,7 @@ impl Hub {
                     state.rooms.remove(room);
                 }
             }
+            self.presence.left(room, client_id);
         }
     }
 }

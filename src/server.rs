@@ -28,6 +28,7 @@ use crate::capture::{listener, reader::Reader, retention};
 use crate::config::{Limits, RelayConfig};
 use crate::jwt::Verifier;
 use crate::metrics::Metrics;
+use crate::presence::{self, Presence};
 use crate::rooms::Hub;
 use crate::transport::{sse, ws};
 
@@ -98,7 +99,8 @@ impl Relay {
         let status_pool = pool.clone();
         let metrics = Arc::new(Metrics::default());
         let wake = Arc::new(Notify::new());
-        let hub = Arc::new(Hub::default());
+        let (presence, presence_ops) = Presence::new(config.presence);
+        let hub = Arc::new(Hub::new(presence.clone()));
         let status_hub = hub.clone();
         let state = AppState {
             pool: pool.clone(),
@@ -147,7 +149,7 @@ impl Relay {
         let interval = config.maintenance_interval;
         let tasks = vec![
             tokio::spawn(listener::run(
-                pg_config,
+                pg_config.clone(),
                 wake,
                 metrics.clone(),
                 shutdown.clone(),
@@ -161,6 +163,14 @@ impl Relay {
                 shutdown.clone(),
             )),
             tokio::spawn(retention::run(retention_pool, interval, shutdown.clone())),
+            tokio::spawn(presence::bus::run(
+                pg_config.clone(),
+                presence.clone(),
+                presence_ops,
+                metrics.clone(),
+                shutdown.clone(),
+            )),
+            tokio::spawn(presence::sweep(presence, metrics.clone(), shutdown.clone())),
             tokio::spawn(serve),
         ];
         tracing::info!(%addr, "pgrelay listening");

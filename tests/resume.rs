@@ -289,39 +289,8 @@ async fn positions_past_retention_are_not_recovered_and_forged_ones_are_refused(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_killed_with_sigkill_and_restarted_loses_and_repeats_nothing() {
     let db_url = common::fresh_database().await;
-    let start = || async {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .expect("port")
-            .local_addr()
-            .expect("addr")
-            .port();
-        let addr = format!("127.0.0.1:{port}");
-        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgrelay"))
-            .args(["serve", "--bind", &addr])
-            .env("DATABASE_URL", &db_url)
-            .env(
-                "PGRELAY_JWT_SECRET",
-                std::str::from_utf8(common::SECRET).expect("utf8"),
-            )
-            .stderr(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn");
-        for _ in 0..200 {
-            if common::http_get(&format!("http://{addr}/readyz")).await.0 == 200 {
-                return (child, addr);
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        panic!("the relay did not become ready");
-    };
-    let connect = |addr: String| async move {
-        let mut c = WsClient::connect(&format!("ws://{addr}/ws?token={}", common::token("u2")))
-            .await
-            .expect("connect");
-        assert_eq!(c.recv().await["type"], "ready");
-        c
-    };
+    let start = || common::spawn_relay(&db_url, &[]);
+    let connect = |addr: String| async move { common::client_at(&addr, "u2").await };
     let (mut relay, addr) = start().await;
     let mut client = connect(addr.clone()).await;
     client.join("task:1").await;

@@ -22,6 +22,8 @@ pub struct CloseRequest {
 
 pub struct ClientHandle {
     pub id: u64,
+    /// Whether the transport shows presence and typing (WebSocket does, SSE does not).
+    pub sees_presence: bool,
     frames: mpsc::UnboundedSender<Utf8Bytes>,
     queued_bytes: AtomicUsize,
     max_queued_bytes: usize,
@@ -37,11 +39,19 @@ pub struct ClientQueue {
 }
 
 impl ClientHandle {
+    /// A client that sees presence and typing.
+    pub fn websocket(max_queued_bytes: usize) -> (ClientHandle, ClientQueue) {
+        let (mut handle, queue) = ClientHandle::new(max_queued_bytes);
+        handle.sees_presence = true;
+        (handle, queue)
+    }
+
     pub fn new(max_queued_bytes: usize) -> (ClientHandle, ClientQueue) {
         let (frames_tx, frames_rx) = mpsc::unbounded_channel();
         let (close_tx, close_rx) = watch::channel(None);
         let handle = ClientHandle {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            sees_presence: false,
             frames: frames_tx,
             queued_bytes: AtomicUsize::new(0),
             max_queued_bytes,

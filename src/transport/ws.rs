@@ -25,6 +25,7 @@ use tokio::time::Instant;
 use super::client::{ClientHandle, ClientQueue, CloseRequest};
 use super::limits::TokenBucket;
 use crate::jwt::Principal;
+use crate::presence::PresenceError;
 use crate::protocol::{self, close, ClientMessage, ErrorCode, Room, ServerMessage};
 use crate::server::AppState;
 use crate::subscribe::{self, JoinError};
@@ -110,7 +111,7 @@ enum Flow {
 impl Session {
     async fn run(app: AppState, socket: WebSocket, principal: Option<Principal>) {
         app.metrics.connections.inc();
-        let (client, queue) = ClientHandle::new(app.limits.max_queued_bytes);
+        let (client, queue) = ClientHandle::websocket(app.limits.max_queued_bytes);
         let limits = &app.limits;
         let mut session = Session {
             deadline: Instant::now() + limits.auth_timeout,
@@ -275,16 +276,16 @@ impl Session {
                 self.on_leave(room, reference);
                 Flow::Continue
             }
-            ClientMessage::Presence { room, .. } | ClientMessage::Typing { room, .. } => {
-                if self.rooms.contains(&room) {
-                    self.error(
-                        ErrorCode::BadRequest,
-                        "presence and typing are not available yet",
-                        reference,
-                    );
-                } else {
-                    self.error(ErrorCode::NotJoined, "join the room first", reference);
-                }
+            ClientMessage::Presence { room, meta } => {
+                let presence = self.app.hub.presence();
+                let done = presence.set_meta(&room, self.client.id, meta);
+                self.presence_reply(done, reference);
+                Flow::Continue
+            }
+            ClientMessage::Typing { room, typing } => {
+                let presence = self.app.hub.presence();
+                let done = presence.typing(&room, self.client.id, typing);
+                self.presence_reply(done, reference);
                 Flow::Continue
             }
         }
@@ -415,6 +416,19 @@ impl Session {
         self.rooms.retain(|r| r != &room);
         if !left {
             self.error(ErrorCode::NotJoined, "not in this room", reference);
+        }
+    }
+
+    /// Presence and typing are fire-and-forget: only a refusal is answered.
+    fn presence_reply(&self, done: Result<(), PresenceError>, reference: Option<&str>) {
+        match done {
+            Ok(()) => {}
+            Err(err @ PresenceError::NotJoined) => {
+                self.error(ErrorCode::NotJoined, &err.to_string(), reference)
+            }
+            Err(err @ PresenceError::MetaTooLarge) => {
+                self.error(ErrorCode::BadRequest, &err.to_string(), reference)
+            }
         }
     }
 

@@ -166,7 +166,11 @@ impl TestRelay {
     }
 
     pub async fn start_with(adjust: impl FnOnce(&mut RelayConfig)) -> TestRelay {
-        let db_url = fresh_database().await;
+        Self::start_on(fresh_database().await, adjust).await
+    }
+
+    /// A relay on an existing database (several relays can share one).
+    pub async fn start_on(db_url: String, adjust: impl FnOnce(&mut RelayConfig)) -> TestRelay {
         let mut config = config(&db_url);
         adjust(&mut config);
         let relay = Relay::start(config).await.expect("relay starts");
@@ -263,6 +267,17 @@ pub async fn http_get(url: &str) -> (u16, String) {
 
 pub struct WsClient {
     pub stream: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    /// Most tests are about changes: they skip presence and typing messages unless they ask.
+    pub skip_presence: bool,
+    /// The `presence_state` that followed the last `joined`.
+    pub presence_state: Option<Value>,
+}
+
+fn is_presence(message: &Value) -> bool {
+    matches!(
+        message["type"].as_str(),
+        Some("presence_state" | "presence_diff" | "typing")
+    )
 }
 
 /// How a connection ended, as the client saw it.
@@ -275,7 +290,11 @@ pub enum Ended {
 impl WsClient {
     pub async fn connect(url: &str) -> Result<WsClient, tokio_tungstenite::tungstenite::Error> {
         let (stream, _) = tokio_tungstenite::connect_async(url).await?;
-        Ok(WsClient { stream })
+        Ok(WsClient {
+            stream,
+            skip_presence: true,
+            presence_state: None,
+        })
     }
 
     pub async fn send(&mut self, message: Value) {
@@ -291,6 +310,16 @@ impl WsClient {
 
     /// The next JSON message; panics after [`WAIT`] or if the connection ends.
     pub async fn recv(&mut self) -> Value {
+        loop {
+            let message = self.recv_any().await;
+            if !(self.skip_presence && is_presence(&message)) {
+                return message;
+            }
+        }
+    }
+
+    /// The next JSON message, presence or not.
+    pub async fn recv_any(&mut self) -> Value {
         loop {
             let next = tokio::time::timeout(WAIT, self.stream.next())
                 .await
@@ -316,18 +345,27 @@ impl WsClient {
         while let Ok(next) = tokio::time::timeout_at(deadline, self.stream.next()).await {
             match next {
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                Some(Ok(Message::Text(text)))
+                    if self.skip_presence
+                        && serde_json::from_str::<Value>(&text).is_ok_and(|m| is_presence(&m)) =>
+                {
+                    continue
+                }
                 Some(message) => panic!("expected nothing, got {message:?}"),
                 None => panic!("expected nothing, but the connection ended"),
             }
         }
     }
 
-    /// Joins and returns the `joined` reply.
+    /// Joins and returns the `joined` reply (the `presence_state` right behind it is read too).
     pub async fn join(&mut self, room: &str) -> Value {
         self.send(json!({"type": "join", "room": room})).await;
         let reply = self.recv().await;
         assert_eq!(reply["type"], "joined", "joining {room}: {reply}");
         assert_eq!(reply["room"], room);
+        let state = self.recv_any().await;
+        assert_eq!(state["type"], "presence_state", "after joined: {state}");
+        self.presence_state = Some(state);
         reply
     }
 
@@ -442,4 +480,45 @@ impl SseClient {
             }
         }
     }
+}
+
+/// Starts `pgrelay serve` as a separate process on `db_url` (so that a test can SIGKILL it), and
+/// waits until it is ready. Returns the process and its address.
+#[allow(dead_code)]
+pub async fn spawn_relay(db_url: &str, extra_args: &[&str]) -> (tokio::process::Child, String) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("port")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgrelay"))
+        .args(["serve", "--bind", &addr])
+        .args(extra_args)
+        .env("DATABASE_URL", db_url)
+        .env(
+            "PGRELAY_JWT_SECRET",
+            std::str::from_utf8(SECRET).expect("utf8"),
+        )
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn");
+    for _ in 0..200 {
+        if http_get(&format!("http://{addr}/readyz")).await.0 == 200 {
+            return (child, addr);
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("the relay did not become ready");
+}
+
+/// A connected, authenticated client of `user` on the relay at `addr`.
+#[allow(dead_code)]
+pub async fn client_at(addr: &str, user: &str) -> WsClient {
+    let url = format!("ws://{addr}/ws?token={}", token(user));
+    let mut client = WsClient::connect(&url).await.expect("connect");
+    let ready = client.recv().await;
+    assert_eq!(ready["type"], "ready", "{ready}");
+    client
 }

@@ -1,0 +1,607 @@
+//! Presence and typing: who is in a room right now, on every relay, and who is typing.
+//!
+//! Every relay process keeps the *whole* view: for each room, one entry per connection in it,
+//! wherever that connection is (`(relay, connection) → (user, meta)`). Entries of this relay change
+//! when its clients join, leave or set their meta; entries of other relays change when they say so
+//! on the presence bus ([`bus`], a `LISTEN/NOTIFY` channel of its own). Each relay tells its own
+//! clients what changed: `presence_state` once after `joined`, then `presence_diff`s. A user with
+//! three tabs is one user with three metas.
+//!
+//! Nothing here touches the outbox or the change path: the bus is a separate connection, and a
+//! local change is applied at once and only *published* in the background.
+//!
+//! Only connections that joined a room (the join policy let them in) are shown its presence and
+//! its typing; a connection that leaves, or loses access, stops seeing it before its `left`.
+//!
+//! Relays come and go. Each relay gets a fresh random id when it starts and announces itself with
+//! a heartbeat; a relay not heard from within the timeout is forgotten together with its
+//! connections, so a relay killed with SIGKILL leaves no ghosts, and its restart (a new id) cannot
+//! bring the old entries back. A relay that notices it missed some of another's messages (a gap
+//! in that relay's sequence numbers, or a relay it has never heard of) asks it for its full state.
+
+pub mod bus;
+mod typing;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use serde_json::{json, Map, Value};
+use tokio::sync::{mpsc, Notify};
+use tokio::time::Instant;
+
+use crate::protocol::Room;
+use crate::transport::client::ClientHandle;
+use bus::{Envelope, Op};
+use typing::Typing;
+
+/// The largest meta a connection may set (serialized), so that any presence op fits one NOTIFY.
+pub const MAX_META_BYTES: usize = 1024;
+
+/// How often a relay says it is alive, how long its silence is tolerated, and how long a typing
+/// indicator lasts without a refresh.
+#[derive(Clone, Debug)]
+pub struct PresenceTimings {
+    pub heartbeat: Duration,
+    pub relay_timeout: Duration,
+    pub typing_timeout: Duration,
+}
+
+impl Default for PresenceTimings {
+    fn default() -> PresenceTimings {
+        PresenceTimings {
+            heartbeat: Duration::from_secs(5),
+            relay_timeout: Duration::from_secs(15),
+            typing_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A connection in the presence view: which relay it is on, and its id there.
+type ConnectionKey = (String, u64);
+
+/// Why a presence or typing message was refused; the messages are safe to show.
+#[derive(Debug, thiserror::Error)]
+pub enum PresenceError {
+    #[error("join the room first")]
+    NotJoined,
+    #[error("`meta` must be at most {MAX_META_BYTES} bytes of JSON")]
+    MetaTooLarge,
+}
+
+pub struct Presence {
+    /// This relay's id on the bus, fresh at every start.
+    node: String,
+    timings: PresenceTimings,
+    state: Mutex<State>,
+    /// Ops for the bus to publish, and a nudge when another relay asks for our full state.
+    outgoing: mpsc::UnboundedSender<Op>,
+    pub(crate) sync_wanted: Notify,
+}
+
+#[derive(Default)]
+struct State {
+    rooms: HashMap<Room, RoomPresence>,
+    relays: HashMap<String, RelayState>,
+    typing: Typing,
+}
+
+#[derive(Default)]
+struct RoomPresence {
+    /// Everyone in the room, on every relay, in a stable order.
+    entries: BTreeMap<ConnectionKey, Entry>,
+    /// This relay's connections that are shown the room's presence.
+    audience: HashMap<u64, Watcher>,
+}
+
+#[derive(Clone, PartialEq)]
+struct Entry {
+    user: String,
+    meta: Value,
+}
+
+struct Watcher {
+    client: Arc<ClientHandle>,
+    user: String,
+}
+
+/// What this relay knows about another one.
+struct RelayState {
+    heard: Instant,
+    /// The sequence number its next message should carry.
+    next_seq: u64,
+    /// During a full-state transfer: its entries not confirmed yet (they go at the end).
+    unconfirmed: Option<HashSet<(Room, u64)>>,
+    /// When we last asked it for its full state.
+    asked: Option<Instant>,
+}
+
+/// Joins and leaves collected per room, sent as one `presence_diff` each.
+#[derive(Default)]
+struct Diffs(BTreeMap<Room, Diff>);
+
+/// Metas by user: those that arrived, those that went.
+#[derive(Default)]
+struct Diff {
+    joins: Map<String, Value>,
+    leaves: Map<String, Value>,
+}
+
+impl Diffs {
+    fn join(&mut self, room: &Room, entry: &Entry) {
+        push(&mut self.0.entry(room.clone()).or_default().joins, entry);
+    }
+    fn leave(&mut self, room: &Room, entry: &Entry) {
+        push(&mut self.0.entry(room.clone()).or_default().leaves, entry);
+    }
+}
+
+fn push(users: &mut Map<String, Value>, entry: &Entry) {
+    let metas = users
+        .entry(entry.user.clone())
+        .or_insert_with(|| Value::Array(Vec::new()));
+    if let Value::Array(metas) = metas {
+        metas.push(entry.meta.clone());
+    }
+}
+
+impl Presence {
+    /// A presence view for this relay, and the stream of ops its bus publishes.
+    pub fn new(timings: PresenceTimings) -> (Arc<Presence>, mpsc::UnboundedReceiver<Op>) {
+        let (outgoing, ops) = mpsc::unbounded_channel();
+        let presence = Presence {
+            node: format!("{:016x}", rand::random::<u64>()),
+            timings,
+            state: Mutex::default(),
+            outgoing,
+            sync_wanted: Notify::new(),
+        };
+        (Arc::new(presence), ops)
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    pub fn timings(&self) -> &PresenceTimings {
+        &self.timings
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn publish(&self, op: Op) {
+        // The bus outlives every connection; if it is gone the relay is stopping.
+        let _ = self.outgoing.send(op);
+    }
+
+    /// A connection joined `room` (called under the hub's lock, after its `joined`): it is shown
+    /// the room's presence, and shown to everyone else in it. Joining again only resends the state.
+    pub fn joined(&self, room: &Room, client: &Arc<ClientHandle>, user: &str) {
+        if !client.sees_presence {
+            return;
+        }
+        let mut state = self.lock();
+        let presence = state.rooms.entry(room.clone()).or_default();
+        presence.audience.insert(
+            client.id,
+            Watcher {
+                client: client.clone(),
+                user: user.to_owned(),
+            },
+        );
+        let key = (self.node.clone(), client.id);
+        let fresh = !presence.entries.contains_key(&key);
+        if fresh {
+            let entry = Entry {
+                user: user.to_owned(),
+                meta: self.meta_of(client.id, Map::new()),
+            };
+            presence.entries.insert(key, entry.clone());
+            let mut diffs = Diffs::default();
+            diffs.join(room, &entry);
+            send_diffs(&state.rooms, diffs, Some(client.id));
+            self.publish(Op::join(room, client.id, &entry.user, &entry.meta));
+        }
+        if let Some(presence) = state.rooms.get(room) {
+            client.send(presence_state(room, presence).into());
+        }
+        // Who is typing right now.
+        let typing_now: Vec<String> = state.typing.typing_in(room).cloned().collect();
+        for typist in typing_now.iter().filter(|u| u.as_str() != user) {
+            client.send(typing_message(room, typist, true).into());
+        }
+    }
+
+    /// A connection left `room`, for whatever reason (called under the hub's lock, before its
+    /// `left`): it sees no more of the room, and the others see it go.
+    pub fn left(&self, room: &Room, client_id: u64) {
+        let mut state = self.lock();
+        let Some(presence) = state.rooms.get_mut(room) else {
+            return;
+        };
+        presence.audience.remove(&client_id);
+        let removed = presence.entries.remove(&(self.node.clone(), client_id));
+        let mut diffs = Diffs::default();
+        if let Some(entry) = &removed {
+            diffs.leave(room, entry);
+            self.publish(Op::Leave {
+                room: room.as_str().to_owned(),
+                connection: client_id,
+            });
+        }
+        finish(&mut state, diffs);
+    }
+
+    /// Replaces a connection's meta in a room it joined.
+    pub fn set_meta(
+        &self,
+        room: &Room,
+        client_id: u64,
+        meta: Map<String, Value>,
+    ) -> Result<(), PresenceError> {
+        let size = serde_json::to_string(&meta).map_or(usize::MAX, |s| s.len());
+        if size > MAX_META_BYTES {
+            return Err(PresenceError::MetaTooLarge);
+        }
+        let mut state = self.lock();
+        let key = (self.node.clone(), client_id);
+        let entry = state
+            .rooms
+            .get_mut(room)
+            .and_then(|p| p.entries.get_mut(&key))
+            .ok_or(PresenceError::NotJoined)?;
+        let new = Entry {
+            user: entry.user.clone(),
+            meta: self.meta_of(client_id, meta),
+        };
+        let old = std::mem::replace(entry, new.clone());
+        if old == new {
+            return Ok(());
+        }
+        let mut diffs = Diffs::default();
+        diffs.leave(room, &old);
+        diffs.join(room, &new);
+        send_diffs(&state.rooms, diffs, None);
+        self.publish(Op::join(room, client_id, &new.user, &new.meta));
+        Ok(())
+    }
+
+    /// A connection's user is typing (or stopped) in a room it joined. Too frequent changes are
+    /// dropped (see [`typing`]); the rest reach the room's other users here and on every relay.
+    pub fn typing(&self, room: &Room, client_id: u64, typing: bool) -> Result<(), PresenceError> {
+        let mut state = self.lock();
+        let user = state
+            .rooms
+            .get(room)
+            .and_then(|p| p.entries.get(&(self.node.clone(), client_id)))
+            .map(|entry| entry.user.clone())
+            .ok_or(PresenceError::NotJoined)?;
+        if !state.typing.allow(room, &user, typing, Instant::now()) {
+            return Ok(());
+        }
+        self.apply_typing(&mut state, room, &user, typing);
+        self.publish(Op::Typing {
+            room: room.as_str().to_owned(),
+            user,
+            typing,
+        });
+        Ok(())
+    }
+
+    fn apply_typing(&self, state: &mut State, room: &Room, user: &str, typing: bool) {
+        let deadline = Instant::now() + self.timings.typing_timeout;
+        if state.typing.set(room, user, typing, deadline) {
+            tell_typing(&state.rooms, room, user, typing);
+        }
+    }
+
+    /// Everything this relay contributes to the view, for another relay that asked.
+    pub fn local_entries(&self) -> Vec<Op> {
+        let state = self.lock();
+        let mut ops = Vec::new();
+        for (room, presence) in &state.rooms {
+            for ((node, connection), entry) in &presence.entries {
+                if *node == self.node {
+                    ops.push(Op::join(room, *connection, &entry.user, &entry.meta));
+                }
+            }
+        }
+        ops
+    }
+
+    /// Applies a message from another relay's bus. Returns the relays whose full state we
+    /// should ask for (we missed some of their messages).
+    pub fn apply(&self, envelope: Envelope) -> Option<String> {
+        if envelope.node == self.node {
+            return None;
+        }
+        let now = Instant::now();
+        let mut state = self.lock();
+        let mut diffs = Diffs::default();
+        if envelope.bye {
+            forget_relay(&mut state, &envelope.node, &mut diffs);
+            finish(&mut state, diffs);
+            return None;
+        }
+        if envelope
+            .want
+            .as_deref()
+            .is_some_and(|w| w == "*" || w == self.node)
+        {
+            self.sync_wanted.notify_one();
+        }
+        let known = state.relays.contains_key(&envelope.node);
+        let relay = state
+            .relays
+            .entry(envelope.node.clone())
+            .or_insert_with(|| RelayState {
+                heard: now,
+                next_seq: envelope.seq,
+                unconfirmed: None,
+                asked: None,
+            });
+        relay.heard = now;
+        let in_order = relay.next_seq == envelope.seq;
+        relay.next_seq = envelope.seq + 1;
+        let mut ask = None;
+        let sync = envelope.sync;
+        if sync.is_some_and(bus::Sync::begins) {
+            // A full state begins: everything the relay had is unconfirmed until it ends.
+            let unconfirmed = state
+                .rooms
+                .iter()
+                .flat_map(|(room, p)| {
+                    p.entries
+                        .keys()
+                        .filter(|(node, _)| *node == envelope.node)
+                        .map(move |(_, c)| (room.clone(), *c))
+                })
+                .collect();
+            if let Some(relay) = state.relays.get_mut(&envelope.node) {
+                relay.unconfirmed = Some(unconfirmed);
+            }
+        } else if !in_order || !known {
+            // A relay we never heard of, or one we missed messages from (perhaps part of a
+            // transfer): we do not know all of its connections.
+            if let Some(relay) = state.relays.get_mut(&envelope.node) {
+                relay.unconfirmed = None;
+            }
+            ask = self.ask(&mut state, &envelope.node, now);
+        }
+        for op in envelope.ops {
+            self.apply_op(&mut state, &envelope.node, op, &mut diffs);
+        }
+        if sync.is_some_and(bus::Sync::ends) {
+            let unconfirmed = state
+                .relays
+                .get_mut(&envelope.node)
+                .and_then(|r| r.unconfirmed.take())
+                .unwrap_or_default();
+            for (room, connection) in unconfirmed {
+                remove_entry(
+                    &mut state,
+                    &room,
+                    &(envelope.node.clone(), connection),
+                    &mut diffs,
+                );
+            }
+        }
+        finish(&mut state, diffs);
+        ask
+    }
+
+    /// Whether to ask `node` for its full state now (not more than once a second).
+    fn ask(&self, state: &mut State, node: &str, now: Instant) -> Option<String> {
+        let relay = state.relays.get_mut(node)?;
+        if relay
+            .asked
+            .is_some_and(|at| now.duration_since(at) < Duration::from_secs(1))
+        {
+            return None;
+        }
+        relay.asked = Some(now);
+        Some(node.to_owned())
+    }
+
+    fn apply_op(&self, state: &mut State, node: &str, op: Op, diffs: &mut Diffs) {
+        match op {
+            Op::Join {
+                room,
+                connection,
+                user,
+                meta,
+            } => {
+                let Some(room) = Room::parse(&room) else {
+                    return;
+                };
+                if let Some(unconfirmed) = state
+                    .relays
+                    .get_mut(node)
+                    .and_then(|r| r.unconfirmed.as_mut())
+                {
+                    unconfirmed.remove(&(room.clone(), connection));
+                }
+                let entry = Entry { user, meta };
+                let presence = state.rooms.entry(room.clone()).or_default();
+                let previous = presence
+                    .entries
+                    .insert((node.to_owned(), connection), entry.clone());
+                if previous.as_ref() != Some(&entry) {
+                    if let Some(previous) = &previous {
+                        diffs.leave(&room, previous);
+                    }
+                    diffs.join(&room, &entry);
+                }
+            }
+            Op::Leave { room, connection } => {
+                if let Some(room) = Room::parse(&room) {
+                    remove_entry(state, &room, &(node.to_owned(), connection), diffs);
+                }
+            }
+            Op::Typing { room, user, typing } => {
+                if let Some(room) = Room::parse(&room) {
+                    self.apply_typing(state, &room, &user, typing);
+                }
+            }
+        }
+    }
+
+    /// Forgets relays not heard from within the timeout, and ends typing that was not refreshed.
+    pub fn sweep(&self) {
+        let now = Instant::now();
+        let mut state = self.lock();
+        let silent: Vec<String> = state
+            .relays
+            .iter()
+            .filter(|(_, r)| now.duration_since(r.heard) > self.timings.relay_timeout)
+            .map(|(node, _)| node.clone())
+            .collect();
+        let mut diffs = Diffs::default();
+        for node in silent {
+            tracing::info!(relay = %node, "relay silent; removing its connections from presence");
+            forget_relay(&mut state, &node, &mut diffs);
+        }
+        for (room, user) in state.typing.expired(now) {
+            tell_typing(&state.rooms, &room, &user, false);
+        }
+        finish(&mut state, diffs);
+    }
+
+    /// The meta a connection shows: what it set, plus an id that tells its tabs apart.
+    fn meta_of(&self, client_id: u64, mut meta: Map<String, Value>) -> Value {
+        meta.insert(
+            "conn_id".into(),
+            Value::String(format!("{}.{client_id}", self.node)),
+        );
+        Value::Object(meta)
+    }
+
+    /// How many other relays the view knows, and how many connections it holds (all relays).
+    pub fn size(&self) -> (usize, usize) {
+        let state = self.lock();
+        let connections = state.rooms.values().map(|p| p.entries.len()).sum();
+        (state.relays.len(), connections)
+    }
+}
+
+fn remove_entry(state: &mut State, room: &Room, key: &ConnectionKey, diffs: &mut Diffs) {
+    if let Some(entry) = state
+        .rooms
+        .get_mut(room)
+        .and_then(|p| p.entries.remove(key))
+    {
+        diffs.leave(room, &entry);
+    }
+}
+
+fn forget_relay(state: &mut State, node: &str, diffs: &mut Diffs) {
+    state.relays.remove(node);
+    for (room, presence) in &mut state.rooms {
+        let gone: Vec<ConnectionKey> = presence
+            .entries
+            .keys()
+            .filter(|(n, _)| n == node)
+            .cloned()
+            .collect();
+        for key in gone {
+            if let Some(entry) = presence.entries.remove(&key) {
+                diffs.leave(room, &entry);
+            }
+        }
+    }
+}
+
+/// Sends the collected diffs; a user whose last connection left a room stops typing there; empty
+/// rooms are dropped.
+fn finish(state: &mut State, diffs: Diffs) {
+    let mut stopped = Vec::new();
+    for (room, diff) in &diffs.0 {
+        let Some(presence) = state.rooms.get(room) else {
+            continue;
+        };
+        for user in diff.leaves.keys() {
+            let still_here = presence.entries.values().any(|e| &e.user == user);
+            if !still_here && state.typing.is_typing(room, user) {
+                stopped.push((room.clone(), user.clone()));
+            }
+        }
+    }
+    send_diffs(&state.rooms, diffs, None);
+    for (room, user) in stopped {
+        state.typing.clear(&room, &user);
+        tell_typing(&state.rooms, &room, &user, false);
+    }
+    state
+        .rooms
+        .retain(|_, p| !p.entries.is_empty() || !p.audience.is_empty());
+}
+
+fn send_diffs(rooms: &HashMap<Room, RoomPresence>, diffs: Diffs, except: Option<u64>) {
+    for (room, Diff { joins, leaves }) in diffs.0 {
+        let Some(presence) = rooms.get(&room) else {
+            continue;
+        };
+        if presence.audience.is_empty() {
+            continue;
+        }
+        let frame: axum::extract::ws::Utf8Bytes = json!({
+            "type": "presence_diff",
+            "room": room.as_str(),
+            "joins": joins,
+            "leaves": leaves,
+        })
+        .to_string()
+        .into();
+        for (id, watcher) in &presence.audience {
+            if Some(*id) != except {
+                watcher.client.send(frame.clone());
+            }
+        }
+    }
+}
+
+fn tell_typing(rooms: &HashMap<Room, RoomPresence>, room: &Room, user: &str, typing: bool) {
+    let Some(presence) = rooms.get(room) else {
+        return;
+    };
+    let frame: axum::extract::ws::Utf8Bytes = typing_message(room, user, typing).into();
+    for watcher in presence.audience.values().filter(|w| w.user != user) {
+        watcher.client.send(frame.clone());
+    }
+}
+
+fn typing_message(room: &Room, user: &str, typing: bool) -> String {
+    json!({"type": "typing", "room": room.as_str(), "user": user, "typing": typing}).to_string()
+}
+
+fn presence_state(room: &Room, presence: &RoomPresence) -> String {
+    let mut users = Map::new();
+    for entry in presence.entries.values() {
+        push(&mut users, entry);
+    }
+    json!({"type": "presence_state", "room": room.as_str(), "users": users}).to_string()
+}
+
+/// Runs [`Presence::sweep`] ten times a second until `shutdown`, and updates the gauges.
+pub async fn sweep(
+    presence: Arc<Presence>,
+    metrics: Arc<crate::metrics::Metrics>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let mut every = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            _ = every.tick() => {
+                presence.sweep();
+                let (relays, connections) = presence.size();
+                metrics.presence_relays.set(relays as u64);
+                metrics.presence_connections.set(connections as u64);
+            }
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
