@@ -14,11 +14,17 @@
 //! delivery to anyone else. When the batched query fails with an error from a policy, the relay
 //! splits the (change, user) pairs in halves until it has found the failing ones, denies exactly
 //! those, and logs them; everybody else receives their changes.
+//!
+//! Joins are batched too: join checks queue up while the previous queries run and are answered
+//! together (`pgrelay.can_join` over arrays), so a thousand clients reconnecting at once cost a
+//! handful of queries. If a batch fails, its checks are retried one by one, so a policy that
+//! throws for one user fails only that user's join.
 
 use std::sync::Arc;
 
 use anyhow::Context;
 use deadpool_postgres::Pool;
+use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::capture::outbox::Change;
 use crate::jwt::Principal;
@@ -59,44 +65,51 @@ pub type AccessCheck = (String, u64, Arc<Principal>);
 #[derive(Clone)]
 pub struct Authorizer {
     pool: Pool,
+    /// Join checks wait here for the next batch (see [`batch_joins`]).
+    joins: mpsc::UnboundedSender<JoinCheck>,
 }
 
+/// A join to check, and where to send the answer.
+struct JoinCheck {
+    principal: Arc<Principal>,
+    room: Room,
+    answer: oneshot::Sender<anyhow::Result<bool>>,
+}
+
+/// Join checks answered by one query at most, and such queries running at once.
+const MAX_JOIN_BATCH: usize = 500;
+const JOIN_BATCHES_IN_FLIGHT: usize = 2;
+
 impl Authorizer {
+    /// An authorizer on `pool`; starts the task that batches join checks (it ends with the last
+    /// clone of the authorizer).
     pub fn new(pool: Pool) -> Authorizer {
-        Authorizer { pool }
+        let (joins, pending) = mpsc::unbounded_channel();
+        tokio::spawn(batch_joins(pool.clone(), pending));
+        Authorizer { pool, joins }
     }
 
-    /// May this user join this room?
-    pub async fn can_join(&self, principal: &Principal, room: &Room) -> anyhow::Result<bool> {
-        let client = self.pool.get().await.context("no database connection")?;
-        let statement = client
-            .prepare_cached("SELECT pgrelay.can_join($1, $2, $3)")
-            .await?;
-        let row = client
-            .query_one(
-                &statement,
-                &[&principal.user, &principal.claims, &room.as_str()],
-            )
+    /// May this user join this room? Concurrent joins share one policy query: a burst of
+    /// reconnecting clients costs Postgres a few queries, not one per join.
+    pub async fn can_join(&self, principal: &Arc<Principal>, room: &Room) -> anyhow::Result<bool> {
+        let (answer, answered) = oneshot::channel();
+        let check = JoinCheck {
+            principal: principal.clone(),
+            room: room.clone(),
+            answer,
+        };
+        self.joins
+            .send(check)
+            .map_err(|_| anyhow::anyhow!("the relay is stopping"))?;
+        answered
             .await
-            .context("evaluating the join policy")?;
-        Ok(row.try_get::<_, Option<bool>>(0)?.unwrap_or(false))
+            .map_err(|_| anyhow::anyhow!("the join check was dropped"))?
     }
 
     /// For each (room, client, principal): may the user still join the room? One query for all.
     pub async fn still_allowed(&self, checks: &[AccessCheck]) -> anyhow::Result<Vec<bool>> {
-        let rooms: Vec<&str> = checks.iter().map(|c| c.0.as_str()).collect();
-        let users: Vec<&str> = checks.iter().map(|c| c.2.user.as_str()).collect();
-        let claims: Vec<&serde_json::Value> = checks.iter().map(|c| &c.2.claims).collect();
-        let client = self.pool.get().await.context("no database connection")?;
-        let statement = client
-            .prepare_cached(
-                "SELECT coalesce(pgrelay.can_join(u, c, r), false)
-                 FROM unnest($1::text[], $2::jsonb[], $3::text[]) WITH ORDINALITY AS x(u, c, r, ix)
-                 ORDER BY ix",
-            )
-            .await?;
-        let rows = client.query(&statement, &[&users, &claims, &rooms]).await?;
-        rows.iter().map(|row| Ok(row.try_get(0)?)).collect()
+        let asks: Vec<(&str, &Principal)> = checks.iter().map(|c| (c.0.as_str(), &*c.2)).collect();
+        join_answers(&self.pool, &asks).await
     }
 
     /// Evaluates the read policy for each `(change index, principal index)` pair (0-based) and
@@ -197,4 +210,83 @@ fn is_policy_error(err: &anyhow::Error) -> bool {
         class,
         "08" | "25" | "40" | "42" | "53" | "54" | "55" | "57" | "58" | "XX"
     )
+}
+
+/// Answers join checks in batches: whatever queued while the previous batches ran goes into the
+/// next query, so a lone join waits for one query and a burst shares a few.
+async fn batch_joins(pool: Pool, mut pending: mpsc::UnboundedReceiver<JoinCheck>) {
+    let slots = Arc::new(Semaphore::new(JOIN_BATCHES_IN_FLIGHT));
+    loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let Some(first) = pending.recv().await else {
+            return;
+        };
+        let mut batch = vec![first];
+        while batch.len() < MAX_JOIN_BATCH {
+            match pending.try_recv() {
+                Ok(check) => batch.push(check),
+                Err(_) => break,
+            }
+        }
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            answer_joins(&pool, batch).await;
+            drop(slot);
+        });
+    }
+}
+
+/// One query for the batch; if it fails, each check alone, so that a policy that throws for one
+/// user's claims fails only that user's join.
+async fn answer_joins(pool: &Pool, batch: Vec<JoinCheck>) {
+    let asks: Vec<(&str, &Principal)> = batch
+        .iter()
+        .map(|c| (c.room.as_str(), &*c.principal))
+        .collect();
+    match join_answers(pool, &asks).await {
+        Ok(answers) => {
+            for (check, allowed) in batch.into_iter().zip(answers) {
+                let _ = check.answer.send(Ok(allowed));
+            }
+        }
+        Err(_) if batch.len() > 1 => {
+            for check in batch {
+                let ask = [(check.room.as_str(), &*check.principal)];
+                let answer = join_answers(pool, &ask).await.map(|a| a[0]);
+                let _ = check.answer.send(answer);
+            }
+        }
+        Err(err) => {
+            for check in batch {
+                let _ = check.answer.send(Err(anyhow::anyhow!("{err:#}")));
+            }
+        }
+    }
+}
+
+/// `pgrelay.can_join` for each (room, principal), in order (a policy returning NULL refuses).
+async fn join_answers(pool: &Pool, asks: &[(&str, &Principal)]) -> anyhow::Result<Vec<bool>> {
+    let rooms: Vec<&str> = asks.iter().map(|a| a.0).collect();
+    let users: Vec<&str> = asks.iter().map(|a| a.1.user.as_str()).collect();
+    let claims: Vec<&serde_json::Value> = asks.iter().map(|a| &a.1.claims).collect();
+    let client = pool.get().await.context("no database connection")?;
+    let statement = client
+        .prepare_cached(
+            "SELECT coalesce(pgrelay.can_join(u, c, r), false)
+             FROM unnest($1::text[], $2::jsonb[], $3::text[]) WITH ORDINALITY AS x(u, c, r, ix)
+             ORDER BY ix",
+        )
+        .await?;
+    let rows = client
+        .query(&statement, &[&users, &claims, &rooms])
+        .await
+        .context("evaluating the join policy")?;
+    let answers: Vec<bool> = rows
+        .iter()
+        .map(|row| row.try_get(0))
+        .collect::<Result<_, _>>()?;
+    anyhow::ensure!(answers.len() == asks.len(), "one answer per join check");
+    Ok(answers)
 }

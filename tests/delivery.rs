@@ -533,3 +533,37 @@ async fn a_user_who_loses_access_is_told_and_receives_nothing_more() {
     bob.ping().await; // nothing in between
     assert!(relay.metric("revocations_total").await >= 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_policy_that_throws_fails_only_that_join_among_concurrent_ones() {
+    let relay = TestRelay::start().await;
+    // Carol's joins make the policy throw; joins are checked in batches, and hers must not take
+    // the others down with it.
+    relay
+        .sql(
+            "CREATE OR REPLACE FUNCTION can_join_project(user_id text, claims jsonb, key text)
+             RETURNS boolean LANGUAGE sql STABLE AS $$
+                 SELECT CASE WHEN $1 = 'u3' THEN length($1) / 0 = 1
+                             ELSE project_role($1, $3::bigint) IS NOT NULL END
+             $$;",
+        )
+        .await;
+    let mut clients = Vec::new();
+    for user in ["u1", "u2", "u3", "u4"] {
+        let mut client = relay.client(user).await;
+        client
+            .send(json!({"type": "join", "room": "project:1", "ref": user}))
+            .await;
+        clients.push(client);
+    }
+    let mut outcomes = Vec::new();
+    for client in &mut clients {
+        let reply = client.recv().await;
+        outcomes.push(if reply["type"] == "joined" {
+            "joined".to_owned()
+        } else {
+            reply["code"].as_str().unwrap_or_default().to_owned()
+        });
+    }
+    assert_eq!(outcomes, ["joined", "joined", "internal", "forbidden"]);
+}
