@@ -1,0 +1,667 @@
+//! pgrelay's load generator: WebSocket clients and Postgres writers in one light process.
+//!
+//! It drives a relay that runs as its own process (see `bench/run`), and checks every run:
+//! each client counts what it received against what the policies allow it to read, and any event
+//! it may not read is a leak. Latency is measured from the writer's `COMMIT` returning to the
+//! client reading the frame, on this process's clock: each update writes its sequence number into
+//! `tasks.priority`, and the client looks up when that number was committed.
+//!
+//! ```text
+//! cargo bench --bench loadgen -- setup  --db URL [--projects 20 --members 80 --outsiders 20 --tasks 50]
+//! cargo bench --bench loadgen -- fanout --db URL --relay ADDR [--rooms 20 --clients-per-room 100
+//!                                        --writers 8 --rate 0 --seconds 60]
+//! cargo bench --bench loadgen -- bulk   --db URL --relay ADDR [--rows 100000]
+//! cargo bench --bench loadgen -- joins  --db URL --relay ADDR [--connections 500 --joins 20]
+//! cargo bench --bench loadgen -- idle   --relay ADDR [--connections 20000 --pid RELAY_PID]
+//! ```
+//!
+//! Each run prints one JSON line of results. The bench data lives in projects 1000.. and users
+//! `b<project>_<n>`: in every project, user 0 owns it, users 1..members are members, the next
+//! `outsiders` are not; one task in ten is private to its creator.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Map, Value};
+use tokio::net::TcpSocket;
+use tokio_tungstenite::tungstenite::Message;
+
+const SECRET: &str = "pgrelay-dev-secret-not-for-production";
+const FIRST_PROJECT: i64 = 1000;
+
+struct Args(HashMap<String, String>);
+
+impl Args {
+    fn parse(list: &[String]) -> anyhow::Result<Args> {
+        let mut map = HashMap::new();
+        let mut it = list.iter();
+        while let Some(key) = it.next() {
+            let Some(name) = key.strip_prefix("--") else {
+                bail!("unexpected argument {key}");
+            };
+            let value = it.next().with_context(|| format!("{key} needs a value"))?;
+            map.insert(name.to_owned(), value.clone());
+        }
+        Ok(Args(map))
+    }
+    fn text(&self, name: &str, default: &str) -> String {
+        self.0
+            .get(name)
+            .cloned()
+            .unwrap_or_else(|| default.to_owned())
+    }
+    fn num(&self, name: &str, default: u64) -> anyhow::Result<u64> {
+        match self.0.get(name) {
+            None => Ok(default),
+            Some(v) => v.parse().with_context(|| format!("--{name} {v}")),
+        }
+    }
+}
+
+/// The shape of the bench data.
+#[derive(Clone, Copy)]
+struct Shape {
+    projects: i64,
+    members: i64,
+    outsiders: i64,
+    tasks: i64,
+}
+
+impl Shape {
+    fn from(args: &Args) -> anyhow::Result<Shape> {
+        Ok(Shape {
+            projects: args.num("projects", 20)? as i64,
+            members: args.num("members", 80)? as i64,
+            outsiders: args.num("outsiders", 20)? as i64,
+            tasks: args.num("tasks", 50)? as i64,
+        })
+    }
+    fn user(p: i64, n: i64) -> String {
+        format!("b{p}_{n}")
+    }
+    fn task_id(p: i64, t: i64) -> i64 {
+        (FIRST_PROJECT + p) * 100_000 + t
+    }
+    fn is_private(t: i64) -> bool {
+        t % 10 == 0
+    }
+    /// The member who created task `t` (a private task is readable by its creator and the owner).
+    fn creator(&self, t: i64) -> i64 {
+        1 + t % (self.members - 1).max(1)
+    }
+    /// May user `n` of a project read task `t` of the same project?
+    fn may_read(&self, n: i64, t: i64) -> bool {
+        n < self.members && (!Shape::is_private(t) || n == 0 || n == self.creator(t))
+    }
+}
+
+async fn db(url: &str) -> anyhow::Result<tokio_postgres::Client> {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .with_context(|| format!("connecting to {url}"))?;
+    tokio::spawn(connection);
+    Ok(client)
+}
+
+async fn setup(args: &Args) -> anyhow::Result<Value> {
+    let shape = Shape::from(args)?;
+    let client = db(&args.text("db", "")).await?;
+    let users_per_project = shape.members + shape.outsiders;
+    client
+        .batch_execute(&format!(
+            "INSERT INTO users (id, name)
+               SELECT 'b' || p || '_' || n, 'bench' FROM generate_series(0, {last_p}) p,
+                      generate_series(0, {last_n}) n
+             ON CONFLICT DO NOTHING;
+             INSERT INTO projects (id, name, owner_id)
+               SELECT {FIRST_PROJECT} + p, 'bench ' || p, 'b' || p || '_0'
+                 FROM generate_series(0, {last_p}) p
+             ON CONFLICT DO NOTHING;
+             INSERT INTO project_members (project_id, user_id, role)
+               SELECT {FIRST_PROJECT} + p, 'b' || p || '_' || n,
+                      CASE WHEN n = 0 THEN 'owner' WHEN n % 8 = 7 THEN 'viewer' ELSE 'member' END
+                 FROM generate_series(0, {last_p}) p, generate_series(0, {last_member}) n
+             ON CONFLICT DO NOTHING;
+             INSERT INTO tasks (id, project_id, title, is_private, created_by, priority)
+               SELECT ({FIRST_PROJECT} + p) * 100000 + t, {FIRST_PROJECT} + p, 'bench task ' || t,
+                      t % 10 = 0, 'b' || p || '_' || (1 + t % greatest({members} - 1, 1)), 0
+                 FROM generate_series(0, {last_p}) p, generate_series(0, {last_t}) t
+             ON CONFLICT DO NOTHING;
+             ANALYZE;",
+            last_p = shape.projects - 1,
+            last_n = users_per_project - 1,
+            last_member = shape.members - 1,
+            members = shape.members,
+            last_t = shape.tasks - 1,
+        ))
+        .await
+        .context("creating the bench data")?;
+    Ok(
+        json!({"setup": "ok", "projects": shape.projects, "users": shape.projects * users_per_project}),
+    )
+}
+
+fn token(user: &str) -> anyhow::Result<String> {
+    pgrelay::jwt::mint(
+        SECRET.as_bytes(),
+        user,
+        Duration::from_secs(3600),
+        &Map::new(),
+    )
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
+/// Connects from one of many loopback source addresses (one address has only ~28k ports).
+async fn connect(relay: SocketAddr, user: &str, n: usize) -> anyhow::Result<Ws> {
+    let source = Ipv4Addr::new(127, 0, 1 + (n / 20_000) as u8, 1 + (n % 250) as u8);
+    let socket = TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(IpAddr::V4(source), 0))?;
+    let stream = socket.connect(relay).await.context("TCP connect")?;
+    stream.set_nodelay(true)?;
+    let url = format!("ws://{relay}/ws?token={}", token(user)?);
+    let (mut ws, _) = tokio_tungstenite::client_async(url, stream)
+        .await
+        .context("WebSocket handshake")?;
+    let ready = next_json(&mut ws).await?;
+    anyhow::ensure!(ready["type"] == "ready", "expected ready, got {ready}");
+    Ok(ws)
+}
+
+async fn next_json(ws: &mut Ws) -> anyhow::Result<Value> {
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(30), ws.next())
+            .await
+            .context("timed out")?
+            .context("connection ended")??;
+        if let Message::Text(text) = message {
+            return Ok(serde_json::from_str(&text)?);
+        }
+    }
+}
+
+/// Joins a room and reads up to its `joined` (or the refusal).
+async fn join(ws: &mut Ws, room: &str) -> anyhow::Result<bool> {
+    ws.send(Message::Text(
+        json!({"type": "join", "room": room}).to_string().into(),
+    ))
+    .await?;
+    loop {
+        let reply = next_json(ws).await?;
+        match reply["type"].as_str() {
+            Some("joined") => return Ok(true),
+            Some("error") if reply["code"] == "forbidden" => return Ok(false),
+            Some("error") => bail!("joining {room}: {reply}"),
+            _ => {} // presence
+        }
+    }
+}
+
+/// The raw text of a flat JSON field (`"key":value`), without parsing the whole event.
+fn field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    let pattern = format!("\"{key}\":");
+    let start = text.find(&pattern)? + pattern.len();
+    let rest = &text[start..];
+    let end = rest.find([',', '}']).unwrap_or(rest.len());
+    Some(rest[..end].trim().trim_matches('"'))
+}
+
+/// When each sequence number was committed, in nanoseconds since the run started.
+struct Commits {
+    start: Instant,
+    at: Vec<AtomicU64>,
+}
+
+impl Commits {
+    fn now(&self) -> u64 {
+        self.start.elapsed().as_nanos() as u64
+    }
+}
+
+/// What one client saw.
+#[derive(Default)]
+struct Seen {
+    events: u64,
+    leaked: u64,
+    latencies_us: Vec<u32>,
+}
+
+async fn read_events(
+    mut ws: Ws,
+    project: i64,
+    n: i64,
+    shape: Shape,
+    commits: Arc<Commits>,
+    quiet: Arc<AtomicU64>,
+    stop: tokio_util::sync::CancellationToken,
+) -> Seen {
+    let mut seen = Seen::default();
+    loop {
+        let message = tokio::select! {
+            m = ws.next() => m,
+            () = stop.cancelled() => break,
+        };
+        let Some(Ok(Message::Text(text))) = message else {
+            if matches!(message, Some(Ok(_))) {
+                continue;
+            }
+            eprintln!("client b{project}_{n}: connection ended: {message:?}");
+            break;
+        };
+        if field(&text, "type") != Some("event") {
+            continue;
+        }
+        let now = commits.now();
+        quiet.store(now, Ordering::Relaxed);
+        seen.events += 1;
+        // Look only inside the row (`old`, and the event's own `id`, come before it).
+        let row = text.find("\"row\":").map_or("", |i| &text[i + 6..]);
+        let task: i64 = field(row, "id").and_then(|v| v.parse().ok()).unwrap_or(-1);
+        let t = task - Shape::task_id(project, 0);
+        if !(0..shape.tasks).contains(&t) || !shape.may_read(n, t) {
+            seen.leaked += 1;
+        }
+        let seq: usize = field(row, "priority")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        if let Some(committed) = commits.at.get(seq).map(|a| a.load(Ordering::Relaxed)) {
+            if committed > 0 {
+                seen.latencies_us
+                    .push((now.saturating_sub(committed) / 1000) as u32);
+            }
+        }
+    }
+    seen
+}
+
+fn percentile(sorted: &[u32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i] as f64 / 1000.0
+}
+
+/// W1, W2, W4: clients in project rooms; writers update random tasks of those projects.
+async fn fanout(args: &Args) -> anyhow::Result<Value> {
+    let shape = Shape::from(args)?;
+    let relay: SocketAddr = args.text("relay", "127.0.0.1:8080").parse()?;
+    let rooms = args.num("rooms", shape.projects as u64)? as i64;
+    let per_room = args.num("clients-per-room", 100)? as i64;
+    let writers = args.num("writers", 8)? as usize;
+    let rate = args.num("rate", 0)?; // total updates per second; 0 = as fast as possible
+    let seconds = args.num("seconds", 60)?;
+    let db_url = args.text("db", "");
+
+    let commits = Arc::new(Commits {
+        start: Instant::now(),
+        at: (0..2_000_000).map(|_| AtomicU64::new(0)).collect(),
+    });
+    let quiet = Arc::new(AtomicU64::new(0));
+    let stop = tokio_util::sync::CancellationToken::new();
+
+    // Connect and join, a few at a time.
+    let mut clients = Vec::new();
+    let connected = Instant::now();
+    let mut k = 0usize;
+    for p in 0..rooms {
+        for n in 0..per_room.min(shape.members + shape.outsiders) {
+            let user = Shape::user(p, n);
+            let mut ws = connect(relay, &user, k).await?;
+            k += 1;
+            let room = format!("project:{}", FIRST_PROJECT + p);
+            let allowed = join(&mut ws, &room).await?;
+            anyhow::ensure!(
+                allowed == (n < shape.members),
+                "{user} joining {room}: {allowed}"
+            );
+            if !allowed {
+                // Outsiders stay connected in their own room: they must receive nothing.
+                anyhow::ensure!(join(&mut ws, &format!("user:{user}")).await?);
+            }
+            clients.push(((p, n), ws));
+        }
+    }
+    let connect_seconds = connected.elapsed().as_secs_f64();
+    let readers: Vec<_> = clients
+        .into_iter()
+        .map(|((p, n), ws)| {
+            let task = read_events(
+                ws,
+                p,
+                n,
+                shape,
+                commits.clone(),
+                quiet.clone(),
+                stop.clone(),
+            );
+            ((p, n), tokio::spawn(task))
+        })
+        .collect();
+
+    // Writers: each commits single-row updates, numbering them.
+    let seq = Arc::new(AtomicUsize::new(1));
+    let updates: Arc<Mutex<Vec<u64>>> =
+        Arc::new(Mutex::new(vec![0; (rooms * shape.tasks) as usize]));
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let started = commits.now();
+    let mut handles = Vec::new();
+    for w in 0..writers {
+        let client = db(&db_url).await?;
+        let statement = client
+            .prepare("UPDATE tasks SET priority = $1 WHERE id = $2")
+            .await?;
+        let (commits, seq, updates) = (commits.clone(), seq.clone(), updates.clone());
+        let gap = (rate > 0).then(|| Duration::from_secs_f64(writers as f64 / rate as f64));
+        handles.push(tokio::spawn(async move {
+            let mut rng = w as u64 * 7919 + 1;
+            let mut next = Instant::now();
+            let mut lags = Vec::new();
+            while Instant::now() < deadline {
+                if let Some(gap) = gap {
+                    next += gap;
+                    tokio::time::sleep_until(next.into()).await;
+                }
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                let p = (rng % rooms as u64) as i64;
+                let t = ((rng >> 20) % shape.tasks as u64) as i64;
+                let n = seq.fetch_add(1, Ordering::Relaxed);
+                let began = Instant::now();
+                client
+                    .execute(&statement, &[&(n as i32), &Shape::task_id(p, t)])
+                    .await?;
+                lags.push(began.elapsed().as_micros() as u32);
+                if let Some(at) = commits.at.get(n) {
+                    at.store(commits.now(), Ordering::Relaxed);
+                }
+                if let Ok(mut updates) = updates.lock() {
+                    updates[(p * shape.tasks + t) as usize] += 1;
+                }
+            }
+            anyhow::Ok(lags)
+        }));
+    }
+    let mut commit_us = Vec::new();
+    for handle in handles {
+        commit_us.extend(handle.await??);
+    }
+    let written_seconds = (commits.now() - started) as f64 / 1e9;
+    // Wait until deliveries stop (nothing for 2 s, or 60 s at most), then count. A relay that
+    // fell behind shows as `missing_at_end`: late, not necessarily lost.
+    let drained = Instant::now();
+    while drained.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if commits.now().saturating_sub(quiet.load(Ordering::Relaxed)) > 2_000_000_000 {
+            break;
+        }
+    }
+    stop.cancel();
+    let updates = updates.lock().map(|u| u.clone()).unwrap_or_default();
+    let (mut delivered, mut expected, mut lost, mut leaked, mut extra) = (0, 0, 0, 0, 0);
+    let mut latencies = Vec::new();
+    for ((p, n), reader) in readers {
+        let seen = reader.await?;
+        let should: u64 = (0..shape.tasks)
+            .filter(|t| shape.may_read(n, *t))
+            .map(|t| updates[(p * shape.tasks + t) as usize])
+            .sum();
+        delivered += seen.events;
+        expected += should;
+        lost += should.saturating_sub(seen.events);
+        extra += seen.events.saturating_sub(should);
+        leaked += seen.leaked;
+        latencies.extend(seen.latencies_us);
+    }
+    latencies.sort_unstable();
+    commit_us.sort_unstable();
+    let changes = commit_us.len();
+    Ok(json!({
+        "workload": "fanout",
+        "clients": rooms * per_room,
+        "rooms": rooms,
+        "writers": writers,
+        "connect_seconds": connect_seconds,
+        "changes": changes,
+        "changes_per_s": changes as f64 / written_seconds,
+        "deliveries": delivered,
+        "expected": expected,
+        "deliveries_per_s": delivered as f64 / written_seconds,
+        "missing_at_end": lost,
+        "duplicated_or_extra": extra,
+        "leaked": leaked,
+        "latency_ms": {"p50": percentile(&latencies, 0.5), "p99": percentile(&latencies, 0.99), "max": percentile(&latencies, 1.0)},
+        "commit_ms": {"p50": percentile(&commit_us, 0.5), "p99": percentile(&commit_us, 0.99)},
+    }))
+}
+
+/// W5: one UPDATE of many tasks, one subscriber (the owner, who may read them all).
+async fn bulk(args: &Args) -> anyhow::Result<Value> {
+    let relay: SocketAddr = args.text("relay", "127.0.0.1:8080").parse()?;
+    let rows = args.num("rows", 100_000)? as i64;
+    let client = db(&args.text("db", "")).await?;
+    let project = FIRST_PROJECT + 999;
+    let owner = "b999_0";
+    client
+        .batch_execute(&format!(
+            "INSERT INTO users VALUES ('{owner}', 'bulk') ON CONFLICT DO NOTHING;
+             INSERT INTO projects (id, name, owner_id) VALUES ({project}, 'bulk', '{owner}')
+               ON CONFLICT DO NOTHING;
+             INSERT INTO project_members VALUES ({project}, '{owner}', 'owner') ON CONFLICT DO NOTHING;
+             INSERT INTO tasks (id, project_id, title, priority)
+               SELECT {project} * 100000 + t, {project}, 'bulk ' || t, 0
+                 FROM generate_series(0, {last}) t ON CONFLICT DO NOTHING;
+             ANALYZE tasks;",
+            last = rows - 1
+        ))
+        .await?;
+    let room = format!("project:{project}");
+    let mut ws = connect(relay, owner, 0).await?;
+    anyhow::ensure!(join(&mut ws, &room).await?);
+    let began = Instant::now();
+    let updated = client
+        .execute(
+            "UPDATE tasks SET priority = priority + 1 WHERE project_id = $1",
+            &[&project],
+        )
+        .await?;
+    let committed = began.elapsed();
+    let mut received = 0u64;
+    let mut first = None;
+    let mut last_id = String::new();
+    let mut resumes = 0;
+    while received < updated {
+        let message = tokio::time::timeout(Duration::from_secs(60), ws.next())
+            .await
+            .context("timed out waiting for the bulk events")?
+            .context("connection ended")??;
+        match message {
+            Message::Text(text) if field(&text, "type") == Some("event") => {
+                received += 1;
+                first.get_or_insert_with(|| began.elapsed());
+                last_id = field(&text, "id").unwrap_or_default().to_owned();
+            }
+            // Too slow (4008): what a client does, resume from the last event it got.
+            Message::Close(Some(frame)) if u16::from(frame.code) == 4008 && resumes < 10 => {
+                resumes += 1;
+                ws = connect(relay, owner, 0).await?;
+                ws.send(Message::Text(
+                    json!({"type": "join", "room": room, "since": last_id})
+                        .to_string()
+                        .into(),
+                ))
+                .await?;
+            }
+            Message::Close(frame) => bail!("closed: {frame:?}"),
+            _ => {}
+        }
+    }
+    let all = began.elapsed();
+    Ok(json!({
+        "workload": "bulk",
+        "rows": updated,
+        "commit_s": committed.as_secs_f64(),
+        "first_event_s": first.map(|d| d.as_secs_f64()),
+        "all_delivered_s": all.as_secs_f64(),
+        "after_commit_s": (all - committed).as_secs_f64(),
+        "resumes_after_4008": resumes,
+    }))
+}
+
+/// W6: authorized joins per second (each join asks the join policy).
+async fn joins(args: &Args) -> anyhow::Result<Value> {
+    let shape = Shape::from(args)?;
+    let relay: SocketAddr = args.text("relay", "127.0.0.1:8080").parse()?;
+    let connections = args.num("connections", 500)? as usize;
+    let per_connection = args.num("joins", 20)? as usize;
+    let mut sockets = Vec::new();
+    for k in 0..connections {
+        let p = (k as i64) % shape.projects;
+        let n = 1 + (k as i64 / shape.projects) % (shape.members - 1);
+        sockets.push((p, connect(relay, &Shape::user(p, n), k).await?));
+    }
+    let began = Instant::now();
+    let tasks: Vec<_> = sockets
+        .into_iter()
+        .map(|(p, mut ws)| {
+            tokio::spawn(async move {
+                // Pipelined: send every join, then read the replies.
+                for t in 0..per_connection as i64 {
+                    let room = format!("task:{}", Shape::task_id(p, 1 + t % (shape.tasks - 1)));
+                    ws.send(Message::Text(
+                        json!({"type": "join", "room": room}).to_string().into(),
+                    ))
+                    .await?;
+                }
+                let (mut joined, mut refused) = (0u64, 0u64);
+                while joined + refused < per_connection as u64 {
+                    let reply = next_json(&mut ws).await?;
+                    match reply["type"].as_str() {
+                        Some("joined") => joined += 1,
+                        Some("error") => refused += 1,
+                        _ => {}
+                    }
+                }
+                anyhow::Ok((joined, refused, ws))
+            })
+        })
+        .collect();
+    let (mut joined, mut refused) = (0, 0);
+    let mut keep = Vec::new();
+    for task in tasks {
+        let (j, r, ws) = task.await??;
+        joined += j;
+        refused += r;
+        keep.push(ws);
+    }
+    let seconds = began.elapsed().as_secs_f64();
+    Ok(json!({
+        "workload": "joins",
+        "connections": connections,
+        "joins": joined,
+        "refused": refused,
+        "seconds": seconds,
+        "joins_per_s": joined as f64 / seconds,
+    }))
+}
+
+fn rss_kib(pid: &str) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("VmRSS")
+}
+
+/// W3: idle authenticated connections, each joined to two rooms; the relay's memory per connection.
+async fn idle(args: &Args) -> anyhow::Result<Value> {
+    let shape = Shape::from(args)?;
+    let relay: SocketAddr = args.text("relay", "127.0.0.1:8080").parse()?;
+    let connections = args.num("connections", 20_000)? as usize;
+    let pid = args.text("pid", "");
+    let before = rss_kib(&pid)?;
+    let began = Instant::now();
+    let mut held = Vec::with_capacity(connections);
+    for k in 0..connections {
+        let p = (k as i64) % shape.projects;
+        let n = (k as i64 / shape.projects) % shape.members;
+        let user = Shape::user(p, n);
+        let mut ws = connect(relay, &user, k)
+            .await
+            .with_context(|| format!("connection {k}"))?;
+        // Rooms of a few dozen people (a task each), as idle browser tabs would sit in; a room of
+        // thousands makes every join a presence diff to thousands.
+        let t = 1 + (k as i64 / shape.projects / shape.members) % 9;
+        anyhow::ensure!(join(&mut ws, &format!("task:{}", Shape::task_id(p, t))).await?);
+        anyhow::ensure!(join(&mut ws, &format!("user:{user}")).await?);
+        // An idle client still reads (presence diffs, pings), as a browser would.
+        held.push(tokio::spawn(async move {
+            while let Some(Ok(_)) = ws.next().await {}
+        }));
+    }
+    let seconds = began.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = rss_kib(&pid)?;
+    Ok(json!({
+        "workload": "idle",
+        "connections": held.len(),
+        "connect_seconds": seconds,
+        "relay_rss_before_mib": before as f64 / 1024.0,
+        "relay_rss_after_mib": after as f64 / 1024.0,
+        "kib_per_connection": (after.saturating_sub(before)) as f64 / held.len() as f64,
+    }))
+}
+
+/// CPU time this process used (user + system), so runs can show what the generator itself cost.
+fn own_cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which may contain spaces) start at ") ".
+    let fields: Vec<&str> = stat
+        .rsplit_once(") ")
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn main() -> anyhow::Result<()> {
+    let argv: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
+    let Some(command) = argv.first().cloned() else {
+        bail!("usage: loadgen <setup|fanout|bulk|joins|idle> [--option value]...");
+    };
+    let args = Args::parse(&argv[1..])?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.num("threads", 1)? as usize)
+        .enable_all()
+        .build()?;
+    let result = runtime.block_on(async {
+        match command.as_str() {
+            "setup" => setup(&args).await,
+            "fanout" => fanout(&args).await,
+            "bulk" => bulk(&args).await,
+            "joins" => joins(&args).await,
+            "idle" => idle(&args).await,
+            other => bail!("unknown workload {other}"),
+        }
+    })?;
+    let mut result = result;
+    result["loadgen_cpu_s"] = json!(own_cpu_seconds());
+    println!("{result}");
+    Ok(())
+}
