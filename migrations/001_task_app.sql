@@ -118,12 +118,24 @@ $$;
 -- What is captured, where it goes, and who may join.
 -- ---------------------------------------------------------------------------------------------
 
-SELECT pgrelay.watch('projects', rooms => ARRAY['project:{id}'], policy => 'can_read_project');
+-- policy_columns / policy_tables say what each policy reads, so that relays may remember a user's
+-- answer for rows that agree on those columns, until a change to one of those tables arrives.
+-- They must be complete: a policy that read another column or table without saying so could be
+-- answered from a stale memory.
+SELECT pgrelay.watch('projects', rooms => ARRAY['project:{id}'], policy => 'can_read_project',
+                     policy_columns => ARRAY['id'], policy_tables => ARRAY['project_members'::regclass]);
 SELECT pgrelay.watch('project_members', rooms => ARRAY['project:{project_id}', 'user:{user_id}'],
-                     policy => 'can_read_project_member');
-SELECT pgrelay.watch('tasks', rooms => ARRAY['project:{project_id}', 'task:{id}'], policy => 'can_read_task');
+                     policy => 'can_read_project_member',
+                     policy_columns => ARRAY['project_id', 'user_id'],
+                     policy_tables => ARRAY['project_members'::regclass]);
+SELECT pgrelay.watch('tasks', rooms => ARRAY['project:{project_id}', 'task:{id}'], policy => 'can_read_task',
+                     policy_columns => ARRAY['project_id', 'is_private', 'assignee_id', 'created_by'],
+                     policy_tables => ARRAY['project_members'::regclass]);
+-- A comment's policy reads its task (privacy, assignee), so any task change makes its answers stale.
 SELECT pgrelay.watch('comments', rooms => ARRAY['project:{project_id}', 'task:{task_id}'],
-                     policy => 'can_read_comment');
+                     policy => 'can_read_comment',
+                     policy_columns => ARRAY['task_id'],
+                     policy_tables => ARRAY['tasks'::regclass, 'project_members'::regclass]);
 
 SELECT pgrelay.allow_join('project', 'can_join_project');
 SELECT pgrelay.allow_join('task', 'can_join_task');

@@ -141,6 +141,12 @@ CREATE TABLE IF NOT EXISTS pgrelay.watches (
 -- Added after the first release (idempotent upgrades).
 ALTER TABLE pgrelay.watches ADD COLUMN IF NOT EXISTS room_fn regprocedure;  -- fn(row jsonb) -> text[]
 ALTER TABLE pgrelay.watches ADD COLUMN IF NOT EXISTS include text[];           -- NULL: all but `exclude`
+-- What the read policy depends on (pgrelay.watch(policy_columns => ..., policy_tables => ...)), so
+-- that relays may remember its answers. NULL policy_columns: answers are never remembered.
+ALTER TABLE pgrelay.watches ADD COLUMN IF NOT EXISTS policy_columns text[];
+ALTER TABLE pgrelay.watches ADD COLUMN IF NOT EXISTS policy_tables regclass[] NOT NULL DEFAULT '{}';
+-- The table's other columns when watch() ran: removed from a row, they leave its policy key.
+ALTER TABLE pgrelay.watches ADD COLUMN IF NOT EXISTS unkeyed text[];
 COMMENT ON TABLE pgrelay.watches IS 'Tables whose changes are captured; edit with pgrelay.watch() / pgrelay.unwatch()';
 
 CREATE TABLE IF NOT EXISTS pgrelay.join_rules (
@@ -179,24 +185,73 @@ $$;
 -- Within a batch, transactions are ordered by the last change each one wrote. If transaction B read
 -- or overwrote what A committed, B wrote after A's commit, so B's last change is younger than all of
 -- A's: the order always agrees with what the data says happened first.
+--
+-- This is what relays read. Besides the change as clients see it, each row carries what a relay
+-- needs to remember policy answers (see pgrelay.watch(policy_columns => ...)):
+--   policy_key      the policy and the values of the columns it reads, from the full row (hidden
+--                   columns included, though they never leave the database otherwise); NULL when
+--                   the table's answers must not be remembered;
+--   policy_key_old  the same for the row before an UPDATE;
+--   knows_old       an UPDATE that recorded previous values, so its old version can be judged too;
+--   flush           the tables whose remembered answers this change may have made wrong.
+CREATE OR REPLACE FUNCTION pgrelay.batch(since pg_snapshot, upto pg_snapshot)
+RETURNS TABLE (
+    id bigint, xid xid8, tbl text, entity text, op text, rooms text[], "row" jsonb, old jsonb,
+    ts timestamptz, txn_last bigint,
+    policy_key text, policy_key_old text, knows_old boolean, flush text[]
+)
+LANGUAGE sql STABLE AS $$
+    WITH remembered AS (
+        -- A policy's answers may be remembered when it declared what it reads and every table it
+        -- reads is watched: a change to an unwatched table would never reach the relays.
+        SELECT w.name, w.policy::oid::text AS policy, w.unkeyed
+        FROM pgrelay.watches AS w
+        WHERE w.policy IS NOT NULL AND w.policy_columns IS NOT NULL
+          AND NOT EXISTS (SELECT FROM unnest(w.policy_tables) AS d(t)
+                          WHERE NOT EXISTS (SELECT FROM pgrelay.watches AS x WHERE x.tbl = d.t))
+    ), invalidates AS (
+        -- Per watched table: the tables whose policies read it.
+        SELECT x.name, array_agg(DISTINCT w.name) AS flush
+        FROM pgrelay.watches AS w
+        CROSS JOIN unnest(w.policy_tables) AS d(t)
+        JOIN pgrelay.watches AS x ON x.tbl = d.t
+        GROUP BY x.name
+    )
+    SELECT c.id, c.xid, c.tbl, c.entity, c.op, c.rooms,
+           pgrelay.shipped(c."row", c.show, c.hide), pgrelay.shipped(c.old, c.show, c.hide), c.ts,
+           c.txn_last,
+           k.policy || ' ' || (c."row" - k.unkeyed)::text,
+           CASE WHEN c.knows_old THEN k.policy || ' ' || ((c."row" || c.old) - k.unkeyed)::text END,
+           c.knows_old,
+           coalesce(i.flush, '{}')
+    FROM (
+        SELECT o.*, max(o.id) OVER (PARTITION BY o.xid) AS txn_last,
+               (o.op = 'UPDATE' AND o.old IS NOT NULL AND o.old <> '{}') AS knows_old
+        FROM (
+            SELECT * FROM pgrelay.changes
+            WHERE xid >= pg_snapshot_xmax(since) AND xid < pg_snapshot_xmax(upto)
+            UNION ALL
+            SELECT * FROM pgrelay.changes
+            WHERE xid = ANY (ARRAY(SELECT pg_snapshot_xip(since)))
+        ) AS o
+        WHERE pg_visible_in_snapshot(o.xid, upto)
+    ) AS c
+    LEFT JOIN remembered AS k ON k.name = c.tbl
+    LEFT JOIN invalidates AS i ON i.name = c.tbl
+    ORDER BY c.txn_last, c.id
+$$;
+COMMENT ON FUNCTION pgrelay.batch(pg_snapshot, pg_snapshot) IS
+    'What relays read: pgrelay.changes_between() plus the inputs for remembering policy answers';
+
+-- The same changes, as clients see them: for DBAs and the pgrelay.lag view.
 CREATE OR REPLACE FUNCTION pgrelay.changes_between(since pg_snapshot, upto pg_snapshot)
 RETURNS TABLE (
     id bigint, xid xid8, tbl text, entity text, op text, rooms text[], "row" jsonb, old jsonb,
     ts timestamptz, txn_last bigint
 )
 LANGUAGE sql STABLE AS $$
-    SELECT c.id, c.xid, c.tbl, c.entity, c.op, c.rooms,
-           pgrelay.shipped(c."row", c.show, c.hide), pgrelay.shipped(c.old, c.show, c.hide), c.ts,
-           max(c.id) OVER (PARTITION BY c.xid) AS txn_last
-    FROM (
-        SELECT * FROM pgrelay.changes
-        WHERE xid >= pg_snapshot_xmax(since) AND xid < pg_snapshot_xmax(upto)
-        UNION ALL
-        SELECT * FROM pgrelay.changes
-        WHERE xid = ANY (ARRAY(SELECT pg_snapshot_xip(since)))
-    ) AS c
-    WHERE pg_visible_in_snapshot(c.xid, upto)
-    ORDER BY txn_last, c.id
+    SELECT b.id, b.xid, b.tbl, b.entity, b.op, b.rooms, b."row", b.old, b.ts, b.txn_last
+    FROM pgrelay.batch(since, upto) AS b
 $$;
 COMMENT ON FUNCTION pgrelay.changes_between(pg_snapshot, pg_snapshot) IS
     'Changes committed after snapshot since and visible in snapshot upto, in commit order, as clients see them';
@@ -342,9 +397,20 @@ END $$;
 --               removes them.
 --   old_values  record the previous values of changed columns on UPDATE (needed to tell users who
 --               could see the old version but not the new one that the row left their view).
+--   policy_columns, policy_tables
+--               what the policy reads: these columns of the row, and rows of these tables. With
+--               them, relays remember each user's answer for each combination of those column
+--               values and ask the database again only after a change to one of policy_tables
+--               (or after a minute). Every table in policy_tables must be watched too; until it
+--               is, answers are not remembered. A policy that reads anything else (another
+--               table, the clock, a setting) must not declare them: leave policy_columns NULL and
+--               every change is judged afresh. Example: ARRAY['project_id', 'is_private',
+--               'assignee_id', 'created_by'] and ARRAY['project_members'] for the task policy.
 --
 -- Calling it again replaces the table's settings. Creating the triggers takes a brief lock on the
 -- table, like any CREATE TRIGGER; calling it again with the triggers in place takes none.
+-- (Upgrades: the signature before policy_columns/policy_tables, which would make calls ambiguous.)
+DROP FUNCTION IF EXISTS pgrelay.watch(regclass, text[], regproc, text, text[], text[], boolean, regproc);
 CREATE OR REPLACE FUNCTION pgrelay.watch(
     tbl        regclass,
     rooms      text[],
@@ -353,7 +419,9 @@ CREATE OR REPLACE FUNCTION pgrelay.watch(
     exclude    text[]  DEFAULT '{}',
     include    text[]  DEFAULT NULL,
     old_values boolean DEFAULT true,
-    room_fn    regproc DEFAULT NULL
+    room_fn    regproc DEFAULT NULL,
+    policy_columns text[]     DEFAULT NULL,
+    policy_tables  regclass[] DEFAULT '{}'
 ) RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -362,6 +430,8 @@ DECLARE
     shown_name text;
     hidden     text[];
     fn         regprocedure;
+    missing    text[];
+    unkeyed    text[];
 BEGIN
     SELECT * INTO rel FROM pg_class WHERE oid = tbl;
     nsp := rel.relnamespace::regnamespace::text;
@@ -381,18 +451,41 @@ BEGIN
     END IF;
     -- Validate the templates now rather than at the first write.
     PERFORM pgrelay.room_expression(tbl, t, 'n') FROM unnest(rooms) AS t;
+    IF policy_columns IS NOT NULL THEN
+        IF policy IS NULL THEN
+            RAISE EXCEPTION 'pgrelay.watch(%): policy_columns describe a policy; give the policy too', shown_name;
+        END IF;
+        SELECT array_agg(c) INTO missing FROM unnest(policy_columns) AS c
+        WHERE NOT EXISTS (SELECT FROM pg_attribute
+                          WHERE attrelid = tbl AND attname = c AND attnum > 0 AND NOT attisdropped);
+        IF missing IS NOT NULL THEN
+            RAISE EXCEPTION 'pgrelay.watch(%): policy_columns name %, which the table does not have', shown_name, missing;
+        END IF;
+        SELECT array_agg(attname ORDER BY attnum) INTO unkeyed FROM pg_attribute
+        WHERE attrelid = tbl AND attnum > 0 AND NOT attisdropped AND attname <> ALL (policy_columns);
+        unkeyed := coalesce(unkeyed, '{}');
+        IF EXISTS (SELECT FROM unnest(policy_tables) AS d(t)
+                   WHERE NOT EXISTS (SELECT FROM pgrelay.watches AS x WHERE x.tbl = d.t)
+                     AND d.t <> tbl) THEN
+            RAISE NOTICE 'pgrelay: % answers are remembered only once all of % are watched', shown_name, policy_tables;
+        END IF;
+    END IF;
 
     -- Columns left out of payloads: the excluded ones; with `include`, also every column not in
     -- it, including columns added later (decided when the change is read).
     hidden := coalesce(exclude, '{}');
 
-    INSERT INTO pgrelay.watches AS w (tbl, name, entity, rooms, policy, exclude, old_values, room_fn, include)
+    INSERT INTO pgrelay.watches AS w (tbl, name, entity, rooms, policy, exclude, old_values, room_fn,
+                                      include, policy_columns, policy_tables, unkeyed)
     VALUES (tbl, shown_name, coalesce(entity, regexp_replace(rel.relname, 's$', '')),
-            coalesce(rooms, '{}'), fn, hidden, old_values, room_fn::oid::regprocedure, watch.include)
+            coalesce(rooms, '{}'), fn, hidden, old_values, room_fn::oid::regprocedure, watch.include,
+            watch.policy_columns, coalesce(watch.policy_tables, '{}'), unkeyed)
     ON CONFLICT ON CONSTRAINT watches_pkey DO UPDATE
         SET name = excluded.name, entity = excluded.entity, rooms = excluded.rooms,
             policy = excluded.policy, exclude = excluded.exclude, old_values = excluded.old_values,
-            room_fn = excluded.room_fn, include = excluded.include;
+            room_fn = excluded.room_fn, include = excluded.include,
+            policy_columns = excluded.policy_columns, policy_tables = excluded.policy_tables,
+            unkeyed = excluded.unkeyed;
 
     PERFORM pgrelay.install_capture(tbl);
     PERFORM pgrelay.rebuild_dispatch();

@@ -94,7 +94,9 @@ pub async fn deliver(
 
     // 2. Authorize.
     let verdicts = authorizer.readers(changes, &principals, &pairs).await?;
+    let generation = verdicts.generation;
     let visible: HashMap<(u32, u32), Visibility> = verdicts
+        .verdicts
         .iter()
         .filter_map(|v| Visibility::of(v).map(|vis| ((v.change, v.principal), vis)))
         .collect();
@@ -126,11 +128,18 @@ pub async fn deliver(
                         continue; // joined after step 1 began: its position starts after this batch
                     };
                     let Some(&visibility) = visible.get(&(change_ix as u32, principal)) else {
-                        // Denied: maybe this member has lost access to the room itself.
-                        recheck.insert(
-                            (room.clone(), member.client.id, member.join_id),
-                            member.principal.clone(),
-                        );
+                        // Denied: maybe this member has lost access to the room itself. Where
+                        // answers are remembered, whatever could revoke it starts a new
+                        // generation, so one look per generation is enough (a private task
+                        // denied to most of a project's room would otherwise cost a join check
+                        // per member per change).
+                        if change.policy.key.is_none() || member.access_checked != Some(generation)
+                        {
+                            recheck.insert(
+                                (room.clone(), member.client.id, member.join_id),
+                                member.principal.clone(),
+                            );
+                        }
                         continue;
                     };
                     if visibility == Visibility::Vanished {
@@ -158,7 +167,7 @@ pub async fn deliver(
     // 4. Revoke: members who were denied a change, or saw a row leave their view, may have lost
     // access to the room. Ask the join policy once for all of them; those refused leave the room.
     if !recheck.is_empty() {
-        revoke_lost_access(hub, authorizer, metrics, recheck).await;
+        revoke_lost_access(hub, authorizer, metrics, recheck, generation).await;
     }
     Ok(())
 }
@@ -168,6 +177,7 @@ async fn revoke_lost_access(
     authorizer: &Authorizer,
     metrics: &Metrics,
     recheck: HashMap<(String, u64, u64), Arc<Principal>>,
+    generation: u64,
 ) {
     let (memberships, checks): (Vec<u64>, Vec<AccessCheck>) = recheck
         .into_iter()
@@ -182,13 +192,13 @@ async fn revoke_lost_access(
         }
     };
     for (((room, client, _), allowed), join_id) in checks.iter().zip(allowed).zip(memberships) {
-        if allowed {
+        let Some(room) = crate::protocol::Room::parse(room) else {
             continue;
-        }
-        // Only the membership that was denied: the client may have left and joined again since.
-        let revoked = crate::protocol::Room::parse(room)
-            .is_some_and(|room| hub.revoke(&room, *client, join_id));
-        if revoked {
+        };
+        // Only the membership that was checked: the client may have left and joined again since.
+        if allowed {
+            hub.access_confirmed(&room, *client, join_id, generation);
+        } else if hub.revoke(&room, *client, join_id) {
             metrics.revocations.inc();
         }
     }

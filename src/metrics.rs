@@ -52,6 +52,9 @@ pub struct Metrics {
     pub read_errors: Counter,
     pub events_delivered: Counter,
     pub deliveries_denied: Counter,
+    pub policy_answers_remembered: Counter,
+    pub policy_answers_asked: Counter,
+    pub policy_invalidations: Counter,
     pub joins: Counter,
     pub joins_forbidden: Counter,
     pub auth_failures: Counter,
@@ -123,6 +126,24 @@ impl Metrics {
             "counter",
             "Event frames queued to clients.",
             self.events_delivered.get(),
+        );
+        metric(
+            "policy_answers_remembered_total",
+            "counter",
+            "(change, user) read-policy answers taken from the relay's memory.",
+            self.policy_answers_remembered.get(),
+        );
+        metric(
+            "policy_answers_asked_total",
+            "counter",
+            "(change, user) read-policy answers asked of the database.",
+            self.policy_answers_asked.get(),
+        );
+        metric(
+            "policy_invalidations_total",
+            "counter",
+            "Times a change made a table's remembered policy answers stale.",
+            self.policy_invalidations.get(),
         );
         metric(
             "deliveries_denied_total",

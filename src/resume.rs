@@ -154,7 +154,7 @@ impl Replay {
                 .readers(&chunk, std::slice::from_ref(&self.principal), &pairs)
                 .await?;
             let mut visible: Vec<Option<Visibility>> = vec![None; chunk.len()];
-            for verdict in &verdicts {
+            for verdict in &verdicts.verdicts {
                 visible[verdict.change as usize] = Visibility::of(verdict);
             }
             for (change, visibility) in chunk.iter().zip(visible) {

@@ -107,7 +107,7 @@ impl Relay {
             codec: codec.clone(),
             wake: wake.clone(),
             hub,
-            authorizer: Authorizer::new(pool.clone()),
+            authorizer: Authorizer::new(pool.clone(), metrics.clone()),
             verifier: config.verifier,
             metrics: metrics.clone(),
             limits: config.limits,

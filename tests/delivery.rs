@@ -567,3 +567,123 @@ async fn a_join_policy_that_throws_fails_only_that_join_among_concurrent_ones() 
     }
     assert_eq!(outcomes, ["joined", "joined", "internal", "forbidden"]);
 }
+
+/// Remembered policy answers (`policy_columns`/`policy_tables` in the example schema) must never
+/// outlive the membership they were computed from: the next change after a removal is judged
+/// afresh, even for a row whose answer was remembered a moment before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remembered_answer_is_forgotten_when_the_membership_changes() {
+    let relay = TestRelay::start().await;
+    let mut alice = relay.client("u1").await;
+    alice.join("project:1").await;
+    let mut bob = relay.client("u2").await;
+    bob.join("project:1").await;
+
+    // Task 1 twice: the second time bob's answer comes from memory.
+    for _ in 0..2 {
+        relay.sql(FENCE).await;
+        assert_is_fence(&bob.recv_event().await);
+        assert_is_fence(&alice.recv_event().await);
+    }
+    assert!(
+        relay.metric("policy_answers_remembered_total").await >= 2,
+        "the second fence was judged from memory"
+    );
+
+    relay
+        .sql("DELETE FROM project_members WHERE project_id = 1 AND user_id = 'u2'")
+        .await;
+    assert_eq!(bob.recv_event().await["event"], "project_member_deleted");
+    alice.recv_event().await;
+
+    // The same task, the same policy key: bob must not get it, and loses the room.
+    relay.sql(FENCE).await;
+    let left = bob.recv().await;
+    assert_eq!(
+        (left["type"].as_str(), left["reason"].as_str()),
+        (Some("left"), Some("revoked")),
+        "{left}"
+    );
+    assert_is_fence(&alice.recv_event().await);
+    bob.ping().await; // nothing else came
+    assert!(relay.metric("policy_invalidations_total").await >= 1);
+}
+
+/// A comment's answers depend on its task (`policy_tables => tasks`): once the task turns
+/// private, the next comment on it is judged afresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remembered_answer_is_forgotten_when_a_table_the_policy_reads_changes() {
+    let relay = TestRelay::start().await;
+    let mut bob = relay.client("u2").await;
+    bob.join("project:1").await;
+    let comment =
+        "INSERT INTO comments (task_id, project_id, author_id, body) VALUES (2, 1, 'u1', 'hi')";
+    for _ in 0..2 {
+        relay.sql(comment).await;
+        assert_eq!(bob.recv_event().await["event"], "comment_created");
+    }
+
+    relay
+        .sql("UPDATE tasks SET is_private = true WHERE id = 2")
+        .await;
+    assert_eq!(bob.recv_event().await["event"], "task_deleted");
+    relay.sql(comment).await;
+    relay.sql(FENCE).await;
+    assert_is_fence(&bob.recv_event().await);
+}
+
+/// A policy that reads a table nobody watches cannot be remembered: the relay would never hear of
+/// that table's changes. Declaring it in `policy_tables` keeps every change judged afresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_of_a_policy_reading_an_unwatched_table_are_never_remembered() {
+    let relay = TestRelay::start().await;
+    relay
+        .sql(
+            "CREATE TABLE readers (user_id text PRIMARY KEY);
+             INSERT INTO readers VALUES ('u1'), ('u2');
+             CREATE TABLE notes (id int PRIMARY KEY, body text);
+             CREATE FUNCTION can_read_note(u text, c jsonb, r jsonb) RETURNS boolean
+                 LANGUAGE sql STABLE AS $$ SELECT EXISTS (SELECT FROM readers WHERE user_id = u) $$;
+             SELECT pgrelay.watch('notes', ARRAY['board:1'], 'can_read_note',
+                                  policy_columns => ARRAY['id'], policy_tables => ARRAY['readers'::regclass]);
+             CREATE FUNCTION can_join_board(u text, c jsonb, k text) RETURNS boolean LANGUAGE sql AS 'SELECT true';
+             SELECT pgrelay.allow_join('board', 'can_join_board');",
+        )
+        .await;
+    let mut alice = relay.client("u1").await;
+    let mut bob = relay.client("u2").await;
+    for client in [&mut alice, &mut bob] {
+        client.join("board:1").await;
+    }
+    relay.sql("INSERT INTO notes VALUES (1, 'a')").await;
+    relay.sql("UPDATE notes SET body = 'b' WHERE id = 1").await;
+    for client in [&mut alice, &mut bob] {
+        assert_eq!(client.recv_event().await["event"], "note_created");
+        assert_eq!(client.recv_event().await["event"], "note_updated");
+    }
+
+    relay.sql("DELETE FROM readers WHERE user_id = 'u2'").await;
+    relay.sql("UPDATE notes SET body = 'c' WHERE id = 1").await;
+    assert_eq!(alice.recv_event().await["row"]["body"], "c");
+    bob.ping().await; // the update was withheld: nothing came before the pong
+    assert_eq!(relay.metric("policy_answers_remembered_total").await, 0);
+}
+
+/// `pgrelay.watch` refuses policy inputs it cannot honour.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_refuses_policy_columns_the_table_does_not_have() {
+    let relay = TestRelay::start().await;
+    let err = relay
+        .try_sql(
+            "SELECT pgrelay.watch('tasks', ARRAY['task:{id}'], 'can_read_task',
+                                  policy_columns => ARRAY['project_id', 'no_such_column'])",
+        )
+        .await
+        .expect_err("an unknown column is refused");
+    assert!(err.contains("no_such_column"), "{err}");
+    let err = relay
+        .try_sql("SELECT pgrelay.watch('tasks', ARRAY['task:{id}'], policy_columns => ARRAY['id'])")
+        .await
+        .expect_err("inputs without a policy are refused");
+    assert!(err.contains("give the policy"), "{err}");
+}

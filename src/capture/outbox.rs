@@ -34,6 +34,22 @@ pub struct Change {
     pub old: Option<Box<RawValue>>,
     /// When the statement ran, ISO 8601.
     pub ts: String,
+    /// What authorization needs besides the row (see [`crate::authorize`]).
+    pub policy: PolicyInputs,
+}
+
+/// How a change's policy answers may be remembered (`pgrelay.batch` computes these from the full
+/// row, hidden columns included).
+#[derive(Debug, Default, Clone)]
+pub struct PolicyInputs {
+    /// The policy and the values of the columns it reads; `None`: judge every time.
+    pub key: Option<String>,
+    /// The same for the row before an UPDATE (when `knows_old`).
+    pub key_old: Option<String>,
+    /// An UPDATE that recorded previous values: the old version is judged too.
+    pub knows_old: bool,
+    /// Tables whose remembered answers this change may have made wrong.
+    pub invalidates: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,10 +82,11 @@ impl Op {
 /// all. The snapshot comes first in every row so an empty batch still reports how far it read.
 const READ_BATCH: &str = r#"
 SELECT s.upto::text, (SELECT horizon FROM pgrelay.retention)::text, c.id, c.xid::text, c.txn_last, c.tbl, c.entity, c.op, c.rooms,
-       c."row"::text, c.old::text, to_json(c.ts) #>> '{}'
+       c."row"::text, c.old::text, to_json(c.ts) #>> '{}',
+       c.policy_key, c.policy_key_old, c.knows_old, c.flush
 FROM (SELECT coalesce($2::text::pg_snapshot, pg_current_snapshot()) AS upto) AS s
 LEFT JOIN LATERAL (
-    SELECT * FROM pgrelay.changes_between($1::text::pg_snapshot, s.upto) AS b
+    SELECT * FROM pgrelay.batch($1::text::pg_snapshot, s.upto) AS b
     WHERE $3::text[] IS NULL OR b.rooms && $3::text[]
 ) AS c ON true
 ORDER BY c.txn_last, c.id
@@ -169,6 +186,12 @@ fn change_from_row(row: &tokio_postgres::Row) -> anyhow::Result<Option<Change>> 
             .map(json)
             .transpose()?,
         ts: row.try_get(11)?,
+        policy: PolicyInputs {
+            key: row.try_get(12)?,
+            key_old: row.try_get(13)?,
+            knows_old: row.try_get(14)?,
+            invalidates: row.try_get(15)?,
+        },
     }))
 }
 

@@ -32,7 +32,10 @@ pub async fn load_demo_data(database_url: &str) -> anyhow::Result<()> {
 /// True when the trigger library is installed in the database.
 pub async fn library_installed(client: &tokio_postgres::Client) -> anyhow::Result<bool> {
     let row = client
-        .query_one("SELECT to_regprocedure('pgrelay.changes_between(pg_snapshot,pg_snapshot)') IS NOT NULL", &[])
+        .query_one(
+            "SELECT to_regprocedure('pgrelay.batch(pg_snapshot,pg_snapshot)') IS NOT NULL",
+            &[],
+        )
         .await?;
     Ok(row.try_get(0)?)
 }

@@ -211,6 +211,14 @@ impl TestRelay {
             .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
     }
 
+    /// Runs SQL that may fail; the error is the database's message.
+    pub async fn try_sql(&self, sql: &str) -> Result<(), String> {
+        self.db.batch_execute(sql).await.map_err(|e| {
+            e.as_db_error()
+                .map_or_else(|| e.to_string(), |db| db.message().to_owned())
+        })
+    }
+
     /// A connected, authenticated client of `user`.
     pub async fn client(&self, user: &str) -> WsClient {
         let url = format!("{}?token={}", self.ws_url(), token(user));

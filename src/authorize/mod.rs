@@ -15,10 +15,16 @@
 //! splits the (change, user) pairs in halves until it has found the failing ones, denies exactly
 //! those, and logs them; everybody else receives their changes.
 //!
+//! Most answers repeat: [`cache`] remembers them per user and kind of row, for tables whose policy
+//! declared what it reads, and forgets them when a change they depend on comes through the outbox.
+//! Only what it does not know goes to the database.
+//!
 //! Joins are batched too: join checks queue up while the previous queries run and are answered
 //! together (`pgrelay.can_join` over arrays), so a thousand clients reconnecting at once cost a
 //! handful of queries. If a batch fails, its checks are retried one by one, so a policy that
 //! throws for one user fails only that user's join.
+
+pub mod cache;
 
 use std::sync::Arc;
 
@@ -28,7 +34,9 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::capture::outbox::Change;
 use crate::jwt::Principal;
+use crate::metrics::Metrics;
 use crate::protocol::Room;
+use cache::VerdictCache;
 
 /// What one user may see of one change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,6 +75,15 @@ pub struct Authorizer {
     pool: Pool,
     /// Join checks wait here for the next batch (see [`batch_joins`]).
     joins: mpsc::UnboundedSender<JoinCheck>,
+    cache: Arc<VerdictCache>,
+    metrics: Arc<Metrics>,
+}
+
+/// The verdicts for a chunk, and the cache generation they belong to: a membership re-checked
+/// in this generation need not be re-checked again until something it depends on changes.
+pub struct Verdicts {
+    pub verdicts: Vec<Verdict>,
+    pub generation: u64,
 }
 
 /// A join to check, and where to send the answer.
@@ -83,10 +100,15 @@ const JOIN_BATCHES_IN_FLIGHT: usize = 2;
 impl Authorizer {
     /// An authorizer on `pool`; starts the task that batches join checks (it ends with the last
     /// clone of the authorizer).
-    pub fn new(pool: Pool) -> Authorizer {
+    pub fn new(pool: Pool, metrics: Arc<Metrics>) -> Authorizer {
         let (joins, pending) = mpsc::unbounded_channel();
         tokio::spawn(batch_joins(pool.clone(), pending));
-        Authorizer { pool, joins }
+        Authorizer {
+            pool,
+            joins,
+            cache: Arc::default(),
+            metrics,
+        }
     }
 
     /// May this user join this room? Concurrent joins share one policy query: a burst of
@@ -113,26 +135,56 @@ impl Authorizer {
     }
 
     /// Evaluates the read policy for each `(change index, principal index)` pair (0-based) and
-    /// returns the pairs that see something.
+    /// returns the pairs that see something: from memory where it can, from the database for
+    /// the rest.
     pub async fn readers(
         &self,
         changes: &[Change],
         principals: &[Arc<Principal>],
         pairs: &[(u32, u32)],
-    ) -> anyhow::Result<Vec<Verdict>> {
-        if pairs.is_empty() {
-            return Ok(Vec::new());
-        }
-        self.isolating(changes, principals, pairs).await
+    ) -> anyhow::Result<Verdicts> {
+        // What any of these changes makes stale must not judge the changes that follow it.
+        let forgotten = self.cache.invalidate(changes);
+        self.metrics.policy_invalidations.add(forgotten as u64);
+        let recalled = self.cache.recall(changes, principals, pairs);
+        self.metrics
+            .policy_answers_remembered
+            .add((pairs.len() - recalled.unknown.len()) as u64);
+        self.metrics
+            .policy_answers_asked
+            .add(recalled.unknown.len() as u64);
+        let mut failed = Vec::new();
+        let answered = if recalled.unknown.is_empty() {
+            Vec::new()
+        } else {
+            self.isolating(changes, principals, &recalled.unknown, &mut failed)
+                .await?
+        };
+        self.cache
+            .remember(&recalled, changes, &recalled.unknown, &answered, &failed);
+        let generation = recalled.generation;
+        let mut verdicts = recalled.verdicts;
+        verdicts.extend(answered);
+        Ok(Verdicts {
+            verdicts,
+            generation,
+        })
+    }
+
+    /// The cache generation now (see [`Verdicts::generation`]).
+    pub fn generation(&self) -> u64 {
+        self.cache.generation()
     }
 
     /// Runs the query; when a policy raises an error, splits the pairs in halves until the failing
-    /// ones are found. Those are denied (and logged); everyone else gets their verdicts.
+    /// ones are found. Those are denied (and logged, and added to `failed`); everyone else gets
+    /// their verdicts.
     fn isolating<'a>(
         &'a self,
         changes: &'a [Change],
         principals: &'a [Arc<Principal>],
         pairs: &'a [(u32, u32)],
+        failed: &'a mut Vec<(u32, u32)>,
     ) -> futures_util::future::BoxFuture<'a, anyhow::Result<Vec<Verdict>>> {
         Box::pin(async move {
             match self.query(changes, principals, pairs).await {
@@ -146,11 +198,12 @@ impl Authorizer {
                             error = %format!("{err:#}"),
                             "read policy failed; withholding this change from this user"
                         );
+                        failed.push((*change, *principal));
                         return Ok(Vec::new());
                     }
                     let (left, right) = pairs.split_at(pairs.len() / 2);
-                    let mut verdicts = self.isolating(changes, principals, left).await?;
-                    verdicts.extend(self.isolating(changes, principals, right).await?);
+                    let mut verdicts = self.isolating(changes, principals, left, failed).await?;
+                    verdicts.extend(self.isolating(changes, principals, right, failed).await?);
                     Ok(verdicts)
                 }
                 Err(err) => Err(err),

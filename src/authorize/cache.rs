@@ -1,0 +1,391 @@
+//! Remembered policy answers: ask the database once per user and kind of row, not once per change.
+//!
+//! Without memory, every change costs one policy evaluation per listener: a task update in a room
+//! of 80 members is 80 SQL function calls, and Postgres, not the relay, caps the fan-out. Most of
+//! those calls repeat an earlier answer, because a policy looks at few columns (a task's project,
+//! privacy, assignee and creator) and at slowly changing tables (memberships).
+//!
+//! A DBA who declares what a policy reads (`pgrelay.watch(policy_columns => ...,
+//! policy_tables => ...)`) lets the relay remember its answers. `pgrelay.batch` labels each change
+//! with a *policy key*: the policy and the values of the declared columns, taken from the full row.
+//! An answer is remembered per (table, policy key, principal), where a principal is a user with
+//! one exact set of claims, so a refreshed token with other claims is judged afresh.
+//!
+//! # Staying right
+//!
+//! * **Row changes.** A task made private has another key, so it is judged afresh.
+//! * **Changes to the tables a policy reads.** They arrive through the outbox in commit order, like
+//!   every other change. Before a chunk of changes is judged, the answers that any change in it
+//!   makes stale (`flush`) are forgotten, so every change committed after a membership change is
+//!   judged with the membership as it is now. Changes before it in the same chunk are judged with
+//!   the newer memberships too, which can only withhold what the user no longer may read.
+//! * **Races.** A replay judges changes beside the live reader, and its query may have started
+//!   before a membership change was forgotten. Every forgetting starts a new *generation*; answers
+//!   are kept only if no generation began while they were being computed.
+//! * **What the outbox cannot show** (a policy function rewritten, a table truncated): answers are
+//!   forgotten after [`MAX_AGE`] at the latest.
+//! * **Failures.** A pair whose policy raised an error is denied this time and not remembered.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use super::Verdict;
+use crate::capture::outbox::Change;
+use crate::jwt::Principal;
+
+/// Longest an answer is trusted without a change that confirms or invalidates it.
+pub const MAX_AGE: Duration = Duration::from_secs(60);
+
+/// Remembered answers beyond which everything is forgotten (a bound on memory, ~50 bytes each).
+const MAX_ANSWERS: usize = 4_000_000;
+
+#[derive(Default)]
+pub struct VerdictCache {
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    generation: u64,
+    /// When the generation began; after [`MAX_AGE`] everything is forgotten.
+    since: Option<Instant>,
+    principals: HashMap<PrincipalKey, u32>,
+    /// table → policy key → principal → may read.
+    answers: HashMap<String, HashMap<String, HashMap<u32, bool>>>,
+    count: usize,
+}
+
+/// A principal compared by content: connections of one user with identical claims share answers.
+struct PrincipalKey(Arc<Principal>);
+
+impl PartialEq for PrincipalKey {
+    fn eq(&self, other: &PrincipalKey) -> bool {
+        *self.0 == *other.0
+    }
+}
+impl Eq for PrincipalKey {}
+impl Hash for PrincipalKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.0.user.hash(state);
+        self.0.expires_at.hash(state);
+    }
+}
+
+/// What the cache knew about a chunk: verdicts for the pairs it could answer, the pairs to ask
+/// the database about, and the generation to hand back to [`VerdictCache::remember`].
+pub struct Recalled {
+    pub verdicts: Vec<Verdict>,
+    pub unknown: Vec<(u32, u32)>,
+    pub generation: u64,
+    principal_ids: Vec<u32>,
+}
+
+impl VerdictCache {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The current generation: it changes whenever remembered answers are forgotten.
+    pub fn generation(&self) -> u64 {
+        let mut state = self.lock();
+        state.expire();
+        state.generation
+    }
+
+    /// Forgets the answers that any of `changes` may have made wrong. Returns the number of tables
+    /// whose answers were forgotten.
+    pub fn invalidate(&self, changes: &[Change]) -> usize {
+        let mut tables: Vec<&str> = changes
+            .iter()
+            .flat_map(|c| c.policy.invalidates.iter().map(String::as_str))
+            .collect();
+        if tables.is_empty() {
+            return 0;
+        }
+        tables.sort_unstable();
+        tables.dedup();
+        let mut state = self.lock();
+        for table in &tables {
+            if let Some(answers) = state.answers.remove(*table) {
+                state.count -= answers.values().map(HashMap::len).sum::<usize>();
+            }
+        }
+        // Even with nothing remembered yet: a query running now must not store what it computes.
+        state.generation += 1;
+        tables.len()
+    }
+
+    /// Splits `pairs` into verdicts known from memory and pairs the database must judge.
+    pub fn recall(
+        &self,
+        changes: &[Change],
+        principals: &[Arc<Principal>],
+        pairs: &[(u32, u32)],
+    ) -> Recalled {
+        let mut state = self.lock();
+        state.expire();
+        let principal_ids: Vec<u32> = principals.iter().map(|p| state.intern(p)).collect();
+        // Each change's answers by principal, for its new and (UPDATE) old version.
+        let lookup = |table: &str, key: &Option<String>| {
+            key.as_ref()
+                .and_then(|key| state.answers.get(table)?.get(key.as_str()))
+        };
+        let per_change: Vec<_> = changes
+            .iter()
+            .map(|c| {
+                let new = lookup(&c.table, &c.policy.key);
+                let old = c
+                    .policy
+                    .knows_old
+                    .then(|| lookup(&c.table, &c.policy.key_old));
+                (new, old)
+            })
+            .collect();
+        let mut verdicts = Vec::new();
+        let mut unknown = Vec::new();
+        for &(change, principal) in pairs {
+            let id = principal_ids[principal as usize];
+            let (new, old) = &per_change[change as usize];
+            let sees_new = new.and_then(|answers| answers.get(&id).copied());
+            let sees_old = match old {
+                None => Some(false),
+                Some(answers) => answers.and_then(|a| a.get(&id).copied()),
+            };
+            match (sees_new, sees_old) {
+                (Some(sees_new), Some(sees_old)) => {
+                    if sees_new || sees_old {
+                        verdicts.push(Verdict {
+                            change,
+                            principal,
+                            sees_new,
+                            sees_old,
+                            knows_old: old.is_some(),
+                        });
+                    }
+                }
+                _ => unknown.push((change, principal)),
+            }
+        }
+        let generation = state.generation;
+        Recalled {
+            verdicts,
+            unknown,
+            generation,
+            principal_ids,
+        }
+    }
+
+    /// Remembers the database's answers for `asked` (minus `failed`), unless answers were
+    /// forgotten since `recalled` was made: those answers may predate the change that did it.
+    pub fn remember(
+        &self,
+        recalled: &Recalled,
+        changes: &[Change],
+        asked: &[(u32, u32)],
+        answered: &[Verdict],
+        failed: &[(u32, u32)],
+    ) {
+        let mut state = self.lock();
+        if state.generation != recalled.generation {
+            return;
+        }
+        let seen: HashMap<(u32, u32), &Verdict> = answered
+            .iter()
+            .map(|v| ((v.change, v.principal), v))
+            .collect();
+        for pair in asked {
+            if failed.contains(pair) {
+                continue;
+            }
+            let change = &changes[pair.0 as usize];
+            let id = recalled.principal_ids[pair.1 as usize];
+            let verdict = seen.get(pair);
+            if let Some(key) = &change.policy.key {
+                let sees = verdict.is_some_and(|v| v.sees_new);
+                state.store(&change.table, key, id, sees);
+            }
+            if let (true, Some(key)) = (change.policy.knows_old, &change.policy.key_old) {
+                let sees = verdict.is_some_and(|v| v.sees_old);
+                state.store(&change.table, key, id, sees);
+            }
+        }
+    }
+}
+
+impl State {
+    fn expire(&mut self) {
+        let now = Instant::now();
+        let since = *self.since.get_or_insert(now);
+        if now.duration_since(since) >= MAX_AGE || self.count > MAX_ANSWERS {
+            self.forget_all(now);
+        }
+    }
+
+    fn forget_all(&mut self, now: Instant) {
+        self.answers.clear();
+        self.principals.clear();
+        self.count = 0;
+        self.generation += 1;
+        self.since = Some(now);
+    }
+
+    fn intern(&mut self, principal: &Arc<Principal>) -> u32 {
+        let next = self.principals.len() as u32;
+        *self
+            .principals
+            .entry(PrincipalKey(principal.clone()))
+            .or_insert(next)
+    }
+
+    fn store(&mut self, table: &str, key: &str, principal: u32, sees: bool) {
+        let by_key = match self.answers.get_mut(table) {
+            Some(by_key) => by_key,
+            None => self.answers.entry(table.to_owned()).or_default(),
+        };
+        let by_principal = match by_key.get_mut(key) {
+            Some(by_principal) => by_principal,
+            None => by_key.entry(key.to_owned()).or_default(),
+        };
+        if by_principal.insert(principal, sees).is_none() {
+            self.count += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::capture::outbox::{Op, PolicyInputs};
+    use serde_json::value::RawValue;
+
+    fn change(key: &str, invalidates: &[&str]) -> Change {
+        Change {
+            id: 1,
+            xid: 1,
+            txn_last: 1,
+            table: "tasks".into(),
+            entity: "task".into(),
+            op: Op::Update,
+            rooms: vec![],
+            row: RawValue::from_string("{}".into()).expect("json"),
+            old: None,
+            ts: String::new(),
+            policy: PolicyInputs {
+                key: Some(key.into()),
+                key_old: None,
+                knows_old: false,
+                invalidates: invalidates.iter().map(|t| t.to_string()).collect(),
+            },
+        }
+    }
+
+    fn principal(user: &str, level: u32) -> Arc<Principal> {
+        Arc::new(Principal {
+            user: user.into(),
+            claims: serde_json::json!({ "sub": user, "level": level }),
+            expires_at: 1,
+        })
+    }
+
+    fn allow(change: u32, principal: u32) -> Verdict {
+        Verdict {
+            change,
+            principal,
+            sees_new: true,
+            sees_old: false,
+            knows_old: false,
+        }
+    }
+
+    #[test]
+    fn answers_are_recalled_for_the_same_key_and_principal_only() {
+        let cache = VerdictCache::default();
+        let changes = [change("k1", &[])];
+        let people = [principal("u1", 1), principal("u2", 1)];
+        let recalled = cache.recall(&changes, &people, &[(0, 0), (0, 1)]);
+        assert_eq!(recalled.unknown.len(), 2, "nothing is known at first");
+        cache.remember(&recalled, &changes, &recalled.unknown, &[allow(0, 0)], &[]);
+
+        let again = cache.recall(&changes, &people, &[(0, 0), (0, 1)]);
+        assert!(again.unknown.is_empty(), "both answers remembered");
+        assert_eq!(again.verdicts, [allow(0, 0)], "u2 was denied, u1 allowed");
+
+        // Another key, or the same user with other claims, is judged afresh.
+        let other = cache.recall(&[change("k2", &[])], &people, &[(0, 0)]);
+        assert_eq!(other.unknown, [(0, 0)]);
+        let promoted = cache.recall(&changes, &[principal("u1", 2)], &[(0, 0)]);
+        assert_eq!(promoted.unknown, [(0, 0)]);
+    }
+
+    #[test]
+    fn an_answer_computed_across_an_invalidation_is_not_kept() {
+        let cache = VerdictCache::default();
+        let changes = [change("k1", &[])];
+        let people = [principal("u1", 1)];
+        let recalled = cache.recall(&changes, &people, &[(0, 0)]);
+        // A membership change is read while the query for `recalled` is still running.
+        assert_eq!(cache.invalidate(&[change("m", &["tasks"])]), 1);
+        cache.remember(&recalled, &changes, &recalled.unknown, &[allow(0, 0)], &[]);
+        let again = cache.recall(&changes, &people, &[(0, 0)]);
+        assert_eq!(again.unknown, [(0, 0)], "the stale answer was dropped");
+    }
+
+    #[test]
+    fn invalidation_forgets_only_the_tables_named() {
+        let cache = VerdictCache::default();
+        let changes = [change("k1", &[])];
+        let people = [principal("u1", 1)];
+        let recalled = cache.recall(&changes, &people, &[(0, 0)]);
+        cache.remember(&recalled, &changes, &recalled.unknown, &[allow(0, 0)], &[]);
+        cache.invalidate(&[change("c", &["comments"])]);
+        assert!(cache
+            .recall(&changes, &people, &[(0, 0)])
+            .unknown
+            .is_empty());
+        cache.invalidate(&[change("m", &["tasks"])]);
+        assert_eq!(cache.recall(&changes, &people, &[(0, 0)]).unknown, [(0, 0)]);
+    }
+
+    #[test]
+    fn a_failed_evaluation_is_not_remembered() {
+        let cache = VerdictCache::default();
+        let changes = [change("k1", &[])];
+        let people = [principal("u1", 1)];
+        let recalled = cache.recall(&changes, &people, &[(0, 0)]);
+        cache.remember(&recalled, &changes, &recalled.unknown, &[], &[(0, 0)]);
+        assert_eq!(cache.recall(&changes, &people, &[(0, 0)]).unknown, [(0, 0)]);
+    }
+
+    #[test]
+    fn an_update_needs_answers_for_both_versions() {
+        let cache = VerdictCache::default();
+        let mut moved = change("new", &[]);
+        moved.policy.knows_old = true;
+        moved.policy.key_old = Some("old".into());
+        let changes = [moved];
+        let people = [principal("u1", 1)];
+        // Known for the new version only (as if from an earlier change): still asked.
+        let first = [change("new", &[])];
+        let recalled = cache.recall(&first, &people, &[(0, 0)]);
+        cache.remember(&recalled, &first, &recalled.unknown, &[allow(0, 0)], &[]);
+        let recalled = cache.recall(&changes, &people, &[(0, 0)]);
+        assert_eq!(recalled.unknown, [(0, 0)]);
+        let left_view = Verdict {
+            change: 0,
+            principal: 0,
+            sees_new: false,
+            sees_old: true,
+            knows_old: true,
+        };
+        cache.remember(&recalled, &changes, &recalled.unknown, &[left_view], &[]);
+        // Both versions are known now; the fresher answer about the new version replaced the
+        // older one.
+        let again = cache.recall(&changes, &people, &[(0, 0)]);
+        assert!(again.unknown.is_empty());
+        assert_eq!(again.verdicts, [left_view]);
+    }
+}
