@@ -53,6 +53,11 @@ struct Pending {
 }
 
 impl Member {
+    /// Whether its missed changes are still being replayed (live frames then wait in it).
+    pub fn is_replaying(&self) -> bool {
+        self.pending.is_some()
+    }
+
     /// Queues a live frame, or holds it back while a replay is running. False if it was dropped
     /// (the client is too slow and is being closed).
     pub fn deliver(&mut self, frame: Utf8Bytes) -> bool {
