@@ -162,12 +162,21 @@ async fn connect(relay: SocketAddr, user: &str, n: usize) -> anyhow::Result<Ws> 
     let source = Ipv4Addr::new(127, 0, 1 + (n / 20_000) as u8, 1 + (n % 250) as u8);
     let socket = TcpSocket::new_v4()?;
     socket.bind(SocketAddr::new(IpAddr::V4(source), 0))?;
-    let stream = socket.connect(relay).await.context("TCP connect")?;
+    // Bounded, so that a relay that stops accepting (say, out of file descriptors: the accept
+    // backlog still completes TCP handshakes) fails the run instead of hanging it.
+    let stream = tokio::time::timeout(Duration::from_secs(10), socket.connect(relay))
+        .await
+        .context("TCP connect timed out")?
+        .context("TCP connect")?;
     stream.set_nodelay(true)?;
     let url = format!("ws://{relay}/ws?token={}", token(user)?);
-    let (mut ws, _) = tokio_tungstenite::client_async(url, stream)
-        .await
-        .context("WebSocket handshake")?;
+    let (mut ws, _) = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_tungstenite::client_async(url, stream),
+    )
+    .await
+    .context("WebSocket handshake timed out (is the relay out of file descriptors?)")?
+    .context("WebSocket handshake")?;
     let ready = next_json(&mut ws).await?;
     anyhow::ensure!(ready["type"] == "ready", "expected ready, got {ready}");
     Ok(ws)

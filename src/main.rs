@@ -191,6 +191,13 @@ async fn run(command: Command) -> Result<(), Failure> {
 }
 
 async fn serve(args: ServeArgs) -> Result<(), Failure> {
+    match pgrelay::transport::limits::raise_open_files_limit() {
+        Ok(limit) => tracing::info!(
+            limit,
+            "open files limit (each connection needs one; raise the hard limit for more)"
+        ),
+        Err(err) => tracing::warn!(error = %err, "cannot read or raise the open files limit"),
+    }
     let dev_mode = args.database_url.is_none();
     let verifier = match (&args.jwt_public_key_file, &args.jwt_secret) {
         (Some(path), _) => Verifier::from_key_file(path).map_err(Failure::Config)?,

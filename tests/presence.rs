@@ -177,6 +177,8 @@ async fn meta_updates_reach_every_relay_and_bad_ones_are_refused() {
     let mut alice = Watcher::join(&a, "u1", "task:1").await;
     let mut bob = Watcher::join(&b, "u2", "task:1").await;
     bob.until("alice", |w| w.users.contains_key("u1")).await;
+    // Bob's join reaches alice over the bus; it must not be what she reads in place of a reply.
+    alice.until("bob", |w| w.users.contains_key("u2")).await;
 
     alice
         .client
@@ -368,6 +370,8 @@ async fn users_who_may_not_join_see_no_presence_and_revoked_ones_stop_seeing_it(
     // Bob is in the room until he is removed from the project.
     let mut bob = Watcher::join(&b, "u2", "project:1").await;
     alice.until("bob", |w| w.users.contains_key("u2")).await;
+    // Alice's join may reach bob's relay over the bus after his presence_state.
+    bob.until("alice", |w| w.users.contains_key("u1")).await;
     // Revocation takes effect at the room's next change (here, an update of task 1).
     a.sql("DELETE FROM project_members WHERE project_id = 1 AND user_id = 'u2'")
         .await;

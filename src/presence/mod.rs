@@ -57,8 +57,9 @@ impl Default for PresenceTimings {
     }
 }
 
-/// A connection in the presence view: which relay it is on, and its id there.
-type ConnectionKey = (String, u64);
+/// A connection in the presence view: which relay it is on, and its id there. The relay's id is
+/// shared, not copied into every entry.
+type ConnectionKey = (Arc<str>, u64);
 
 /// Why a presence or typing message was refused; the messages are safe to show.
 #[derive(Debug, thiserror::Error)]
@@ -71,7 +72,7 @@ pub enum PresenceError {
 
 pub struct Presence {
     /// This relay's id on the bus, fresh at every start.
-    node: String,
+    node: Arc<str>,
     timings: PresenceTimings,
     state: Mutex<State>,
     /// Ops for the bus to publish, and a nudge when another relay asks for our full state.
@@ -94,10 +95,41 @@ struct RoomPresence {
     audience: HashMap<u64, Watcher>,
 }
 
+/// One connection in a room. `meta` is what the connection set, without the `conn_id` every
+/// meta shows: that is derived from the key when the meta is rendered ([`rendered_meta`]), so a
+/// connection that never set a meta costs no map at all (an empty `Map` does not allocate; a
+/// one-key one is a whole B-tree node, about 600 bytes per membership).
 #[derive(Clone, PartialEq)]
 struct Entry {
     user: String,
-    meta: Value,
+    meta: Map<String, Value>,
+}
+
+/// The id that tells a connection's metas apart (`conn_id`).
+fn conn_id(key: &ConnectionKey) -> String {
+    format!("{}.{}", key.0, key.1)
+}
+
+/// A meta as clients and other relays see it: what the connection set, plus its `conn_id`.
+fn rendered_meta(key: &ConnectionKey, entry: &Entry) -> Value {
+    let mut meta = entry.meta.clone();
+    // A meta from another relay may carry its own conn_id (see `stored_meta`): keep it.
+    if !meta.contains_key("conn_id") {
+        meta.insert("conn_id".into(), Value::String(conn_id(key)));
+    }
+    Value::Object(meta)
+}
+
+/// What to keep of a meta: everything but the `conn_id` [`rendered_meta`] adds back.
+fn stored_meta(key: &ConnectionKey, meta: Value) -> Map<String, Value> {
+    let mut meta = match meta {
+        Value::Object(meta) => meta,
+        _ => Map::new(),
+    };
+    if meta.get("conn_id").and_then(Value::as_str) == Some(conn_id(key).as_str()) {
+        meta.remove("conn_id");
+    }
+    meta
 }
 
 struct Watcher {
@@ -128,20 +160,28 @@ struct Diff {
 }
 
 impl Diffs {
-    fn join(&mut self, room: &Room, entry: &Entry) {
-        push(&mut self.0.entry(room.clone()).or_default().joins, entry);
+    fn join(&mut self, room: &Room, key: &ConnectionKey, entry: &Entry) {
+        push(
+            &mut self.0.entry(room.clone()).or_default().joins,
+            key,
+            entry,
+        );
     }
-    fn leave(&mut self, room: &Room, entry: &Entry) {
-        push(&mut self.0.entry(room.clone()).or_default().leaves, entry);
+    fn leave(&mut self, room: &Room, key: &ConnectionKey, entry: &Entry) {
+        push(
+            &mut self.0.entry(room.clone()).or_default().leaves,
+            key,
+            entry,
+        );
     }
 }
 
-fn push(users: &mut Map<String, Value>, entry: &Entry) {
+fn push(users: &mut Map<String, Value>, key: &ConnectionKey, entry: &Entry) {
     let metas = users
         .entry(entry.user.clone())
         .or_insert_with(|| Value::Array(Vec::new()));
     if let Value::Array(metas) = metas {
-        metas.push(entry.meta.clone());
+        metas.push(rendered_meta(key, entry));
     }
 }
 
@@ -150,7 +190,7 @@ impl Presence {
     pub fn new(timings: PresenceTimings) -> (Arc<Presence>, mpsc::UnboundedReceiver<Op>) {
         let (outgoing, ops) = mpsc::unbounded_channel();
         let presence = Presence {
-            node: format!("{:016x}", rand::random::<u64>()),
+            node: format!("{:016x}", rand::random::<u64>()).into(),
             timings,
             state: Mutex::default(),
             outgoing,
@@ -198,13 +238,18 @@ impl Presence {
         if fresh {
             let entry = Entry {
                 user: user.to_owned(),
-                meta: self.meta_of(client.id, Map::new()),
+                meta: Map::new(),
             };
-            presence.entries.insert(key, entry.clone());
+            presence.entries.insert(key.clone(), entry.clone());
             let mut diffs = Diffs::default();
-            diffs.join(room, &entry);
+            diffs.join(room, &key, &entry);
             send_diffs(&state.rooms, diffs, Some(client.id));
-            self.publish(Op::join(room, client.id, &entry.user, &entry.meta));
+            self.publish(Op::join(
+                room,
+                client.id,
+                &entry.user,
+                &rendered_meta(&key, &entry),
+            ));
         }
         if let Some(presence) = state.rooms.get(room) {
             client.send(presence_state(room, presence).into());
@@ -224,10 +269,11 @@ impl Presence {
             return;
         };
         presence.audience.remove(&client_id);
-        let removed = presence.entries.remove(&(self.node.clone(), client_id));
+        let key = (self.node.clone(), client_id);
+        let removed = presence.entries.remove(&key);
         let mut diffs = Diffs::default();
         if let Some(entry) = &removed {
-            diffs.leave(room, entry);
+            diffs.leave(room, &key, entry);
             self.publish(Op::Leave {
                 room: room.as_str().to_owned(),
                 connection: client_id,
@@ -254,19 +300,27 @@ impl Presence {
             .get_mut(room)
             .and_then(|p| p.entries.get_mut(&key))
             .ok_or(PresenceError::NotJoined)?;
+        let mut meta = meta;
+        // The relay sets conn_id; one the client sent is replaced.
+        meta.remove("conn_id");
         let new = Entry {
             user: entry.user.clone(),
-            meta: self.meta_of(client_id, meta),
+            meta,
         };
         let old = std::mem::replace(entry, new.clone());
         if old == new {
             return Ok(());
         }
         let mut diffs = Diffs::default();
-        diffs.leave(room, &old);
-        diffs.join(room, &new);
+        diffs.leave(room, &key, &old);
+        diffs.join(room, &key, &new);
         send_diffs(&state.rooms, diffs, None);
-        self.publish(Op::join(room, client_id, &new.user, &new.meta));
+        self.publish(Op::join(
+            room,
+            client_id,
+            &new.user,
+            &rendered_meta(&key, &new),
+        ));
         Ok(())
     }
 
@@ -304,9 +358,14 @@ impl Presence {
         let state = self.lock();
         let mut ops = Vec::new();
         for (room, presence) in &state.rooms {
-            for ((node, connection), entry) in &presence.entries {
-                if *node == self.node {
-                    ops.push(Op::join(room, *connection, &entry.user, &entry.meta));
+            for (key, entry) in &presence.entries {
+                if key.0 == self.node {
+                    ops.push(Op::join(
+                        room,
+                        key.1,
+                        &entry.user,
+                        &rendered_meta(key, entry),
+                    ));
                 }
             }
         }
@@ -316,7 +375,7 @@ impl Presence {
     /// Applies a message from another relay's bus. Returns the relays whose full state we
     /// should ask for (we missed some of their messages).
     pub fn apply(&self, envelope: Envelope) -> Option<String> {
-        if envelope.node == self.node {
+        if *envelope.node == *self.node {
             return None;
         }
         let now = Instant::now();
@@ -330,7 +389,7 @@ impl Presence {
         if envelope
             .want
             .as_deref()
-            .is_some_and(|w| w == "*" || w == self.node)
+            .is_some_and(|w| w == "*" || *w == *self.node)
         {
             self.sync_wanted.notify_one();
         }
@@ -357,7 +416,7 @@ impl Presence {
                 .flat_map(|(room, p)| {
                     p.entries
                         .keys()
-                        .filter(|(node, _)| *node == envelope.node)
+                        .filter(|(node, _)| **node == *envelope.node)
                         .map(move |(_, c)| (room.clone(), *c))
                 })
                 .collect();
@@ -385,7 +444,7 @@ impl Presence {
                 remove_entry(
                     &mut state,
                     &room,
-                    &(envelope.node.clone(), connection),
+                    &(envelope.node.as_str().into(), connection),
                     &mut diffs,
                 );
             }
@@ -425,21 +484,23 @@ impl Presence {
                 {
                     unconfirmed.remove(&(room.clone(), connection));
                 }
-                let entry = Entry { user, meta };
+                let key: ConnectionKey = (node.into(), connection);
+                let entry = Entry {
+                    user,
+                    meta: stored_meta(&key, meta),
+                };
                 let presence = state.rooms.entry(room.clone()).or_default();
-                let previous = presence
-                    .entries
-                    .insert((node.to_owned(), connection), entry.clone());
+                let previous = presence.entries.insert(key.clone(), entry.clone());
                 if previous.as_ref() != Some(&entry) {
                     if let Some(previous) = &previous {
-                        diffs.leave(&room, previous);
+                        diffs.leave(&room, &key, previous);
                     }
-                    diffs.join(&room, &entry);
+                    diffs.join(&room, &key, &entry);
                 }
             }
             Op::Leave { room, connection } => {
                 if let Some(room) = Room::parse(&room) {
-                    remove_entry(state, &room, &(node.to_owned(), connection), diffs);
+                    remove_entry(state, &room, &(node.into(), connection), diffs);
                 }
             }
             Op::Typing { room, user, typing } => {
@@ -471,15 +532,6 @@ impl Presence {
         finish(&mut state, diffs);
     }
 
-    /// The meta a connection shows: what it set, plus an id that tells its tabs apart.
-    fn meta_of(&self, client_id: u64, mut meta: Map<String, Value>) -> Value {
-        meta.insert(
-            "conn_id".into(),
-            Value::String(format!("{}.{client_id}", self.node)),
-        );
-        Value::Object(meta)
-    }
-
     /// How many other relays the view knows, and how many connections it holds (all relays).
     pub fn size(&self) -> (usize, usize) {
         let state = self.lock();
@@ -494,7 +546,7 @@ fn remove_entry(state: &mut State, room: &Room, key: &ConnectionKey, diffs: &mut
         .get_mut(room)
         .and_then(|p| p.entries.remove(key))
     {
-        diffs.leave(room, &entry);
+        diffs.leave(room, key, &entry);
     }
 }
 
@@ -504,12 +556,12 @@ fn forget_relay(state: &mut State, node: &str, diffs: &mut Diffs) {
         let gone: Vec<ConnectionKey> = presence
             .entries
             .keys()
-            .filter(|(n, _)| n == node)
+            .filter(|(n, _)| &**n == node)
             .cloned()
             .collect();
         for key in gone {
             if let Some(entry) = presence.entries.remove(&key) {
-                diffs.leave(room, &entry);
+                diffs.leave(room, &key, &entry);
             }
         }
     }
@@ -580,8 +632,8 @@ fn typing_message(room: &Room, user: &str, typing: bool) -> String {
 
 fn presence_state(room: &Room, presence: &RoomPresence) -> String {
     let mut users = Map::new();
-    for entry in presence.entries.values() {
-        push(&mut users, entry);
+    for (key, entry) in &presence.entries {
+        push(&mut users, key, entry);
     }
     json!({"type": "presence_state", "room": room.as_str(), "users": users}).to_string()
 }
@@ -603,5 +655,98 @@ pub async fn sweep(
             }
             () = shutdown.cancelled() => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::client::ClientQueue;
+
+    fn frames(queue: &mut ClientQueue) -> Vec<Value> {
+        std::iter::from_fn(|| queue.frames.try_recv())
+            .map(|f| serde_json::from_str(f.as_str()).expect("json"))
+            .collect()
+    }
+
+    fn from_relay(node: &str, seq: u64, ops: Vec<Op>) -> Envelope {
+        Envelope {
+            node: node.into(),
+            seq,
+            ops,
+            sync: None,
+            want: None,
+            bye: false,
+        }
+    }
+
+    /// Metas are kept without their conn_id (it costs a map per membership) and shown with it:
+    /// clients and other relays see exactly what they saw before.
+    #[test]
+    fn metas_are_shown_with_their_conn_id_local_and_remote() {
+        let (presence, mut published) = Presence::new(Default::default());
+        let room = Room::parse("task:1").expect("room");
+        let (client, mut queue) = ClientHandle::websocket(1 << 20);
+        let client = Arc::new(client);
+        presence.joined(&room, &client, "u1");
+        let own = format!("{}.{}", presence.node(), client.id);
+        let state = frames(&mut queue);
+        assert_eq!(state[0]["users"], json!({"u1": [{"conn_id": own}]}));
+        let Ok(Op::Join { meta, .. }) = published.try_recv() else {
+            panic!("the join is published");
+        };
+        assert_eq!(
+            meta,
+            json!({"conn_id": own}),
+            "other relays see the conn_id"
+        );
+
+        // A client cannot choose its conn_id.
+        let mut meta = Map::new();
+        meta.insert("status".into(), json!("editing"));
+        meta.insert("conn_id".into(), json!("forged"));
+        presence.set_meta(&room, client.id, meta).expect("joined");
+        let diff = frames(&mut queue);
+        assert_eq!(diff[0]["leaves"], json!({"u1": [{"conn_id": own}]}));
+        assert_eq!(
+            diff[0]["joins"],
+            json!({"u1": [{"conn_id": own, "status": "editing"}]})
+        );
+
+        // Another relay's metas come with their conn_id, and leave with the same one.
+        let join = |meta: Value| Op::Join {
+            room: "task:1".into(),
+            connection: 5,
+            user: "u2".into(),
+            meta,
+        };
+        presence.apply(from_relay(
+            "other",
+            1,
+            vec![join(json!({"conn_id": "other.5"}))],
+        ));
+        assert_eq!(
+            frames(&mut queue)[0]["joins"],
+            json!({"u2": [{"conn_id": "other.5"}]})
+        );
+        // ... even one that is not built the way this relay builds them.
+        presence.apply(from_relay(
+            "other",
+            2,
+            vec![join(json!({"conn_id": "x", "a": 1}))],
+        ));
+        let diff = frames(&mut queue);
+        assert_eq!(diff[0]["leaves"], json!({"u2": [{"conn_id": "other.5"}]}));
+        assert_eq!(diff[0]["joins"], json!({"u2": [{"conn_id": "x", "a": 1}]}));
+        // Re-announcing the same meta (a full-state transfer) changes nothing.
+        presence.apply(from_relay(
+            "other",
+            3,
+            vec![join(json!({"conn_id": "x", "a": 1}))],
+        ));
+        assert!(
+            frames(&mut queue).is_empty(),
+            "no diff for an unchanged meta"
+        );
     }
 }

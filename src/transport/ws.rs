@@ -30,6 +30,9 @@ use crate::protocol::{self, close, ClientMessage, ErrorCode, Room, ServerMessage
 use crate::server::AppState;
 use crate::subscribe::{self, JoinError};
 
+/// What each connection's reader starts with (tungstenite allocates it up front).
+const READ_BUFFER_BYTES: usize = 1024;
+
 #[derive(Deserialize)]
 pub struct WsParams {
     token: Option<String>,
@@ -67,7 +70,8 @@ pub async fn upgrade(
     ws.max_message_size(limits.max_message_bytes)
         .max_frame_size(limits.max_message_bytes)
         // Small buffers: an idle connection should cost kilobytes, not the 128 KiB default.
-        .read_buffer_size(4 * 1024)
+        // Client messages are small; a bigger one grows the buffer as it arrives.
+        .read_buffer_size(READ_BUFFER_BYTES)
         .write_buffer_size(0)
         .on_upgrade(move |socket| Session::run(app, socket, principal))
 }
@@ -269,7 +273,9 @@ impl Session {
                 Flow::Continue
             }
             ClientMessage::Join { room, since } => {
-                self.on_join(room, since, reference).await;
+                // Boxed: the join's future (policy check, resume lookup) is several KiB, and
+                // inline it would make every idle session's task that much bigger.
+                Box::pin(self.on_join(room, since, reference)).await;
                 Flow::Continue
             }
             ClientMessage::Leave { room } => {
@@ -461,7 +467,7 @@ async fn write_frames(
             Ok(()) = queue.close.changed() => {
                 let Some(request) = *queue.close.borrow() else { continue };
                 if request.code != close::TOO_SLOW {
-                    while let Ok(frame) = queue.frames.try_recv() {
+                    while let Some(frame) = queue.frames.try_recv() {
                         if sink.feed(Message::Text(frame)).await.is_err() {
                             return;
                         }
@@ -497,7 +503,7 @@ async fn write_batch(
     let mut written = vec![first.clone()];
     sink.feed(Message::Text(first)).await?;
     while written.len() < 64 {
-        let Ok(frame) = queue.frames.try_recv() else {
+        let Some(frame) = queue.frames.try_recv() else {
             break;
         };
         written.push(frame.clone());
