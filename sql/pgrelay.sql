@@ -11,9 +11,11 @@
 --      once per INSERT/UPDATE/DELETE statement, however many rows the statement touched, and copies
 --      the touched rows into the outbox `pgrelay.changes` inside the writing transaction. The change
 --      therefore commits, or rolls back, together with the data.
---   2. The trigger then sends `NOTIFY pgrelay` with an empty payload. It is only a wake-up: Postgres
---      folds identical notifications of one transaction into one, and the payload never carries the
---      row, so the 8000-byte NOTIFY limit cannot be reached whatever the size of the row.
+--   2. If a relay is asleep, the trigger then sends `NOTIFY pgrelay` with an empty payload (see
+--      "Waking relays" below: a relay that is busy reading needs no wake-up, and a NOTIFY costs
+--      the commit a cluster-wide lock). It is only a wake-up: Postgres folds identical
+--      notifications of one transaction into one, and the payload never carries the row, so the
+--      8000-byte NOTIFY limit cannot be reached whatever the size of the row.
 --   3. The relay reads the outbox by transaction snapshots (see pgrelay.changes_between below), which
 --      yields every committed change exactly once, in commit order, and never waits for a slow
 --      transaction that has not committed yet.
@@ -398,6 +400,41 @@ BEGIN
     PERFORM pgrelay.rebuild_dispatch();
 END $$;
 
+-- Waking relays
+-- -------------
+--
+-- A transaction that sent NOTIFY takes a cluster-wide lock just before it commits and keeps it
+-- until its commit is flushed to disk, so notifying writers commit one at a time instead of
+-- sharing WAL flushes (group commit). Yet a NOTIFY only helps a relay that is waiting for one: a
+-- relay busy reading batch after batch finds new changes by itself. So relays say when they
+-- sleep, and writers notify only then. Two advisory locks, in the two-key form (first key
+-- 1885827692, the bytes 'pgrl'; two-key locks never collide with the one-key bigint locks, and an
+-- application using two-key locks must not use this first key):
+--
+--   (1885827692, 1)  "sleeping": every relay waiting for a NOTIFY holds it in SHARE mode on its
+--                    LISTEN connection (a relay that crashes or disconnects releases it).
+--   (1885827692, 2)  "writing": a transaction that decided not to notify holds it in SHARE mode
+--                    until it ends.
+--
+-- A capture function, after a statement that captured rows, notifies when it cannot take
+-- "writing" (a relay is going to sleep right now) or when it cannot take "sleeping" exclusively
+-- for an instant (a relay sleeps). Otherwise it holds "writing" and does not notify.
+-- A relay that found nothing new takes "sleeping", then takes "writing" exclusively and releases
+-- it at once (this waits for every transaction that decided not to notify, and while it waits
+-- every new writer notifies), reads once more, and waits for a NOTIFY. Woken, it releases
+-- "sleeping" and reads until it finds nothing again.
+--
+-- Why nothing is missed: a writer that did not notify took "writing" before it found "sleeping"
+-- free, so a relay that sleeps took "sleeping" after that, and its exclusive "writing" waited for
+-- the writer's commit (Postgres releases locks after the commit is visible): its last read saw
+-- the writer's changes. Every later writer notifies. The full argument, with savepoints, isolation
+-- levels and lost connections, is in the relay's source (src/capture/wakeup.rs).
+--
+-- What writers pay: three lock-table operations per captured statement; a NOTIFY (and the commit
+-- lock) only while some relay sleeps, that is when writes are rare and the lock costs nothing.
+-- `SELECT * FROM pg_locks WHERE locktype = 'advisory' AND classid = 1885827692` shows them:
+-- objid 1 are sleeping relays, objid 2 writers that did not notify.
+
 -- Generates the table's capture function from its pgrelay.watches row and makes sure its three
 -- triggers exist. The function runs static, pre-planned SQL: one INSERT ... SELECT per statement,
 -- whatever the number of rows. It runs with the rights of whoever called watch() (SECURITY
@@ -481,8 +518,18 @@ END
 $f$, w.name, w.entity, rooms_n, rooms_o, hide, old_expr, pk, pk_join,
     CASE WHEN (SELECT notify FROM pgrelay.settings) THEN $n$
     GET DIAGNOSTICS captured = ROW_COUNT;
-    IF captured > 0 THEN
-        -- A wake-up, not the record: one per transaction (Postgres folds duplicates).
+    -- Wake relays that sleep, and only them (see "Waking relays" in sql/pgrelay.sql). A wake-up,
+    -- not the record: one per transaction at most (Postgres folds duplicates).
+    IF captured > 0 AND (CASE
+        -- A relay is going to sleep right now and waits for writers like us: notify.
+        WHEN NOT pg_try_advisory_xact_lock_shared(1885827692, 2) THEN true
+        -- From here on we hold (pgrelay, writing) until we end, so a relay that goes to sleep
+        -- later waits for our commit and then reads our changes. A relay that sleeps already
+        -- holds (pgrelay, sleeping): taking it exclusively fails, and we notify. (Lock and unlock
+        -- are one expression: no interrupt can come between them and leave the lock taken.)
+        WHEN NOT pg_try_advisory_lock(1885827692, 1) THEN true
+        ELSE NOT pg_advisory_unlock(1885827692, 1)
+    END) THEN
         PERFORM pg_notify('pgrelay', '');
     END IF;$n$
     ELSE $n$
