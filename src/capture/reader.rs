@@ -71,11 +71,14 @@ impl Reader {
         };
         let mut barrier_connection = None;
         let mut sleep_failures = 0u32;
+        let mut just_read = false;
         loop {
             // Awake: read until a read finds nothing. Writers do not notify meanwhile.
-            let Some(_) = self.read_until_empty(&mut reading).await else {
+            if !std::mem::take(&mut just_read)
+                && self.read_until_empty(&mut reading).await.is_none()
+            {
                 return;
-            };
+            }
 
             // Going to sleep (see `wakeup` for why no change can slip through).
             let sleeping = match self.announce_sleep(&mut barrier_connection).await {
@@ -127,11 +130,14 @@ impl Reader {
                 () = tokio::time::sleep(self.poll_interval) => true,
                 () = shutdown.cancelled() => return,
             };
-            sleeping.end().await;
+            // Withdraw the announcement while reading: from now on writers do not notify, and
+            // this relay reads until it finds nothing before it sleeps again.
+            let ((), read) = tokio::join!(sleeping.end(), self.read_until_empty(&mut reading));
+            let Some(found) = read else {
+                return;
+            };
+            just_read = true;
             if polled {
-                let Some(found) = self.read_until_empty(&mut reading).await else {
-                    return;
-                };
                 if found > 0 {
                     // Only a lost wake-up (or a NOTIFY still in flight) leaves this to the poll.
                     self.metrics.poll_reads_with_changes.inc();
@@ -225,8 +231,14 @@ impl Reader {
                         Ok(()) => true,
                         Err(err) => {
                             self.metrics.reader_sleep_failures.inc();
-                            tracing::warn!(error = %format!("{err:#}"), "the sleep barrier failed");
+                            tracing::warn!(error = %format!("{err:#}"), "the sleep barrier failed; polling every {SLEEP_RETRY:?} until it passes");
                             *barrier_connection = None;
+                            // Not asleep, so nobody notifies: look again soon, not in a loop.
+                            tokio::select! {
+                                () = self.wake.notified() => {}
+                                () = tokio::time::sleep(SLEEP_RETRY.min(self.poll_interval)) => {}
+                                () = reading.shutdown.cancelled() => return None,
+                            }
                             false
                         }
                     });
