@@ -33,6 +33,8 @@ use crate::transport::client::CloseRequest;
 /// Changes handed to one authorization query.
 const CHUNK: usize = 1000;
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// The pause before each further read once two reads in a row found changes.
+const READ_PACE: Duration = Duration::from_millis(5);
 /// How soon a reader that could not announce its sleep (so writers do not notify) reads again.
 const SLEEP_RETRY: Duration = Duration::from_millis(100);
 
@@ -170,6 +172,16 @@ impl Reader {
                     }
                     if n == 0 {
                         return Some(total);
+                    }
+                    if total > 0 {
+                        // Two reads in a row found changes: writes are flowing. Let the next
+                        // batch grow a little: fewer, larger reads leave more of the database to
+                        // the writers. (A lone change, as from a wake-up, is read at once, and
+                        // so is whatever follows it right away.)
+                        tokio::select! {
+                            () = tokio::time::sleep(READ_PACE) => {}
+                            () = reading.shutdown.cancelled() => return None,
+                        }
                     }
                     total += n;
                 }
