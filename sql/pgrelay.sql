@@ -603,20 +603,6 @@ $f$, w.name, w.entity, rooms_n, rooms_o, hide, old_expr, pk, pk_join, NULL, room
     END LOOP;
 END $$;
 
--- Choose how relays learn of new changes, for the whole database: NOTIFY (lowest latency) or
--- polling only (no NOTIFY, so no commit-time lock; run relays with a short --poll-interval).
--- Regenerates every capture function; takes effect for transactions that start afterwards.
-CREATE OR REPLACE FUNCTION pgrelay.set_notify(enabled boolean) RETURNS void
-LANGUAGE plpgsql AS $$
-DECLARE
-    t regclass;
-BEGIN
-    UPDATE pgrelay.settings SET notify = enabled;
-    FOR t IN SELECT tbl FROM pgrelay.watches LOOP
-        PERFORM pgrelay.install_capture(t);
-    END LOOP;
-END $$;
-
 -- Stop capturing a table's changes. Changes already in the outbox are still delivered.
 CREATE OR REPLACE FUNCTION pgrelay.unwatch(tbl regclass) RETURNS void
 LANGUAGE plpgsql AS $$
