@@ -2,7 +2,9 @@
 # What pgrelay's capture costs the application's writes.
 #
 # 1. Write throughput: pgbench, a custom script updating one random task per transaction, with
-#    1, 8 and 32 clients, for: no triggers, NOTIFY mode, poll mode (pgrelay.set_notify(false)).
+#    1, 8 and 32 clients, for: no triggers; capture with no relay asleep (writers never notify:
+#    what writers pay while relays are busy reading, or when none listens); capture with a relay
+#    that sleeps for ever (every writer notifies: the worst case, what a NOTIFY costs).
 # 2. Bulk: one UPDATE of 100,000 rows with pgrelay's statement-level capture, against an
 #    equivalent row-level trigger, and against no trigger.
 #
@@ -43,8 +45,7 @@ INSERT INTO tasks (project_id, title) SELECT 1 + i % 10, 'task ' || i FROM gener
 SQL
     case $mode in
         none)   psql_ -d "$db" -c "SELECT pgrelay.unwatch(tbl) FROM pgrelay.watches" >/dev/null ;;
-        poll)   psql_ -d "$db" -c "SELECT pgrelay.set_notify(false)" >/dev/null ;;
-        notify) ;;
+        *) ;;
     esac
     psql_ -d "$db" -c "VACUUM ANALYZE" >/dev/null
 }
@@ -56,22 +57,28 @@ SQL
 
 echo "## Write throughput (pgbench, ${SECONDS_PER_RUN} s per run, one-row UPDATE of tasks per transaction)"
 echo
-echo "| clients | no triggers (TPS) | NOTIFY mode (TPS) | poll mode (TPS) | NOTIFY / none | poll / none |"
+echo "| clients | no triggers (TPS) | capture, relays busy (TPS) | capture, a relay asleep (TPS) | busy / none | asleep / none |"
 echo "|---|---|---|---|---|---|"
-for mode in none notify poll; do make_db "bench_$mode" "$mode"; done
+for mode in none busy asleep; do make_db "bench_$mode" "$mode"; done
+# A relay that sleeps for ever: it holds the "sleeping" advisory lock (see sql/pgrelay.sql), so
+# every writer of bench_asleep notifies.
+psql_ -d bench_asleep -c "SELECT pg_advisory_lock_shared(1885827692, 1), pg_sleep(100000)" >/dev/null 2>&1 &
+SLEEPER=$!
+sleep 1
 for clients in 1 8 32; do
     declare -A tps=()
-    for mode in none notify poll; do
+    for mode in none busy asleep; do
         jobs=$(( clients < 2 ? clients : 2 ))
         out=$(pgbench -n -h 127.0.0.1 -p "$PORT" -U postgres -f "$DIR/update.sql" \
               -c "$clients" -j "$jobs" -T "$SECONDS_PER_RUN" "bench_$mode" 2>&1)
         tps[$mode]=$(printf '%s\n' "$out" | sed -n 's/^tps = \([0-9.]*\).*/\1/p' | head -n 1)
     done
     printf '| %s | %.0f | %.0f | %.0f | %.0f%% | %.0f%% |\n' "$clients" \
-        "${tps[none]}" "${tps[notify]}" "${tps[poll]}" \
-        "$(echo "100 * ${tps[notify]} / ${tps[none]}" | bc -l)" \
-        "$(echo "100 * ${tps[poll]} / ${tps[none]}" | bc -l)"
+        "${tps[none]}" "${tps[busy]}" "${tps[asleep]}" \
+        "$(echo "100 * ${tps[busy]} / ${tps[none]}" | bc -l)" \
+        "$(echo "100 * ${tps[asleep]} / ${tps[none]}" | bc -l)"
 done
+kill "$SLEEPER" 2>/dev/null || true
 
 echo
 echo "## Bulk: one UPDATE of 100,000 rows (median of 3)"
@@ -88,10 +95,10 @@ CREATE FUNCTION capture_row() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO pgrelay.changes (gen, tbl, entity, op, rooms, "row", old)
     VALUES ((SELECT last_value % 3 FROM pgrelay.generation), 'tasks', 'task', TG_OP,
-            pgrelay.room_list(ARRAY['project:' || NEW.project_id, 'task:' || NEW.id,
-                                    'project:' || OLD.project_id, 'task:' || OLD.id]),
-            to_jsonb(NEW), pgrelay.changed_values(to_jsonb(OLD), to_jsonb(NEW)));
-    PERFORM pg_notify('pgrelay', '');
+            array_remove(ARRAY['project:' || NEW.project_id, 'task:' || NEW.id,
+                               CASE WHEN OLD.project_id IS DISTINCT FROM NEW.project_id
+                                    THEN 'project:' || OLD.project_id END], NULL),
+            to_jsonb(NEW), to_jsonb(OLD));
     RETURN NULL;
 END $$;
 CREATE TRIGGER capture_row AFTER UPDATE ON tasks FOR EACH ROW EXECUTE FUNCTION capture_row();
@@ -101,7 +108,7 @@ SQL
 }
 echo "| capture | UPDATE of 100,000 rows (ms) |"
 echo "|---|---|"
-for mode in none notify rowlevel; do
+for mode in none busy rowlevel; do
     bulk_db "bulk_$mode" "$mode"
     times=()
     for run in 1 2 3; do
@@ -112,7 +119,7 @@ for mode in none notify rowlevel; do
     median=$(printf '%s\n' "${times[@]}" | sort -g | sed -n 2p)
     label=$mode
     [ "$mode" = none ] && label="no triggers"
-    [ "$mode" = notify ] && label="pgrelay (statement-level)"
+    [ "$mode" = busy ] && label="pgrelay (statement-level)"
     [ "$mode" = rowlevel ] && label="row-level trigger, same record"
     printf '| %s | %.0f |\n' "$label" "$median"
 done

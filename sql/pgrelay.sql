@@ -11,9 +11,11 @@
 --      once per INSERT/UPDATE/DELETE statement, however many rows the statement touched, and copies
 --      the touched rows into the outbox `pgrelay.changes` inside the writing transaction. The change
 --      therefore commits, or rolls back, together with the data.
---   2. The trigger then sends `NOTIFY pgrelay` with an empty payload. It is only a wake-up: Postgres
---      folds identical notifications of one transaction into one, and the payload never carries the
---      row, so the 8000-byte NOTIFY limit cannot be reached whatever the size of the row.
+--   2. If a relay is asleep, the trigger then sends `NOTIFY pgrelay` with an empty payload (see
+--      "Waking relays" below: a relay that is busy reading needs no wake-up, and a NOTIFY costs
+--      the commit a cluster-wide lock). It is only a wake-up: Postgres folds identical
+--      notifications of one transaction into one, and the payload never carries the row, so the
+--      8000-byte NOTIFY limit cannot be reached whatever the size of the row.
 --   3. The relay reads the outbox by transaction snapshots (see pgrelay.changes_between below), which
 --      yields every committed change exactly once, in commit order, and never waits for a slow
 --      transaction that has not committed yet.
@@ -60,10 +62,11 @@ CREATE TABLE IF NOT EXISTS pgrelay.changes (
     xid     xid8        NOT NULL DEFAULT pg_current_xact_id(),
     tbl     text        NOT NULL,   -- table as clients see it: 'tasks', or 'schema.table' outside public
     entity  text        NOT NULL,   -- singular name used in event names: 'task' -> task_created
-    op      text        NOT NULL CHECK (op IN ('INSERT', 'UPDATE', 'DELETE')),
+    op      text        NOT NULL,   -- 'INSERT', 'UPDATE' or 'DELETE
     rooms   text[]      NOT NULL,   -- rooms the change is published to
     "row"   jsonb       NOT NULL,   -- the new row; the old row for DELETE
-    old     jsonb,                  -- UPDATE only: previous values of the columns that changed
+    old     jsonb,                  -- UPDATE only: the old row (pgrelay.changes_between ships
+                                    -- the previous values of the columns that changed)
     ts      timestamptz NOT NULL DEFAULT statement_timestamp(),
     -- Columns recorded for the policies but never shipped to clients (pgrelay.watch(exclude => ...)).
     hide    text[],
@@ -74,6 +77,9 @@ COMMENT ON TABLE pgrelay.changes IS 'Outbox of captured changes, written by the 
 ALTER TABLE pgrelay.changes ADD COLUMN IF NOT EXISTS hide text[];
 -- With watch(include => ...): the only columns shipped (columns added later stay hidden).
 ALTER TABLE pgrelay.changes ADD COLUMN IF NOT EXISTS show text[];
+-- Only the capture functions write the outbox. A CHECK constraint on `op` cost every captured
+-- statement a fresh parse of the constraint's expression (Postgres rebuilds it per statement).
+ALTER TABLE pgrelay.changes DROP CONSTRAINT IF EXISTS changes_op_check;
 CREATE TABLE IF NOT EXISTS pgrelay.changes_0 PARTITION OF pgrelay.changes FOR VALUES IN (0);
 CREATE TABLE IF NOT EXISTS pgrelay.changes_1 PARTITION OF pgrelay.changes FOR VALUES IN (1);
 CREATE TABLE IF NOT EXISTS pgrelay.changes_2 PARTITION OF pgrelay.changes FOR VALUES IN (2);
@@ -115,15 +121,12 @@ CREATE TABLE IF NOT EXISTS pgrelay.secrets (
 );
 INSERT INTO pgrelay.secrets DEFAULT VALUES ON CONFLICT DO NOTHING;
 
--- Deployment settings.
-CREATE TABLE IF NOT EXISTS pgrelay.settings (
-    singleton bool PRIMARY KEY DEFAULT true CHECK (singleton),
-    -- true: writing transactions send NOTIFY pgrelay, so relays read within a millisecond or two.
-    -- false: no NOTIFY at all (no commit-time lock); relays find changes by polling every
-    -- --poll-interval. Change it with pgrelay.set_notify().
-    notify    boolean NOT NULL DEFAULT true
-);
-INSERT INTO pgrelay.settings DEFAULT VALUES ON CONFLICT DO NOTHING;
+-- Before relays announced their sleep, writers either always notified or (pgrelay.set_notify(false))
+-- never did. Writers now notify only while a relay sleeps (see "Waking relays"), which costs
+-- nothing when writes are rare and avoids the NOTIFY's commit lock when they are not, so that
+-- setting is gone.
+DROP FUNCTION IF EXISTS pgrelay.set_notify(boolean);
+DROP TABLE IF EXISTS pgrelay.settings;
 
 -- ---------------------------------------------------------------------------------------------
 -- Configuration
@@ -168,6 +171,15 @@ LANGUAGE sql IMMUTABLE AS $$
         ELSE (SELECT coalesce(jsonb_object_agg(k, v), '{}') FROM jsonb_each(r) AS e(k, v)
               WHERE k = ANY (show) AND NOT k = ANY (coalesce(hide, '{}')))
     END
+$$;
+
+-- The previous values of the columns whose value changed (pgrelay.changes_between() applies it to
+-- the old row the capture recorded).
+CREATE OR REPLACE FUNCTION pgrelay.changed_values(old_row jsonb, new_row jsonb) RETURNS jsonb
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT coalesce(jsonb_object_agg(o.key, o.value), '{}')
+    FROM jsonb_each(old_row) AS o
+    WHERE new_row -> o.key IS DISTINCT FROM o.value
 $$;
 
 -- The changes committed after snapshot `since` and no later than snapshot `upto`, in commit order.
@@ -218,7 +230,12 @@ LANGUAGE sql STABLE AS $$
         GROUP BY x.name
     )
     SELECT c.id, c.xid, c.tbl, c.entity, c.op, c.rooms,
-           pgrelay.shipped(c."row", c.show, c.hide), pgrelay.shipped(c.old, c.show, c.hide), c.ts,
+           pgrelay.shipped(c."row", c.show, c.hide),
+           -- The capture records the whole old row; clients get the previous values of the
+           -- columns that changed. (Changes recorded by older versions hold just those already.)
+           CASE WHEN c.old IS NOT NULL
+                THEN pgrelay.shipped(pgrelay.changed_values(c.old, c."row"), c.show, c.hide) END,
+           c.ts,
            c.txn_last,
            k.policy || ' ' || (c."row" - k.unkeyed)::text,
            CASE WHEN c.knows_old THEN k.policy || ' ' || ((c."row" || c.old) - k.unkeyed)::text END,
@@ -491,6 +508,41 @@ BEGIN
     PERFORM pgrelay.rebuild_dispatch();
 END $$;
 
+-- Waking relays
+-- -------------
+--
+-- A transaction that sent NOTIFY takes a cluster-wide lock just before it commits and keeps it
+-- until its commit is flushed to disk, so notifying writers commit one at a time instead of
+-- sharing WAL flushes (group commit). Yet a NOTIFY only helps a relay that is waiting for one: a
+-- relay busy reading batch after batch finds new changes by itself. So relays say when they
+-- sleep, and writers notify only then. Two advisory locks, in the two-key form (first key
+-- 1885827692, the bytes 'pgrl'; two-key locks never collide with the one-key bigint locks, and an
+-- application using two-key locks must not use this first key):
+--
+--   (1885827692, 1)  "sleeping": every relay waiting for a NOTIFY holds it in SHARE mode on its
+--                    LISTEN connection (a relay that crashes or disconnects releases it).
+--   (1885827692, 2)  "writing": a transaction that decided not to notify holds it in SHARE mode
+--                    until it ends.
+--
+-- A capture function, after a statement that captured rows, notifies when it cannot take
+-- "writing" (a relay is going to sleep right now) or when it cannot take "sleeping" exclusively
+-- for an instant (a relay sleeps). Otherwise it holds "writing" and does not notify.
+-- A relay that found nothing new takes "sleeping", then takes "writing" exclusively and releases
+-- it at once (this waits for every transaction that decided not to notify, and while it waits
+-- every new writer notifies), reads once more, and waits for a NOTIFY. Woken, it releases
+-- "sleeping" and reads until it finds nothing again.
+--
+-- Why nothing is missed: a writer that did not notify took "writing" before it found "sleeping"
+-- free, so a relay that sleeps took "sleeping" after that, and its exclusive "writing" waited for
+-- the writer's commit (Postgres releases locks after the commit is visible): its last read saw
+-- the writer's changes. Every later writer notifies. The full argument, with savepoints, isolation
+-- levels and lost connections, is in the relay's source (src/capture/wakeup.rs).
+--
+-- What writers pay: three lock-table operations per captured statement; a NOTIFY (and the commit
+-- lock) only while some relay sleeps, that is when writes are rare and the lock costs nothing.
+-- `SELECT * FROM pg_locks WHERE locktype = 'advisory' AND classid = 1885827692` shows them:
+-- objid 1 are sleeping relays, objid 2 writers that did not notify.
+
 -- Generates the table's capture function from its pgrelay.watches row and makes sure its three
 -- triggers exist. The function runs static, pre-planned SQL: one INSERT ... SELECT per statement,
 -- whatever the number of rows. It runs with the rights of whoever called watch() (SECURITY
@@ -505,6 +557,9 @@ DECLARE
     pk_join   text;
     rooms_n   text;
     rooms_o   text;
+    rooms_u   text;
+    rooms_changed text;
+    distinct_rooms boolean;
     hide      text;
     old_expr  text;
     body      text;
@@ -522,20 +577,48 @@ BEGIN
         RAISE EXCEPTION 'pgrelay.watch(%): the table needs a primary key', w.name;
     END IF;
 
-    -- Each side's rooms as one text[] expression: templates, plus the room function's answer.
-    SELECT format('ARRAY[%s]::text[]', coalesce(string_agg(pgrelay.room_expression(tbl, t, 'n'), ', '), ''))
-      INTO rooms_n FROM unnest(w.rooms) AS t;
-    SELECT format('ARRAY[%s]::text[]', coalesce(string_agg(pgrelay.room_expression(tbl, t, 'o'), ', '), ''))
-      INTO rooms_o FROM unnest(w.rooms) AS t;
-    IF w.room_fn IS NOT NULL THEN
-        rooms_n := format('%s || CASE WHEN n.%s IS NOT NULL THEN %s(to_jsonb(n)) END', rooms_n, pk,
-                          pgrelay.qualified(w.room_fn));
-        rooms_o := format('%s || CASE WHEN o.%s IS NOT NULL THEN %s(to_jsonb(o)) END', rooms_o, pk,
-                          pgrelay.qualified(w.room_fn));
+    -- Rooms, as text[] expressions over the new row n, the old row o, or both (UPDATE). The
+    -- templates' rooms plus the room function's answer, NULLs dropped, each room once. This runs
+    -- for every captured row, so it is plain expressions (no function call, no subquery) when
+    -- the templates cannot produce the same room twice: each starts with its own text, none the
+    -- beginning of another ('project:' and 'task:'), and there is no room function. Then only
+    -- an UPDATE's old and new room of the same template can be equal, and the old one is added
+    -- only when it differs.
+    SELECT bool_and(split_part(t, '{', 1) <> '') AND w.room_fn IS NULL
+           AND NOT EXISTS (SELECT FROM unnest(w.rooms) AS a, unnest(w.rooms) AS b
+                           WHERE a <> b AND starts_with(split_part(a, '{', 1), split_part(b, '{', 1)))
+           AND count(*) = count(DISTINCT t)
+      INTO distinct_rooms FROM unnest(w.rooms) AS t;
+    SELECT coalesce(string_agg(pgrelay.room_expression(tbl, t, 'n'), ', '), ''),
+           coalesce(string_agg(pgrelay.room_expression(tbl, t, 'o'), ', '), ''),
+           coalesce(string_agg(format('CASE WHEN %1$s IS DISTINCT FROM %2$s THEN %1$s END',
+                                      pgrelay.room_expression(tbl, t, 'o'),
+                                      pgrelay.room_expression(tbl, t, 'n')), ', '), '')
+      INTO rooms_n, rooms_o, rooms_changed FROM unnest(w.rooms) AS t;
+    IF coalesce(distinct_rooms, true) THEN
+        rooms_u := format('array_remove(ARRAY[%s]::text[], NULL)', concat_ws(', ', nullif(rooms_n, ''), nullif(rooms_changed, '')));
+        rooms_n := format('array_remove(ARRAY[%s]::text[], NULL)', rooms_n);
+        rooms_o := format('array_remove(ARRAY[%s]::text[], NULL)', rooms_o);
+    ELSE
+        rooms_n := format('ARRAY[%s]::text[]', rooms_n);
+        rooms_o := format('ARRAY[%s]::text[]', rooms_o);
+        IF w.room_fn IS NOT NULL THEN
+            rooms_n := format('%s || CASE WHEN n.%s IS NOT NULL THEN %s(to_jsonb(n)) END', rooms_n, pk,
+                              pgrelay.qualified(w.room_fn));
+            rooms_o := format('%s || CASE WHEN o.%s IS NOT NULL THEN %s(to_jsonb(o)) END', rooms_o, pk,
+                              pgrelay.qualified(w.room_fn));
+        END IF;
+        rooms_u := format('ARRAY(SELECT DISTINCT r FROM unnest(%s || %s) AS r WHERE r IS NOT NULL ORDER BY r)',
+                          rooms_n, rooms_o);
+        rooms_n := format('ARRAY(SELECT DISTINCT r FROM unnest(%s) AS r WHERE r IS NOT NULL ORDER BY r)', rooms_n);
+        rooms_o := format('ARRAY(SELECT DISTINCT r FROM unnest(%s) AS r WHERE r IS NOT NULL ORDER BY r)', rooms_o);
     END IF;
     hide := CASE WHEN w.exclude = '{}' THEN 'NULL' ELSE format('%L::text[]', w.exclude) END
             || ', ' || CASE WHEN w.include IS NULL THEN 'NULL' ELSE format('%L::text[]', w.include) END;
-    old_expr := CASE WHEN w.old_values THEN 'pgrelay.changed_values(v.old_row, v.new_row)' ELSE 'NULL' END;
+    -- An UPDATE records the whole old row; pgrelay.changes_between() reduces it to the changed
+    -- columns when the change is read. Comparing column by column here cost the writer more
+    -- than everything else the capture does.
+    old_expr := CASE WHEN w.old_values THEN 'v.old_row' ELSE 'NULL' END;
 
     body := format($f$
 DECLARE
@@ -545,13 +628,15 @@ BEGIN
     IF TG_OP = 'INSERT' THEN
         INSERT INTO pgrelay.changes (gen, tbl, entity, op, rooms, "row", hide, show)
         SELECT (SELECT last_value %% 3 FROM pgrelay.generation), %1$L, %2$L, 'INSERT',
-               pgrelay.room_list(%3$s), to_jsonb(n), %5$s
+               %3$s, to_jsonb(n), %5$s
         FROM new_rows AS n;
     ELSIF TG_OP = 'UPDATE' THEN
+        -- Old and new rows paired by primary key; a row whose key changed has no partner and is
+        -- recorded as a deletion and a creation. Rows that did not change are not recorded.
         INSERT INTO pgrelay.changes (gen, tbl, entity, op, rooms, "row", old, hide, show)
         SELECT (SELECT last_value %% 3 FROM pgrelay.generation), %1$L, %2$L,
                CASE WHEN o.%7$s IS NULL THEN 'INSERT' WHEN n.%7$s IS NULL THEN 'DELETE' ELSE 'UPDATE' END,
-               pgrelay.room_list(%3$s || %4$s),
+               %10$s,
                coalesce(v.new_row, v.old_row),
                CASE WHEN v.new_row IS NOT NULL AND v.old_row IS NOT NULL THEN %6$s END,
                %5$s
@@ -565,21 +650,28 @@ BEGIN
     ELSE
         INSERT INTO pgrelay.changes (gen, tbl, entity, op, rooms, "row", hide, show)
         SELECT (SELECT last_value %% 3 FROM pgrelay.generation), %1$L, %2$L, 'DELETE',
-               pgrelay.room_list(%4$s), to_jsonb(o), %5$s
+               %4$s, to_jsonb(o), %5$s
         FROM old_rows AS o;
     END IF;
-%9$s
+
+    GET DIAGNOSTICS captured = ROW_COUNT;
+    -- Wake relays that sleep, and only them (see "Waking relays" in sql/pgrelay.sql). A wake-up,
+    -- not the record: one per transaction at most (Postgres folds duplicates).
+    IF captured > 0 AND (CASE
+        -- A relay is going to sleep right now and waits for writers like us: notify.
+        WHEN NOT pg_try_advisory_xact_lock_shared(1885827692, 2) THEN true
+        -- From here on we hold (pgrl, 2) until we end, so a relay that goes to sleep later waits
+        -- for our commit and then reads our changes. A relay that sleeps already holds (pgrl, 1):
+        -- taking it exclusively fails, and we notify. (Lock and unlock are one expression: no
+        -- interrupt can come between them and leave the lock taken.)
+        WHEN NOT pg_try_advisory_lock(1885827692, 1) THEN true
+        ELSE NOT pg_advisory_unlock(1885827692, 1)
+    END) THEN
+        PERFORM pg_notify('pgrelay', '');
+    END IF;
     RETURN NULL;
 END
-$f$, w.name, w.entity, rooms_n, rooms_o, hide, old_expr, pk, pk_join,
-    CASE WHEN (SELECT notify FROM pgrelay.settings) THEN $n$
-    GET DIAGNOSTICS captured = ROW_COUNT;
-    IF captured > 0 THEN
-        -- A wake-up, not the record: one per transaction (Postgres folds duplicates).
-        PERFORM pg_notify('pgrelay', '');
-    END IF;$n$
-    ELSE $n$
-    -- No NOTIFY (pgrelay.settings.notify is off): relays poll.$n$ END);
+$f$, w.name, w.entity, rooms_n, rooms_o, hide, old_expr, pk, pk_join, NULL, rooms_u);
 
     EXECUTE format('CREATE OR REPLACE FUNCTION pgrelay.%I() RETURNS trigger LANGUAGE plpgsql '
                    'SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS %L', fn_name, body);
@@ -604,20 +696,6 @@ $f$, w.name, w.entity, rooms_n, rooms_o, hide, old_expr, pk, pk_join,
     END LOOP;
 END $$;
 
--- Choose how relays learn of new changes, for the whole database: NOTIFY (lowest latency) or
--- polling only (no NOTIFY, so no commit-time lock; run relays with a short --poll-interval).
--- Regenerates every capture function; takes effect for transactions that start afterwards.
-CREATE OR REPLACE FUNCTION pgrelay.set_notify(enabled boolean) RETURNS void
-LANGUAGE plpgsql AS $$
-DECLARE
-    t regclass;
-BEGIN
-    UPDATE pgrelay.settings SET notify = enabled;
-    FOR t IN SELECT tbl FROM pgrelay.watches LOOP
-        PERFORM pgrelay.install_capture(t);
-    END LOOP;
-END $$;
-
 -- Stop capturing a table's changes. Changes already in the outbox are still delivered.
 CREATE OR REPLACE FUNCTION pgrelay.unwatch(tbl regclass) RETURNS void
 LANGUAGE plpgsql AS $$
@@ -632,19 +710,9 @@ END $$;
 
 -- Helpers used by the generated capture functions.
 
--- Distinct, non-NULL rooms.
-CREATE OR REPLACE FUNCTION pgrelay.room_list(rooms text[]) RETURNS text[]
-LANGUAGE sql IMMUTABLE AS $$
-    SELECT coalesce(array_agg(DISTINCT r), '{}') FROM unnest(rooms) AS r WHERE r IS NOT NULL
-$$;
+-- Earlier versions called this from the capture functions; they now inline it.
+DROP FUNCTION IF EXISTS pgrelay.room_list(text[]);
 
--- The previous values of the columns whose value changed.
-CREATE OR REPLACE FUNCTION pgrelay.changed_values(old_row jsonb, new_row jsonb) RETURNS jsonb
-LANGUAGE sql IMMUTABLE AS $$
-    SELECT coalesce(jsonb_object_agg(o.key, o.value), '{}')
-    FROM jsonb_each(old_row) AS o
-    WHERE new_row -> o.key IS DISTINCT FROM o.value
-$$;
 
 -- ---------------------------------------------------------------------------------------------
 -- Relays: who reads the outbox, and how far behind they are

@@ -49,6 +49,11 @@ pub struct Metrics {
     pub reader_healthy: Gauge,
     pub changes_read: Counter,
     pub batches_read: Counter,
+    pub reader_sleeps: Counter,
+    pub reader_wakeups: Counter,
+    pub back_to_back_reads: Counter,
+    pub poll_reads_with_changes: Counter,
+    pub reader_sleep_failures: Counter,
     pub read_errors: Counter,
     pub events_delivered: Counter,
     pub deliveries_denied: Counter,
@@ -114,6 +119,36 @@ impl Metrics {
             "counter",
             "Outbox batches read.",
             self.batches_read.get(),
+        );
+        metric(
+            "reader_sleeps_total",
+            "counter",
+            "Times the reader found nothing new and slept until a NOTIFY (writers notify only then).",
+            self.reader_sleeps.get(),
+        );
+        metric(
+            "reader_wakeups_total",
+            "counter",
+            "Times a NOTIFY (or a join that needed a fresher read) woke the sleeping reader.",
+            self.reader_wakeups.get(),
+        );
+        metric(
+            "back_to_back_reads_total",
+            "counter",
+            "Reads made right after a read that found changes, without waiting for a wake-up.",
+            self.back_to_back_reads.get(),
+        );
+        metric(
+            "poll_reads_with_changes_total",
+            "counter",
+            "Reads made because the poll interval passed that found changes: wake-ups should have announced them (rare races aside, growth means lost wake-ups).",
+            self.poll_reads_with_changes.get(),
+        );
+        metric(
+            "reader_sleep_failures_total",
+            "counter",
+            "Times the reader could not announce its sleep or wait for non-notifying writers (it then polls every 100 ms).",
+            self.reader_sleep_failures.get(),
         );
         metric(
             "read_errors_total",

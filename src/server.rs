@@ -99,6 +99,7 @@ impl Relay {
         let status_pool = pool.clone();
         let metrics = Arc::new(Metrics::default());
         let wake = Arc::new(Notify::new());
+        let listening = Arc::new(listener::Listening::default());
         let (presence, presence_ops) = Presence::new(config.presence);
         let hub = Arc::new(Hub::new(presence.clone()));
         let status_hub = hub.clone();
@@ -121,6 +122,8 @@ impl Relay {
             authorizer: state.authorizer.clone(),
             metrics: metrics.clone(),
             wake: wake.clone(),
+            listening: listening.clone(),
+            pg_config: pg_config.clone(),
             poll_interval: config.poll_interval,
             codec,
         };
@@ -152,6 +155,7 @@ impl Relay {
             tokio::spawn(listener::run(
                 pg_config.clone(),
                 wake,
+                listening,
                 metrics.clone(),
                 shutdown.clone(),
             )),

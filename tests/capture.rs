@@ -101,17 +101,9 @@ async fn changes_committed_while_the_listen_connection_is_down_are_delivered_aft
     let mut alice = relay.client("u1").await;
     alice.join("project:1").await;
 
-    let killed = relay
-        .db
-        .query_one(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
-             WHERE datname = current_database() AND query = 'LISTEN pgrelay'",
-            &[],
-        )
-        .await
-        .expect("terminate");
+    // The relay sleeps, waiting for a NOTIFY on the connection we kill.
     assert_eq!(
-        killed.get::<_, i64>(0),
+        common::kill_sleeping_listen_connection(&relay.db).await,
         1,
         "exactly the relay's LISTEN connection"
     );
@@ -443,52 +435,6 @@ async fn two_relays_read_the_same_outbox_independently() {
     second.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn poll_mode_delivers_without_any_notify() {
-    let relay = TestRelay::start_with(|c| c.poll_interval = Duration::from_millis(50)).await;
-    relay.sql("SELECT pgrelay.set_notify(false)").await;
-
-    // A listener of our own counts notifications.
-    let (listener, mut connection) = tokio_postgres::connect(&relay.db_url, tokio_postgres::NoTls)
-        .await
-        .expect("connect");
-    let (tx, mut notifications) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Some(Ok(message)) =
-            futures_util::future::poll_fn(|cx| connection.poll_message(cx)).await
-        {
-            if let tokio_postgres::AsyncMessage::Notification(n) = message {
-                let _ = tx.send(n.channel().to_owned());
-            }
-        }
-    });
-    listener
-        .batch_execute("LISTEN pgrelay")
-        .await
-        .expect("listen");
-
-    let mut alice = relay.client("u1").await;
-    alice.join("task:1").await;
-    for i in 0..5 {
-        relay
-            .sql(&format!("UPDATE tasks SET priority = {i} WHERE id = 1"))
-            .await;
-        assert_eq!(title_or_priority(&alice.recv_event().await), i);
-    }
-    assert!(notifications.try_recv().is_err(), "no NOTIFY in poll mode");
-
-    // And back: notifications again.
-    relay.sql("SELECT pgrelay.set_notify(true)").await;
-    relay
-        .sql("UPDATE tasks SET priority = 99 WHERE id = 1")
-        .await;
-    assert_eq!(title_or_priority(&alice.recv_event().await), 99);
-    let channel = tokio::time::timeout(common::WAIT, notifications.recv())
-        .await
-        .expect("a notification");
-    assert_eq!(channel.as_deref(), Some("pgrelay"));
-}
-
 fn title_or_priority(event: &Value) -> i64 {
     event["row"]["priority"].as_i64().unwrap_or(-1)
 }
@@ -650,4 +596,294 @@ async fn with_include_a_column_added_later_is_not_shipped() {
         event["row"],
         serde_json::json!({"id": 1, "owner": "u1", "title": "hello"})
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Wake-ups: writers notify only while a relay sleeps (src/capture/wakeup.rs). Every relay below
+// polls once an hour, so only a wake-up can deliver within the tests' 10-second waits.
+// ---------------------------------------------------------------------------------------------
+
+const NO_POLL: Duration = Duration::from_secs(3600);
+
+/// Notifications on channel `pgrelay` seen by a connection of our own.
+async fn notification_counter(
+    url: &str,
+) -> (
+    tokio_postgres::Client,
+    tokio::sync::mpsc::UnboundedReceiver<()>,
+) {
+    let (listener, mut connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    let (tx, notifications) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(Ok(message)) =
+            futures_util::future::poll_fn(|cx| connection.poll_message(cx)).await
+        {
+            if let tokio_postgres::AsyncMessage::Notification(n) = message {
+                if n.channel() == "pgrelay" {
+                    let _ = tx.send(());
+                }
+            }
+        }
+    });
+    listener
+        .batch_execute("LISTEN pgrelay")
+        .await
+        .expect("listen");
+    (listener, notifications)
+}
+
+async fn lock(db: &tokio_postgres::Client, function: &str, key: i32) {
+    db.execute(
+        &format!("SELECT {function}($1, $2)"),
+        &[&pgrelay::capture::wakeup::LOCK_CLASS, &key],
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{function}: {e}"));
+}
+
+/// Whether this session holds the "writing" lock: it wrote and decided not to notify.
+async fn holds_writing(db: &tokio_postgres::Transaction<'_>) -> bool {
+    db.query_one(
+        "SELECT EXISTS (SELECT FROM pg_locks WHERE pid = pg_backend_pid() AND locktype = 'advisory'
+                          AND classid = $1::int4::oid AND objid = $2::int4::oid AND mode = 'ShareLock')",
+        &[
+            &pgrelay::capture::wakeup::LOCK_CLASS,
+            &pgrelay::capture::wakeup::WRITING,
+        ],
+    )
+    .await
+    .expect("pg_locks")
+    .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writers_notify_only_while_a_relay_sleeps_or_goes_to_sleep() {
+    use pgrelay::capture::wakeup::{SLEEPING, WRITING};
+    // No relay: the test plays the relay's part with the advisory locks.
+    let url = common::fresh_database().await;
+    let (_listener, mut notifications) = notification_counter(&url).await;
+    let mut writer = common::connect(&url).await;
+    let relay = common::connect(&url).await;
+
+    // Nobody sleeps: the writer holds "writing" instead of notifying.
+    let tx = writer.transaction().await.expect("begin");
+    tx.batch_execute("UPDATE tasks SET priority = 1 WHERE id = 1")
+        .await
+        .expect("update");
+    assert!(
+        holds_writing(&tx).await,
+        "a writer that did not notify holds writing"
+    );
+    tx.commit().await.expect("commit");
+
+    // A relay sleeps: the next writer notifies.
+    lock(&relay, "pg_advisory_lock_shared", SLEEPING).await;
+    writer
+        .batch_execute("UPDATE tasks SET priority = 2 WHERE id = 1")
+        .await
+        .expect("update");
+    tokio::time::timeout(common::WAIT, notifications.recv())
+        .await
+        .expect("a sleeping relay is notified");
+    lock(&relay, "pg_advisory_unlock_shared", SLEEPING).await;
+
+    // A relay going to sleep waits for writers that did not notify (its barrier), and every
+    // writer that writes meanwhile notifies.
+    let mut slow = common::connect(&url).await;
+    let slow = slow.transaction().await.expect("begin");
+    slow.batch_execute("UPDATE tasks SET priority = 3 WHERE id = 2")
+        .await
+        .expect("update");
+    assert!(holds_writing(&slow).await);
+    lock(&relay, "pg_advisory_lock_shared", SLEEPING).await;
+    let barrier_db = common::connect(&url).await;
+    let mut barrier = tokio::spawn(async move {
+        lock(&barrier_db, "pg_advisory_xact_lock", WRITING).await;
+    });
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), &mut barrier)
+            .await
+            .is_err(),
+        "the barrier must wait for the writer that did not notify"
+    );
+    // The sleeping lock is released (as by a relay that woke), yet the waiting barrier alone
+    // makes a writer notify.
+    lock(&relay, "pg_advisory_unlock_shared", SLEEPING).await;
+    let tx = writer.transaction().await.expect("begin");
+    tx.batch_execute("UPDATE tasks SET priority = 4 WHERE id = 3")
+        .await
+        .expect("update");
+    assert!(
+        !holds_writing(&tx).await,
+        "writing is not granted while a barrier waits"
+    );
+    tx.commit().await.expect("commit");
+    tokio::time::timeout(common::WAIT, notifications.recv())
+        .await
+        .expect("a writer notifies while a barrier waits");
+    slow.commit().await.expect("commit");
+    tokio::time::timeout(common::WAIT, barrier)
+        .await
+        .expect("the barrier passes once the writer ended")
+        .expect("barrier");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_committed_while_the_relay_goes_to_sleep_is_delivered_by_a_wakeup() {
+    use pgrelay::capture::wakeup::WRITING;
+    let relay = TestRelay::start_with(|c| c.poll_interval = NO_POLL).await;
+    let mut alice = relay.client("u1").await;
+    alice.join("task:1").await;
+    // Hold "writing" like a long transaction that did not notify: the relay's next attempt to
+    // sleep waits for it, and it must keep delivering meanwhile.
+    let held = common::connect(&relay.db_url).await;
+    lock(&held, "pg_advisory_lock_shared", WRITING).await;
+    relay
+        .sql("UPDATE tasks SET priority = 100 WHERE id = 1")
+        .await;
+    assert_eq!(title_or_priority(&alice.recv_event().await), 100);
+    for i in 0..5 {
+        // Having read that, the relay is going to sleep: its barrier waits for our lock.
+        let mut waiting = false;
+        for _ in 0..400 {
+            waiting = relay
+                .db
+                .query_one(
+                    "SELECT EXISTS (SELECT FROM pg_locks WHERE locktype = 'advisory' AND NOT granted
+                                      AND classid = $1::int4::oid AND objid = $2::int4::oid)",
+                    &[&pgrelay::capture::wakeup::LOCK_CLASS, &WRITING],
+                )
+                .await
+                .expect("pg_locks")
+                .get(0);
+            if waiting {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        assert!(waiting, "the relay waits for writers before it sleeps");
+        relay
+            .sql(&format!("UPDATE tasks SET priority = {i} WHERE id = 1"))
+            .await;
+        assert_eq!(title_or_priority(&alice.recv_event().await), i);
+    }
+    lock(&held, "pg_advisory_unlock_shared", WRITING).await;
+    // Then it sleeps as usual, and wakes for the next change.
+    for i in 5..10 {
+        relay
+            .sql(&format!("UPDATE tasks SET priority = {i} WHERE id = 1"))
+            .await;
+        assert_eq!(title_or_priority(&alice.recv_event().await), i);
+    }
+    assert!(relay.metric("reader_wakeups_total").await >= 1);
+}
+
+/// Rounds of staggered writers whose transactions stay open for a few milliseconds: some write
+/// while the relay is busy (and do not notify) and commit after it went to sleep. Each round ends
+/// quietly, so a change whose wake-up was lost would wait for the hourly poll.
+async fn staggered_writers_lose_nothing(isolation: &'static str) {
+    let relay = TestRelay::start_with(|c| c.poll_interval = NO_POLL).await;
+    const WRITERS: usize = 4;
+    // One task per writer: REPEATABLE READ writers must not update the same row.
+    let ids: Vec<i64> = relay
+        .db
+        .query(
+            "INSERT INTO tasks (project_id, title) SELECT 1, 'w' || i FROM generate_series(1, 4) AS i
+             RETURNING id",
+            &[],
+        )
+        .await
+        .expect("tasks")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut alice = relay.client("u1").await;
+    alice.join("project:1").await;
+    // The creations may or may not reach alice (the relay may read them after she joined):
+    // skip everything up to a fence.
+    relay
+        .sql(&format!(
+            "UPDATE tasks SET priority = -5 WHERE id = {}",
+            ids[0]
+        ))
+        .await;
+    while title_or_priority(&alice.recv_event().await) != -5 {}
+    let mut writers = Vec::new();
+    for _ in 0..WRITERS {
+        writers.push(common::connect(&relay.db_url).await);
+    }
+    let writers: Vec<std::sync::Arc<tokio_postgres::Client>> =
+        writers.into_iter().map(std::sync::Arc::new).collect();
+    for round in 0..40u64 {
+        let mut tasks = Vec::new();
+        for (w, db) in writers.iter().enumerate() {
+            let db = db.clone();
+            let id = ids[w];
+            let w = w as u64;
+            tasks.push(tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis((w * 7 + round * 3) % 20)).await;
+                let value = (round * 100 + w) as i32;
+                db.batch_execute(&format!(
+                    "BEGIN ISOLATION LEVEL {isolation};
+                     UPDATE tasks SET priority = {value} WHERE id = {id};
+                     SELECT pg_sleep({});
+                     COMMIT",
+                    (5 + (w * 5 + round) % 15) as f64 / 1000.0
+                ))
+                .await
+                .expect("write");
+                value
+            }));
+        }
+        let mut expected = Vec::new();
+        for task in tasks {
+            expected.push(task.await.expect("writer") as i64);
+        }
+        let mut got = Vec::new();
+        for _ in 0..WRITERS {
+            got.push(title_or_priority(&alice.recv_event().await));
+        }
+        expected.sort();
+        got.sort();
+        assert_eq!(got, expected, "round {round}");
+    }
+    assert!(
+        relay.metric("reader_sleeps_total").await >= 10,
+        "the relay slept between rounds"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writers_racing_a_relay_that_falls_asleep_lose_nothing() {
+    staggered_writers_lose_nothing("READ COMMITTED").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeatable_read_writers_racing_a_relay_that_falls_asleep_lose_nothing() {
+    staggered_writers_lose_nothing("REPEATABLE READ").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_whose_sleeping_listen_connection_is_killed_still_delivers_at_once() {
+    let relay = TestRelay::start_with(|c| c.poll_interval = NO_POLL).await;
+    let mut alice = relay.client("u1").await;
+    alice.join("task:1").await;
+    for round in 0..3 {
+        assert_eq!(common::kill_sleeping_listen_connection(&relay.db).await, 1);
+        // Written right away, maybe before the listener is back: the write cannot see a
+        // sleeping relay, so it does not notify; the relay must find it by itself.
+        relay
+            .sql(&format!("UPDATE tasks SET priority = {round} WHERE id = 1"))
+            .await;
+        assert_eq!(title_or_priority(&alice.recv_event().await), round);
+    }
+    // And it sleeps and wakes normally afterwards.
+    assert_eq!(common::kill_sleeping_listen_connection(&relay.db).await, 1);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    relay
+        .sql("UPDATE tasks SET priority = 99 WHERE id = 1")
+        .await;
+    assert_eq!(title_or_priority(&alice.recv_event().await), 99);
 }

@@ -7,19 +7,46 @@
 //!
 //! Wake-ups are coalesced by [`tokio::sync::Notify`]: a thousand notifications that arrive while
 //! the reader is busy become one more read.
+//!
+//! Writers notify only while a relay sleeps (see [`super::wakeup`]). The reader announces its
+//! sleep on this very connection, through [`Listening`], so that losing the connection (and with
+//! it the notifications) also withdraws the announcement; the listener then wakes the reader at
+//! once, and again when it listens anew.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::future::poll_fn;
 use tokio::sync::Notify;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::{AsyncMessage, Client, NoTls};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 
 /// The channel the triggers `NOTIFY` on.
 pub const CHANNEL: &str = "pgrelay";
+
+/// The LISTEN connection while it is listening, for the reader to announce its sleep on.
+#[derive(Default)]
+pub struct Listening(Mutex<Option<Arc<Client>>>);
+
+impl Listening {
+    /// The connection, if it is listening now.
+    pub fn connection(&self) -> Option<Arc<Client>> {
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+            .filter(|client| !client.is_closed())
+    }
+
+    fn set(&self, client: Option<Arc<Client>>) {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = client;
+    }
+}
 
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -28,17 +55,22 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 pub async fn run(
     config: tokio_postgres::Config,
     wake: Arc<Notify>,
+    listening: Arc<Listening>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
     let mut backoff = MIN_BACKOFF;
     loop {
-        let session = listen_once(&config, &wake, &metrics);
+        let session = listen_once(&config, &wake, &listening, &metrics);
         let outcome = tokio::select! {
             outcome = session => outcome,
             () = shutdown.cancelled() => return,
         };
+        listening.set(None);
         metrics.listener_connected.set(0);
+        // Whatever the reader announced on that connection is gone: it must not wait for a
+        // NOTIFY now, nor until it has announced its sleep on the next connection.
+        wake.notify_one();
         match outcome {
             // The connection was up, then lost: reconnect quickly.
             Ok(()) => backoff = MIN_BACKOFF,
@@ -60,6 +92,7 @@ pub async fn run(
 async fn listen_once(
     config: &tokio_postgres::Config,
     wake: &Arc<Notify>,
+    listening: &Listening,
     metrics: &Metrics,
 ) -> anyhow::Result<()> {
     let (client, mut connection) = config.connect(NoTls).await?;
@@ -76,7 +109,13 @@ async fn listen_once(
         }
     });
 
-    client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
+    // The reader's sleep announcement waits for a writer's instant on the lock at most; the
+    // timeout only guards against a writer session that somehow kept it.
+    client
+        .batch_execute(&format!("SET lock_timeout = '1s'; LISTEN {CHANNEL}"))
+        .await?;
+    let client = Arc::new(client);
+    listening.set(Some(client.clone()));
     metrics.listener_connected.set(1);
     tracing::info!("listening for changes");
     // Anything committed while we were not listening is in the outbox: read it now.

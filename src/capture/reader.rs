@@ -1,21 +1,28 @@
 //! The reader: one task that turns wake-ups into delivered batches.
 //!
 //! It keeps a single cursor: a snapshot (every change visible in it has been delivered) and, while
-//! a batch is in progress, the batch's end and how far into it delivery got. On every wake-up, and at least every poll interval, it
-//! reads the next batch and hands it to the fan-out chunk by chunk, advancing the cursor after
-//! each chunk. When anything fails (the database restarted, a connection broke), it waits and
+//! a batch is in progress, the batch's end and how far into it delivery got. It reads the next
+//! batch and hands it to the fan-out chunk by chunk, advancing the cursor after each chunk, and
+//! reads again at once while reads find changes. Only when a read finds nothing does it go to
+//! sleep: it announces that it sleeps (so writers start to notify; see [`super::wakeup`]), waits
+//! for the writers that did not notify, reads once more, and then waits for a wake-up, or the
+//! poll interval as a safety net. When anything fails (the database restarted, a connection broke), it waits and
 //! resumes from the cursor: a batch interrupted half-way is read again between the same two
 //! snapshots, and the part already delivered is skipped. Nothing is lost, nothing repeated.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context;
 use deadpool_postgres::Pool;
 use tokio::sync::Notify;
+use tokio_postgres::{Client, NoTls};
 use tokio_util::sync::CancellationToken;
 
+use super::listener::Listening;
 use super::outbox::{self, Batch};
 use super::position::{PositionCodec, Snapshot};
+use super::wakeup::{self, Sleeping};
 use crate::authorize::Authorizer;
 use crate::fanout::{self, BatchRef};
 use crate::metrics::Metrics;
@@ -26,6 +33,10 @@ use crate::transport::client::CloseRequest;
 /// Changes handed to one authorization query.
 const CHUNK: usize = 1000;
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// The pause before each further read once two reads in a row found changes.
+const READ_PACE: Duration = Duration::from_millis(5);
+/// How soon a reader that could not announce its sleep (so writers do not notify) reads again.
+const SLEEP_RETRY: Duration = Duration::from_millis(100);
 
 pub struct Reader {
     pub pool: Pool,
@@ -33,6 +44,10 @@ pub struct Reader {
     pub authorizer: Authorizer,
     pub metrics: Arc<Metrics>,
     pub wake: Arc<Notify>,
+    /// The LISTEN connection, on which the reader announces that it sleeps.
+    pub listening: Arc<Listening>,
+    /// For the barrier connection (see [`wakeup::barrier`]).
+    pub pg_config: tokio_postgres::Config,
     /// Read at least this often, even without a notification.
     pub poll_interval: Duration,
     pub codec: PositionCodec,
@@ -51,29 +66,206 @@ impl Reader {
                 Err(err) => self.failed(&err, &mut backoff, &shutdown).await,
             }
         };
+        let mut reading = Reading {
+            cursor: &mut cursor,
+            backoff,
+            shutdown: &shutdown,
+        };
+        let mut barrier_connection = None;
+        let mut sleep_failures = 0u32;
+        let mut just_read = false;
         loop {
-            tokio::select! {
-                () = self.wake.notified() => {}
-                () = tokio::time::sleep(self.poll_interval) => {}
-                () = shutdown.cancelled() => return,
+            // Awake: read until a read finds nothing. Writers do not notify meanwhile.
+            if !std::mem::take(&mut just_read)
+                && self.read_until_empty(&mut reading).await.is_none()
+            {
+                return;
             }
-            loop {
-                let read = tokio::select! {
-                    read = self.read(&mut cursor) => read,
-                    () = shutdown.cancelled() => return,
-                };
-                match read {
-                    Ok(()) => {
-                        self.metrics.reader_healthy.set(1);
-                        backoff = Backoff::default();
-                        break;
-                    }
-                    Err(err) => self.failed(&err, &mut backoff, &shutdown).await,
+
+            // Going to sleep (see `wakeup` for why no change can slip through).
+            let sleeping = match self.announce_sleep(&mut barrier_connection).await {
+                Ok(sleeping) => {
+                    sleep_failures = 0;
+                    sleeping
                 }
+                Err(err) => {
+                    // Writers may not notify now: look again soon.
+                    self.metrics.reader_sleep_failures.inc();
+                    sleep_failures += 1;
+                    if sleep_failures == 1 {
+                        tracing::warn!(error = %format!("{err:#}"), "cannot announce sleep; polling every {SLEEP_RETRY:?} until it can");
+                    } else {
+                        tracing::debug!(error = %format!("{err:#}"), "cannot announce sleep");
+                    }
+                    tokio::select! {
+                        () = self.wake.notified() => {}
+                        () = tokio::time::sleep(SLEEP_RETRY.min(self.poll_interval)) => {}
+                        () = shutdown.cancelled() => return,
+                    }
+                    continue;
+                }
+            };
+            let Some(ready) = self
+                .await_barrier(&mut reading, &sleeping, &mut barrier_connection)
+                .await
+            else {
+                return;
+            };
+            if !ready {
+                sleeping.end().await;
+                continue;
+            }
+            // Every writer that did not notify has ended: one more read sees them all.
+            let Some(found) = self.read_until_empty(&mut reading).await else {
+                return;
+            };
+            if found > 0 || sleeping.lost() {
+                // Busy again (or the announcement is gone): stay awake.
+                sleeping.end().await;
+                continue;
+            }
+
+            // Asleep: every writer that commits from now on notifies.
+            self.metrics.reader_sleeps.inc();
+            let polled = tokio::select! {
+                () = self.wake.notified() => false,
+                () = tokio::time::sleep(self.poll_interval) => true,
+                () = shutdown.cancelled() => return,
+            };
+            // Withdraw the announcement while reading: from now on writers do not notify, and
+            // this relay reads until it finds nothing before it sleeps again.
+            let ((), read) = tokio::join!(sleeping.end(), self.read_until_empty(&mut reading));
+            let Some(found) = read else {
+                return;
+            };
+            just_read = true;
+            if polled {
+                if found > 0 {
+                    // Only a lost wake-up (or a NOTIFY still in flight) leaves this to the poll.
+                    self.metrics.poll_reads_with_changes.inc();
+                    tracing::debug!(
+                        changes = found,
+                        "the poll found changes a wake-up should have announced"
+                    );
+                }
+            } else {
+                self.metrics.reader_wakeups.inc();
             }
         }
     }
 
+    /// Reads batch after batch until one is empty (retrying failures); returns how many changes
+    /// it read, or `None` at shutdown.
+    async fn read_until_empty(&self, reading: &mut Reading<'_>) -> Option<u64> {
+        let mut total = 0;
+        loop {
+            let read = tokio::select! {
+                read = self.read(reading.cursor) => read,
+                () = reading.shutdown.cancelled() => return None,
+            };
+            match read {
+                Ok(n) => {
+                    self.metrics.reader_healthy.set(1);
+                    reading.backoff = Backoff::default();
+                    if total > 0 {
+                        self.metrics.back_to_back_reads.inc();
+                    }
+                    if n == 0 {
+                        return Some(total);
+                    }
+                    if total > 0 {
+                        // Two reads in a row found changes: writes are flowing. Let the next
+                        // batch grow a little: fewer, larger reads leave more of the database to
+                        // the writers. (A lone change, as from a wake-up, is read at once, and
+                        // so is whatever follows it right away.)
+                        tokio::select! {
+                            () = tokio::time::sleep(READ_PACE) => {}
+                            () = reading.shutdown.cancelled() => return None,
+                        }
+                    }
+                    total += n;
+                }
+                Err(err) => {
+                    self.failed(&err, &mut reading.backoff, reading.shutdown)
+                        .await
+                }
+            }
+            if reading.shutdown.is_cancelled() {
+                return None;
+            }
+        }
+    }
+
+    /// Takes the `SLEEPING` lock on the LISTEN connection and makes sure a connection for the
+    /// barrier is open.
+    async fn announce_sleep(
+        &self,
+        barrier_connection: &mut Option<Arc<Client>>,
+    ) -> anyhow::Result<Sleeping> {
+        let listen = self
+            .listening
+            .connection()
+            .context("the LISTEN connection is down")?;
+        if barrier_connection.as_ref().is_none_or(|c| c.is_closed()) {
+            let (client, connection) = self
+                .pg_config
+                .connect(NoTls)
+                .await
+                .context("opening the barrier connection")?;
+            tokio::spawn(async move {
+                if let Err(err) = connection.await {
+                    tracing::debug!(error = %err, "barrier connection closed");
+                }
+            });
+            *barrier_connection = Some(Arc::new(client));
+        }
+        Sleeping::announce(listen).await
+    }
+
+    /// Waits for the barrier (every writer that did not notify has ended), serving wake-ups
+    /// meanwhile: the barrier lasts as long as the longest such transaction. `Some(false)` when
+    /// the reader must start over (the barrier failed, or the LISTEN connection was lost).
+    async fn await_barrier(
+        &self,
+        reading: &mut Reading<'_>,
+        sleeping: &Sleeping,
+        barrier_connection: &mut Option<Arc<Client>>,
+    ) -> Option<bool> {
+        let Some(connection) = barrier_connection.clone() else {
+            return Some(false);
+        };
+        let barrier = wakeup::barrier(connection);
+        tokio::pin!(barrier);
+        loop {
+            tokio::select! {
+                done = &mut barrier => {
+                    return Some(match done {
+                        Ok(()) => true,
+                        Err(err) => {
+                            self.metrics.reader_sleep_failures.inc();
+                            tracing::warn!(error = %format!("{err:#}"), "the sleep barrier failed; polling every {SLEEP_RETRY:?} until it passes");
+                            *barrier_connection = None;
+                            // Not asleep, so nobody notifies: look again soon, not in a loop.
+                            tokio::select! {
+                                () = self.wake.notified() => {}
+                                () = tokio::time::sleep(SLEEP_RETRY.min(self.poll_interval)) => {}
+                                () = reading.shutdown.cancelled() => return None,
+                            }
+                            false
+                        }
+                    });
+                }
+                () = self.wake.notified() => {}
+                () = tokio::time::sleep(self.poll_interval) => {}
+                () = reading.shutdown.cancelled() => return None,
+            }
+            if sleeping.lost() {
+                return Some(false);
+            }
+            // Writers notify while the barrier waits; deliver what they announce.
+            self.read_until_empty(reading).await?;
+        }
+    }
     async fn failed(
         &self,
         err: &anyhow::Error,
@@ -100,8 +292,8 @@ impl Reader {
         Ok(Cursor::at(snapshot))
     }
 
-    /// Reads and delivers everything committed since the cursor.
-    async fn read(&self, cursor: &mut Cursor) -> anyhow::Result<()> {
+    /// Reads and delivers everything committed since the cursor; returns how many changes.
+    async fn read(&self, cursor: &mut Cursor) -> anyhow::Result<u64> {
         let client = self.pool.get().await?;
         let mut batch = Batch::read(&client, &cursor.since, cursor.upto.as_ref(), None).await?;
         if batch.incomplete() {
@@ -120,12 +312,14 @@ impl Reader {
         // position is its end) keep skipping it.
         cursor.upto = Some(batch.upto.clone());
         let number = self.hub.begin_batch(&batch.upto);
+        let mut read = 0;
         loop {
             let mut chunk = batch.next_chunk(CHUNK).await?;
             if chunk.is_empty() {
                 break;
             }
             self.metrics.changes_read.add(chunk.len() as u64);
+            read += chunk.len() as u64;
             if let Some(done) = cursor.delivered_through {
                 // Retrying an interrupted batch: drop what was delivered before.
                 chunk.retain(|c| (c.txn_last, c.id) > done);
@@ -145,7 +339,7 @@ impl Reader {
         self.metrics.batches_read.inc();
         self.hub.end_batch(batch.upto.clone());
         *cursor = Cursor::at(batch.upto);
-        Ok(())
+        Ok(read)
     }
 }
 
@@ -165,6 +359,13 @@ impl Cursor {
             delivered_through: None,
         }
     }
+}
+
+/// The reader's loop state shared by its phases.
+struct Reading<'a> {
+    cursor: &'a mut Cursor,
+    backoff: Backoff,
+    shutdown: &'a CancellationToken,
 }
 
 struct Backoff(Duration);

@@ -237,6 +237,29 @@ impl TestRelay {
     }
 }
 
+/// Waits until a relay of this database sleeps (holds the `SLEEPING` advisory lock on its LISTEN
+/// connection, see `pgrelay::capture::wakeup`), then terminates that connection. Returns how many
+/// connections it terminated.
+pub async fn kill_sleeping_listen_connection(db: &tokio_postgres::Client) -> i64 {
+    for _ in 0..400 {
+        let killed: i64 = db
+            .query_one(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_locks
+                 WHERE locktype = 'advisory' AND granted AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                   AND classid = $1::int4::oid AND objid = $2::int4::oid AND objsubid = 2",
+                &[&pgrelay::capture::wakeup::LOCK_CLASS, &pgrelay::capture::wakeup::SLEEPING],
+            )
+            .await
+            .expect("terminate")
+            .get(0);
+        if killed > 0 {
+            return killed;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    0
+}
+
 pub async fn connect(url: &str) -> tokio_postgres::Client {
     let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
         .await
