@@ -78,8 +78,14 @@ impl Relay {
             .database_url
             .parse()
             .context("DATABASE_URL is not a valid connection string")?;
+        // The relay's queries are short and run thousands of times a second: compiling them
+        // with JIT (which Postgres does whenever an estimate is large, such as for a big chunk of
+        // policy checks) costs far more than it saves.
+        let mut pool_config = pg_config.clone();
+        let options = pool_config.get_options().unwrap_or_default().to_owned();
+        pool_config.options(format!("{options} -c jit=off").trim_start());
         let manager = Manager::from_config(
-            pg_config.clone(),
+            pool_config,
             NoTls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,

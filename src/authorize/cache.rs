@@ -193,6 +193,7 @@ impl VerdictCache {
         if state.generation != recalled.generation {
             return;
         }
+        let failed: std::collections::HashSet<&(u32, u32)> = failed.iter().collect();
         let seen: HashMap<(u32, u32), &Verdict> = answered
             .iter()
             .map(|v| ((v.change, v.principal), v))
