@@ -248,8 +248,11 @@ LANGUAGE sql STABLE AS $$
             SELECT * FROM pgrelay.changes
             WHERE xid >= pg_snapshot_xmax(since) AND xid < pg_snapshot_xmax(upto)
             UNION ALL
-            SELECT * FROM pgrelay.changes
-            WHERE xid = ANY (ARRAY(SELECT pg_snapshot_xip(since)))
+            -- One index probe per transaction that was running at `since` (usually none). With
+            -- `xid = ANY (...)` or a plain join the planner may scan the whole outbox instead;
+            -- the fenced LATERAL keeps it to the probes.
+            SELECT c.* FROM pg_snapshot_xip(since) AS r(xid)
+            CROSS JOIN LATERAL (SELECT * FROM pgrelay.changes AS x WHERE x.xid = r.xid OFFSET 0) AS c
         ) AS o
         WHERE pg_visible_in_snapshot(o.xid, upto)
     ) AS c

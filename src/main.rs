@@ -356,8 +356,12 @@ async fn tail(database_url: &str, room: Option<&str>) -> anyhow::Result<()> {
         .await
         .context("waiting for writers that did not notify")?;
     let mut since = outbox::current_snapshot(&client).await?;
+    let statement = client
+        .prepare(outbox::READ_BATCH)
+        .await
+        .context("preparing the outbox read")?;
     loop {
-        let mut batch = Batch::read(&client, &since, None, None).await?;
+        let mut batch = Batch::read(&client, &statement, &since, None, None).await?;
         loop {
             let chunk = batch.next_chunk(1000).await?;
             if chunk.is_empty() {

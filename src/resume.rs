@@ -21,7 +21,7 @@ use anyhow::Context;
 use deadpool_postgres::Pool;
 
 use crate::authorize::Authorizer;
-use crate::capture::outbox::Batch;
+use crate::capture::outbox::{self, Batch};
 use crate::capture::position::{Position, PositionCodec, Seen, Snapshot};
 use crate::fanout::{event_frame, Visibility};
 use crate::jwt::Principal;
@@ -136,7 +136,8 @@ impl Replay {
         }
         let db = self.pool.get().await.context("no database connection")?;
         let names: Vec<&str> = self.rooms.iter().map(Room::as_str).collect();
-        let mut batch = Batch::read(&db, since, Some(upto), Some(&names)).await?;
+        let statement = db.prepare_cached(outbox::READ_BATCH).await?;
+        let mut batch = Batch::read(&db, &statement, since, Some(upto), Some(&names)).await?;
         // Retention may have moved since the position was checked.
         anyhow::ensure!(
             !batch.incomplete(),

@@ -295,7 +295,15 @@ impl Reader {
     /// Reads and delivers everything committed since the cursor; returns how many changes.
     async fn read(&self, cursor: &mut Cursor) -> anyhow::Result<u64> {
         let client = self.pool.get().await?;
-        let mut batch = Batch::read(&client, &cursor.since, cursor.upto.as_ref(), None).await?;
+        let statement = client.prepare_cached(outbox::READ_BATCH).await?;
+        let mut batch = Batch::read(
+            &client,
+            &statement,
+            &cursor.since,
+            cursor.upto.as_ref(),
+            None,
+        )
+        .await?;
         if batch.incomplete() {
             // This relay fell further behind than retention keeps: some changes were removed
             // before it read them. Its clients must not believe their streams are complete.
