@@ -47,6 +47,8 @@ pub struct AppState {
     pub limits: Limits,
     pub allowed_origins: Arc<Vec<String>>,
     pub connections_per_user: Arc<crate::transport::limits::ConnectionsPerUser>,
+    /// SSE streams opened per user: each open asks the join policy for all its rooms.
+    pub sse_opens: Arc<crate::transport::limits::BucketPerUser>,
     pub shutdown: CancellationToken,
 }
 
@@ -109,6 +111,10 @@ impl Relay {
         let (presence, presence_ops) = Presence::new(config.presence);
         let hub = Arc::new(Hub::new(presence.clone()));
         let status_hub = hub.clone();
+        let sse_opens = crate::transport::limits::BucketPerUser::new(
+            config.limits.joins_per_second,
+            config.limits.join_burst,
+        );
         let state = AppState {
             pool: pool.clone(),
             codec: codec.clone(),
@@ -120,6 +126,7 @@ impl Relay {
             limits: config.limits,
             allowed_origins: Arc::new(config.allowed_origins),
             connections_per_user: Arc::default(),
+            sse_opens: Arc::new(sse_opens),
             shutdown: shutdown.clone(),
         };
         let reader = Reader {

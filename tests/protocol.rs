@@ -549,6 +549,40 @@ async fn connections_per_user_are_limited_across_websocket_and_sse() {
     assert!(again.is_some(), "the slot was released");
 }
 
+/// Every SSE stream joins all its rooms when it opens, so opening streams is rate limited per
+/// user, and closing them gives nothing back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opening_sse_streams_is_rate_limited_per_user() {
+    let relay = TestRelay::start_with(|c| {
+        c.limits.joins_per_second = 1;
+        c.limits.join_burst = 2;
+    })
+    .await;
+    let path = |user: &str| format!("/sse?rooms=user:{user}&token={}", token(user));
+    for _ in 0..2 {
+        let stream = common::SseClient::connect(relay.addr(), &path("u1"), None).await;
+        assert_eq!(stream.status, 200);
+    } // both closed again
+    let refused = common::SseClient::connect(relay.addr(), &path("u1"), None).await;
+    assert_eq!(
+        refused.status, 429,
+        "closing streams does not refill the budget"
+    );
+    let other = common::SseClient::connect(relay.addr(), &path("u2"), None).await;
+    assert_eq!(other.status, 200, "other users are not affected");
+    let mut again = 0;
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        again = common::SseClient::connect(relay.addr(), &path("u1"), None)
+            .await
+            .status;
+        if again == 200 {
+            break;
+        }
+    }
+    assert_eq!(again, 200, "the budget refills");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_client_is_closed_after_the_idle_timeout_and_a_live_one_is_not() {
     let relay = TestRelay::start_with(|c| {

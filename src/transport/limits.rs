@@ -1,4 +1,4 @@
-//! Rate limits: token buckets per connection, and a count of connections per user.
+//! Rate limits: token buckets per connection and per user, and a count of connections per user.
 //!
 //! A bucket holds up to `burst` tokens and refills at `per_second`; each message (or join) takes
 //! one. A client over its rate gets `rate_limited` errors; one that keeps going is closed (4029).
@@ -27,16 +27,61 @@ impl TokenBucket {
 
     /// Takes a token if there is one.
     pub fn take(&mut self) -> bool {
-        let now = Instant::now();
-        let refill = now.duration_since(self.last).as_secs_f64() * self.per_second;
-        self.tokens = (self.tokens + refill).min(self.burst);
-        self.last = now;
+        self.refill();
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             true
         } else {
             false
         }
+    }
+}
+
+impl TokenBucket {
+    fn refill(&mut self) {
+        let now = Instant::now();
+        let refill = now.duration_since(self.last).as_secs_f64() * self.per_second;
+        self.tokens = (self.tokens + refill).min(self.burst);
+        self.last = now;
+    }
+
+    /// Whether the bucket has refilled completely: then it is no different from a new one.
+    fn is_full(&mut self) -> bool {
+        self.refill();
+        self.tokens >= self.burst
+    }
+}
+
+/// A token bucket per user, kept across that user's connections (closing and reopening must not
+/// refill it). Full buckets are forgotten when the map grows: a new one is the same.
+pub struct BucketPerUser {
+    buckets: Mutex<HashMap<String, TokenBucket>>,
+    per_second: u32,
+    burst: u32,
+}
+
+/// Users beyond which full buckets are forgotten.
+const KEEP_BUCKETS: usize = 10_000;
+
+impl BucketPerUser {
+    pub fn new(per_second: u32, burst: u32) -> BucketPerUser {
+        BucketPerUser {
+            buckets: Mutex::default(),
+            per_second,
+            burst,
+        }
+    }
+
+    /// Takes one of `user`'s tokens if there is one.
+    pub fn take(&self, user: &str) -> bool {
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        if buckets.len() >= KEEP_BUCKETS {
+            buckets.retain(|_, bucket| !bucket.is_full());
+        }
+        buckets
+            .entry(user.to_owned())
+            .or_insert_with(|| TokenBucket::new(self.per_second, self.burst))
+            .take()
     }
 }
 
@@ -133,6 +178,17 @@ mod tests {
             3,
             "10 per second for 0.3 s"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_users_bucket_outlives_its_connections_and_spares_other_users() {
+        let opens = BucketPerUser::new(1, 2);
+        assert!(opens.take("u1") && opens.take("u1"), "the burst");
+        assert!(!opens.take("u1"), "then the rate");
+        assert!(opens.take("u2"), "another user has a bucket of their own");
+        tokio::time::advance(std::time::Duration::from_millis(1100)).await;
+        assert!(opens.take("u1"), "refilled at the rate");
+        assert!(!opens.take("u1"));
     }
 
     #[test]

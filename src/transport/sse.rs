@@ -88,6 +88,15 @@ pub async fn stream(
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
 
+    // A stream's rooms are joined at once, so opening streams is what join attempts are for
+    // WebSocket: limited per user, since every open starts a new connection.
+    if !app.sse_opens.take(&principal.user) {
+        return refuse(
+            StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::RateLimited,
+            "too many streams opened; retry in a second",
+        );
+    }
     let max = app.limits.max_connections_per_user;
     if !app.connections_per_user.acquire(&principal.user, max) {
         let message = format!("at most {max} connections per user");
