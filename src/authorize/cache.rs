@@ -261,27 +261,16 @@ impl State {
 mod tests {
     use super::*;
     use crate::capture::outbox::{Op, PolicyInputs};
-    use serde_json::value::RawValue;
 
     fn change(key: &str, invalidates: &[&str]) -> Change {
-        Change {
-            id: 1,
-            xid: 1,
-            txn_last: 1,
-            table: "tasks".into(),
-            entity: "task".into(),
-            op: Op::Update,
-            rooms: vec![],
-            row: RawValue::from_string("{}".into()).expect("json"),
-            old: None,
-            ts: String::new(),
-            policy: PolicyInputs {
+        Change::of_policy(
+            Op::Update,
+            PolicyInputs {
                 key: Some(key.into()),
-                key_old: None,
-                knows_old: false,
                 invalidates: invalidates.iter().map(|t| t.to_string()).collect(),
+                ..PolicyInputs::default()
             },
-        }
+        )
     }
 
     fn principal(user: &str, level: u32) -> Arc<Principal> {

@@ -458,22 +458,13 @@ mod tests {
     use crate::capture::outbox::{Op, PolicyInputs};
 
     fn change(key: Option<&str>) -> Change {
-        Change {
-            id: 1,
-            xid: 1,
-            txn_last: 1,
-            table: "tasks".into(),
-            entity: "task".into(),
-            op: Op::Insert,
-            rooms: vec![],
-            row: serde_json::value::RawValue::from_string("{}".into()).expect("json"),
-            old: None,
-            ts: String::new(),
-            policy: PolicyInputs {
+        Change::of_policy(
+            Op::Insert,
+            PolicyInputs {
                 key: key.map(str::to_owned),
                 ..PolicyInputs::default()
             },
-        }
+        )
     }
 
     #[test]

@@ -52,6 +52,26 @@ pub struct PolicyInputs {
     pub invalidates: Vec<String>,
 }
 
+#[cfg(test)]
+impl Change {
+    /// A change of `tasks` with an empty row, for tests of what is decided from `policy` alone.
+    pub fn of_policy(op: Op, policy: PolicyInputs) -> Change {
+        Change {
+            id: 1,
+            xid: 1,
+            txn_last: 1,
+            table: "tasks".into(),
+            entity: "task".into(),
+            op,
+            rooms: vec![],
+            row: RawValue::from_string("{}".into()).expect("json"),
+            old: None,
+            ts: String::new(),
+            policy,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Op {
     Insert,
