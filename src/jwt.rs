@@ -272,14 +272,17 @@ pub async fn watch_key_file(
     every: Duration,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
-    let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    let mut seen = modified(&path);
+    // The contents, not the modification time: a rewrite within the file system's timestamp
+    // granularity, or an atomic rename that keeps the old time, would not show in the time. Key
+    // files are a few kilobytes.
+    let contents = |p: &std::path::Path| std::fs::read(p).ok();
+    let mut seen = contents(&path);
     loop {
         tokio::select! {
             () = tokio::time::sleep(every) => {}
             () = shutdown.cancelled() => return,
         }
-        let now = modified(&path);
+        let now = contents(&path);
         if now != seen {
             seen = now;
             match verifier.reload_from(&path) {
@@ -528,6 +531,44 @@ mod tests {
             v.verify(&forged).expect_err("confusion").to_string(),
             "algorithm not accepted"
         );
+    }
+
+    #[tokio::test]
+    async fn a_key_file_rewritten_with_its_old_modification_time_is_still_reloaded() {
+        let dir = std::env::temp_dir().join(format!("pgrelay-jwks-mtime-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("jwks.json");
+        std::fs::write(&path, jwks(&[("a", X_A)])).expect("write");
+        let v = Verifier::from_key_file(&path).expect("jwks");
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let watcher = tokio::spawn(watch_key_file(
+            v.clone(),
+            path.clone(),
+            Duration::from_millis(20),
+            shutdown.clone(),
+        ));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let before = std::fs::metadata(&path)
+            .and_then(|m| m.modified())
+            .expect("mtime");
+        std::fs::write(&path, jwks(&[("a", X_A), ("b", X_B)])).expect("write");
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .and_then(|f| f.set_modified(before))
+            .expect("restore the modification time");
+        let mut reloaded = false;
+        for _ in 0..100 {
+            if v.verify(&ed_token(KEY_B, Some("b"))).is_ok() {
+                reloaded = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        shutdown.cancel();
+        let _ = watcher.await;
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(reloaded, "the rewritten file was picked up");
     }
 
     #[tokio::test]
