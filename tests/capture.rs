@@ -350,6 +350,17 @@ async fn excluded_columns_are_never_shipped_but_policies_still_see_them() {
         (Some("note_created"), Some("hidden"))
     );
     assert!(event["row"].get("visibility").is_none());
+    // Nor do their previous values travel in `old`.
+    relay
+        .sql(
+            "INSERT INTO notes VALUES (3, 'u2', 'draft', 'mine');
+             UPDATE notes SET visibility = 'final', body = 'done' WHERE id = 3",
+        )
+        .await;
+    assert_eq!(bob.recv_event().await["event"], "note_created");
+    let event = bob.recv_event().await;
+    assert_eq!(event["event"], "note_updated");
+    assert_eq!(event["old"], serde_json::json!({"body": "mine"}));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -596,6 +607,13 @@ async fn with_include_a_column_added_later_is_not_shipped() {
         event["row"],
         serde_json::json!({"id": 1, "owner": "u1", "title": "hello"})
     );
+    relay
+        .sql("UPDATE cards SET title = 'bye', api_key = 'sk-other' WHERE id = 1")
+        .await;
+    let event = alice.recv_event().await;
+    assert_eq!(event["old"], serde_json::json!({"title": "hello"}));
+    assert_eq!(event["row"]["title"], "bye");
+    assert!(event["row"].get("api_key").is_none());
 }
 
 // ---------------------------------------------------------------------------------------------
