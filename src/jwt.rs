@@ -533,6 +533,36 @@ mod tests {
         );
     }
 
+    /// Watches `path` for `v` (checking every 20 ms) until the token is cancelled.
+    async fn watching(
+        v: &Verifier,
+        path: &std::path::Path,
+    ) -> (
+        tokio_util::sync::CancellationToken,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let watcher = tokio::spawn(watch_key_file(
+            v.clone(),
+            path.to_owned(),
+            Duration::from_millis(20),
+            shutdown.clone(),
+        ));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        (shutdown, watcher)
+    }
+
+    /// Whether `v` accepts `token` within two seconds (a reload may be under way).
+    async fn accepts_soon(v: &Verifier, token: &str) -> bool {
+        for _ in 0..100 {
+            if v.verify(token).is_ok() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    }
+
     #[tokio::test]
     async fn a_key_file_rewritten_with_its_old_modification_time_is_still_reloaded() {
         let dir = std::env::temp_dir().join(format!("pgrelay-jwks-mtime-{}", std::process::id()));
@@ -540,14 +570,7 @@ mod tests {
         let path = dir.join("jwks.json");
         std::fs::write(&path, jwks(&[("a", X_A)])).expect("write");
         let v = Verifier::from_key_file(&path).expect("jwks");
-        let shutdown = tokio_util::sync::CancellationToken::new();
-        let watcher = tokio::spawn(watch_key_file(
-            v.clone(),
-            path.clone(),
-            Duration::from_millis(20),
-            shutdown.clone(),
-        ));
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (shutdown, watcher) = watching(&v, &path).await;
         let before = std::fs::metadata(&path)
             .and_then(|m| m.modified())
             .expect("mtime");
@@ -557,14 +580,7 @@ mod tests {
             .open(&path)
             .and_then(|f| f.set_modified(before))
             .expect("restore the modification time");
-        let mut reloaded = false;
-        for _ in 0..100 {
-            if v.verify(&ed_token(KEY_B, Some("b"))).is_ok() {
-                reloaded = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let reloaded = accepts_soon(&v, &ed_token(KEY_B, Some("b"))).await;
         shutdown.cancel();
         let _ = watcher.await;
         let _ = std::fs::remove_dir_all(&dir);
@@ -595,24 +611,12 @@ mod tests {
         );
 
         // Rotation: b is added, without a restart.
-        let shutdown = tokio_util::sync::CancellationToken::new();
-        let watcher = tokio::spawn(watch_key_file(
-            v.clone(),
-            path.clone(),
-            Duration::from_millis(20),
-            shutdown.clone(),
-        ));
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (shutdown, watcher) = watching(&v, &path).await;
         std::fs::write(&path, jwks(&[("a", X_A), ("b", X_B)])).expect("write");
-        let mut reloaded = false;
-        for _ in 0..100 {
-            if v.verify(&ed_token(KEY_B, Some("b"))).is_ok() {
-                reloaded = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert!(reloaded, "the new key was picked up");
+        assert!(
+            accepts_soon(&v, &ed_token(KEY_B, Some("b"))).await,
+            "the new key was picked up"
+        );
         assert!(
             v.verify(&ed_token(KEY_A, None)).is_err(),
             "two keys: a token must say which"
