@@ -23,13 +23,17 @@
 //!   before a membership change was forgotten. Every forgetting starts a new *generation*; answers
 //!   are kept only if no generation began while they were being computed.
 //! * **What the outbox cannot show** (a policy function rewritten, a table truncated): answers are
-//!   forgotten after [`MAX_AGE`] at the latest.
+//!   forgotten after [`MAX_AGE`] at the latest. Each policy key's answers expire at a random point
+//!   in the second half of that age, so a busy relay re-asks a little at a time instead of
+//!   everything at once (which stalled delivery for a second every minute).
 //! * **Failures.** A pair whose policy raised an error is denied this time and not remembered.
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use super::Verdict;
 use crate::capture::outbox::Change;
@@ -49,12 +53,26 @@ pub struct VerdictCache {
 #[derive(Default)]
 struct State {
     generation: u64,
-    /// When the generation began; after [`MAX_AGE`] everything is forgotten.
+    /// When the generation began; a new one begins at least every [`MAX_AGE`].
     since: Option<Instant>,
-    principals: HashMap<PrincipalKey, u32>,
-    /// table → policy key → principal → may read.
-    answers: HashMap<String, HashMap<String, HashMap<u32, bool>>>,
+    /// Ids are never reused (`next_id` only grows), so an answer left behind by a forgotten
+    /// principal can never be taken for someone else's.
+    principals: HashMap<PrincipalKey, Interned>,
+    next_id: u64,
+    /// table → policy key → answers per principal.
+    answers: HashMap<String, HashMap<String, Answers>>,
     count: usize,
+}
+
+struct Interned {
+    id: u64,
+    seen: Instant,
+}
+
+/// One policy key's answers, and when they stop being trusted.
+struct Answers {
+    expires: Instant,
+    by_principal: HashMap<u64, bool>,
 }
 
 /// A principal compared by content: connections of one user with identical claims share answers.
@@ -79,7 +97,7 @@ pub struct Recalled {
     pub verdicts: Vec<Verdict>,
     pub unknown: Vec<(u32, u32)>,
     pub generation: u64,
-    principal_ids: Vec<u32>,
+    principal_ids: Vec<u64>,
 }
 
 impl VerdictCache {
@@ -111,7 +129,10 @@ impl VerdictCache {
         let mut state = self.lock();
         for table in &tables {
             if let Some(answers) = state.answers.remove(*table) {
-                state.count -= answers.values().map(HashMap::len).sum::<usize>();
+                state.count -= answers
+                    .values()
+                    .map(|a| a.by_principal.len())
+                    .sum::<usize>();
             }
         }
         // Even with nothing remembered yet: a query running now must not store what it computes.
@@ -128,11 +149,14 @@ impl VerdictCache {
     ) -> Recalled {
         let mut state = self.lock();
         state.expire();
-        let principal_ids: Vec<u32> = principals.iter().map(|p| state.intern(p)).collect();
+        let now = Instant::now();
+        let principal_ids: Vec<u64> = principals.iter().map(|p| state.intern(p, now)).collect();
         // Each change's answers by principal, for its new and (UPDATE) old version.
         let lookup = |table: &str, key: &Option<String>| {
             key.as_ref()
                 .and_then(|key| state.answers.get(table)?.get(key.as_str()))
+                .filter(|answers| answers.expires > now)
+                .map(|answers| &answers.by_principal)
         };
         let per_change: Vec<_> = changes
             .iter()
@@ -218,40 +242,61 @@ impl VerdictCache {
 }
 
 impl State {
+    /// Every [`MAX_AGE`]: a new generation (join re-checks look again; see [`crate::fanout`]),
+    /// and principals not seen since are let go. Past [`MAX_ANSWERS`], everything is forgotten.
     fn expire(&mut self) {
         let now = Instant::now();
+        if self.count > MAX_ANSWERS {
+            self.answers.clear();
+            self.principals.clear();
+            self.count = 0;
+            self.generation += 1;
+        }
         let since = *self.since.get_or_insert(now);
-        if now.duration_since(since) >= MAX_AGE || self.count > MAX_ANSWERS {
-            self.forget_all(now);
+        if now.duration_since(since) >= MAX_AGE {
+            self.generation += 1;
+            self.since = Some(now);
+            self.principals
+                .retain(|_, p| now.duration_since(p.seen) < MAX_AGE);
         }
     }
 
-    fn forget_all(&mut self, now: Instant) {
-        self.answers.clear();
-        self.principals.clear();
-        self.count = 0;
-        self.generation += 1;
-        self.since = Some(now);
-    }
-
-    fn intern(&mut self, principal: &Arc<Principal>) -> u32 {
-        let next = self.principals.len() as u32;
-        *self
+    fn intern(&mut self, principal: &Arc<Principal>, now: Instant) -> u64 {
+        let interned = self
             .principals
             .entry(PrincipalKey(principal.clone()))
-            .or_insert(next)
+            .or_insert_with(|| {
+                self.next_id += 1;
+                Interned {
+                    id: self.next_id,
+                    seen: now,
+                }
+            });
+        interned.seen = now;
+        interned.id
     }
 
-    fn store(&mut self, table: &str, key: &str, principal: u32, sees: bool) {
+    fn store(&mut self, table: &str, key: &str, principal: u64, sees: bool) {
+        let now = Instant::now();
         let by_key = match self.answers.get_mut(table) {
             Some(by_key) => by_key,
             None => self.answers.entry(table.to_owned()).or_default(),
         };
-        let by_principal = match by_key.get_mut(key) {
-            Some(by_principal) => by_principal,
-            None => by_key.entry(key.to_owned()).or_default(),
+        let answers = match by_key.get_mut(key) {
+            Some(answers) => answers,
+            None => by_key.entry(key.to_owned()).or_insert_with(|| Answers {
+                expires: now,
+                by_principal: HashMap::new(),
+            }),
         };
-        if by_principal.insert(principal, sees).is_none() {
+        if answers.expires <= now {
+            // Expired (or new): start afresh, trusted for half to all of MAX_AGE.
+            self.count -= answers.by_principal.len();
+            answers.by_principal.clear();
+            let half = MAX_AGE / 2;
+            answers.expires = now + half + half.mul_f64(rand::random::<f64>());
+        }
+        if answers.by_principal.insert(principal, sees).is_none() {
             self.count += 1;
         }
     }
@@ -338,6 +383,29 @@ mod tests {
             .is_empty());
         cache.invalidate(&[change("m", &["tasks"])]);
         assert_eq!(cache.recall(&changes, &people, &[(0, 0)]).unknown, [(0, 0)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn answers_expire_within_max_age_but_not_all_at_once() {
+        let cache = VerdictCache::default();
+        let people = [principal("u1", 1)];
+        let changes: Vec<Change> = (0..100).map(|k| change(&format!("k{k}"), &[])).collect();
+        let pairs: Vec<(u32, u32)> = (0..100).map(|c| (c, 0)).collect();
+        let recalled = cache.recall(&changes, &people, &pairs);
+        let yes: Vec<Verdict> = pairs.iter().map(|&(c, p)| allow(c, p)).collect();
+        cache.remember(&recalled, &changes, &recalled.unknown, &yes, &[]);
+        let unknown = || cache.recall(&changes, &people, &pairs).unknown.len();
+
+        tokio::time::advance(MAX_AGE / 2 - Duration::from_secs(1)).await;
+        assert_eq!(unknown(), 0, "nothing expires in the first half");
+        tokio::time::advance(MAX_AGE / 4).await;
+        let expired = unknown();
+        assert!(
+            (10..90).contains(&expired),
+            "expiries are spread out: {expired} of 100 at three quarters"
+        );
+        tokio::time::advance(MAX_AGE / 4 + Duration::from_secs(2)).await;
+        assert_eq!(unknown(), 100, "nothing outlives MAX_AGE");
     }
 
     #[test]
