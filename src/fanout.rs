@@ -95,7 +95,6 @@ pub async fn deliver(
 
     // 2. Authorize.
     let verdicts = authorizer.readers(changes, &principals, &pairs).await?;
-    let generation = verdicts.generation;
     let visible: HashMap<(u32, u32), Visibility> = verdicts
         .verdicts
         .iter()
@@ -132,14 +131,16 @@ pub async fn deliver(
                     let Some(&principal) = principal_of_client.get(&member.client.id) else {
                         continue; // joined after step 1 began: its position starts after this batch
                     };
-                    let Some(&visibility) = visible.get(&(change_ix as u32, principal)) else {
-                        // Denied: maybe this member has lost access to the room itself. Where
-                        // answers are remembered, whatever could revoke it starts a new
-                        // generation, so one look per generation is enough (a private task
-                        // denied to most of a project's room would otherwise cost a join check
-                        // per member per change).
-                        if change.policy.key.is_none() || member.access_checked != Some(generation)
-                        {
+                    let pair = (change_ix as u32, principal);
+                    let Some(&visibility) = visible.get(&pair) else {
+                        // Denied: maybe this member has lost access to the room itself. Not
+                        // when the answer came from memory for an UPDATE that left what the
+                        // policy reads alone: then neither the row nor anything the policy
+                        // reads elsewhere changed since that answer (such changes make answers
+                        // forgotten), and the first such denial was looked into. Without this,
+                        // a private task denied to most of a project's room cost a join check
+                        // per member per change.
+                        if verdicts.judged.contains(&pair) || !change.policy.unchanged() {
                             recheck.insert(
                                 (room.clone(), member.client.id, member.join_id),
                                 member.principal.clone(),
@@ -187,7 +188,10 @@ pub async fn deliver(
     // 4. Revoke: members who were denied a change, or saw a row leave their view, may have lost
     // access to the room. Ask the join policy once for all of them; those refused leave the room.
     if !recheck.is_empty() {
-        revoke_lost_access(hub, authorizer, metrics, recheck, generation).await;
+        let checking = std::time::Instant::now();
+        metrics.access_rechecks.add(recheck.len() as u64);
+        revoke_lost_access(hub, authorizer, metrics, recheck).await;
+        metrics.access_recheck_time.add(checking.elapsed());
     }
     Ok(())
 }
@@ -197,7 +201,6 @@ async fn revoke_lost_access(
     authorizer: &Authorizer,
     metrics: &Metrics,
     recheck: HashMap<(String, u64, u64), Arc<Principal>>,
-    generation: u64,
 ) {
     let (memberships, checks): (Vec<u64>, Vec<AccessCheck>) = recheck
         .into_iter()
@@ -216,9 +219,7 @@ async fn revoke_lost_access(
             continue;
         };
         // Only the membership that was checked: the client may have left and joined again since.
-        if allowed {
-            hub.access_confirmed(&room, *client, join_id, generation);
-        } else if hub.revoke(&room, *client, join_id) {
+        if !allowed && hub.revoke(&room, *client, join_id) {
             metrics.revocations.inc();
         }
     }

@@ -41,9 +41,6 @@ pub struct Member {
     pub join_id: u64,
     /// While its missed changes are being replayed, live frames wait here.
     pending: Option<Pending>,
-    /// The policy-cache generation in which the join policy last confirmed this membership (see
-    /// [`crate::fanout`]).
-    pub access_checked: Option<u64>,
 }
 
 #[derive(Default)]
@@ -197,7 +194,6 @@ impl Hub {
                 first_batch,
                 join_id,
                 pending: resume_from.map(|_| Pending::default()),
-                access_checked: None,
             };
             state
                 .rooms
@@ -275,20 +271,6 @@ impl Hub {
         self.presence.left(room, client.id);
         client.send(reply().into());
         true
-    }
-
-    /// Records that the join policy still admits this membership in cache generation
-    /// `generation`.
-    pub fn access_confirmed(&self, room: &Room, client_id: u64, join_id: u64, generation: u64) {
-        let mut state = self.lock();
-        if let Some(member) = state
-            .rooms
-            .get_mut(room)
-            .and_then(|m| m.get_mut(&client_id))
-            .filter(|m| m.join_id == join_id)
-        {
-            member.access_checked = Some(generation);
-        }
     }
 
     /// Removes a member who lost access and tells it (`left`, reason `revoked`); false if it was

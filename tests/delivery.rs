@@ -609,6 +609,45 @@ async fn a_remembered_answer_is_forgotten_when_the_membership_changes() {
     assert!(relay.metric("policy_invalidations_total").await >= 1);
 }
 
+/// A member denied the same private task again and again is asked about the room once: a denial
+/// from memory, for an update that left what the policy reads alone, says nothing new (W2 spent
+/// 40% of its reader's time re-checking such members).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remembered_denial_does_not_ask_the_join_policy_again() {
+    let relay = TestRelay::start().await;
+    let mut bob = relay.client("u2").await;
+    bob.join("project:1").await;
+    // Task 3 is private to alice.
+    for n in 1..=3 {
+        relay
+            .sql(&format!("UPDATE tasks SET priority = {n} WHERE id = 3"))
+            .await;
+        relay.sql(FENCE).await;
+        assert_is_fence(&bob.recv_event().await);
+    }
+    assert_eq!(
+        relay.metric("access_rechecks_total").await,
+        1,
+        "only the first denial, which the database decided"
+    );
+    assert!(relay.metric("policy_answers_remembered_total").await >= 2);
+
+    // Removed from the project: the next denial is judged afresh, and bob leaves the room.
+    relay
+        .sql("DELETE FROM project_members WHERE project_id = 1 AND user_id = 'u2'")
+        .await;
+    assert_eq!(bob.recv_event().await["event"], "project_member_deleted");
+    relay
+        .sql("UPDATE tasks SET priority = 9 WHERE id = 3")
+        .await;
+    let left = bob.recv().await;
+    assert_eq!(
+        (left["type"].as_str(), left["reason"].as_str()),
+        (Some("left"), Some("revoked")),
+        "{left}"
+    );
+}
+
 /// A comment's answers depend on its task (`policy_tables => tasks`): once the task turns
 /// private, the next comment on it is judged afresh.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -99,11 +99,12 @@ pub struct Authorizer {
     metrics: Arc<Metrics>,
 }
 
-/// The verdicts for a chunk, and the cache generation they belong to: a membership re-checked
-/// in this generation need not be re-checked again until something it depends on changes.
+/// The verdicts for a chunk, and which (change, principal) pairs the database judged for it.
+/// The others were remembered answers: a denial from memory is the same denial a membership was
+/// already re-checked for, so only the judged ones can hint at lost access (see [`crate::fanout`]).
 pub struct Verdicts {
     pub verdicts: Vec<Verdict>,
-    pub generation: u64,
+    pub judged: HashSet<(u32, u32)>,
 }
 
 /// A join to check, and where to send the answer.
@@ -184,18 +185,10 @@ impl Authorizer {
         let (answered, failed) = questions.spread(&recalled.unknown, answered, &failed);
         self.cache
             .remember(&recalled, changes, &recalled.unknown, &answered, &failed);
-        let generation = recalled.generation;
+        let judged = recalled.unknown.iter().copied().collect();
         let mut verdicts = recalled.verdicts;
         verdicts.extend(answered);
-        Ok(Verdicts {
-            verdicts,
-            generation,
-        })
-    }
-
-    /// The cache generation now (see [`Verdicts::generation`]).
-    pub fn generation(&self) -> u64 {
-        self.cache.generation()
+        Ok(Verdicts { verdicts, judged })
     }
 
     /// Runs the query; when a policy raises an error, splits the pairs in halves until the failing

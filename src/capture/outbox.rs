@@ -52,6 +52,14 @@ pub struct PolicyInputs {
     pub invalidates: Vec<String>,
 }
 
+impl PolicyInputs {
+    /// An UPDATE that left every column the policy reads as it was: whoever could not read the
+    /// row before still cannot, for the same reasons.
+    pub fn unchanged(&self) -> bool {
+        self.knows_old && self.key.is_some() && self.key == self.key_old
+    }
+}
+
 #[cfg(test)]
 impl Change {
     /// A change of `tasks` with an empty row, for tests of what is decided from `policy` alone.
