@@ -22,6 +22,22 @@ impl Counter {
     }
 }
 
+/// Time spent, summed: exported in seconds, kept in nanoseconds.
+#[derive(Default)]
+pub struct Seconds(AtomicU64);
+
+impl Seconds {
+    pub fn add(&self, spent: std::time::Duration) {
+        self.0.fetch_add(
+            spent.as_nanos().min(u64::MAX as u128) as u64,
+            Ordering::Relaxed,
+        );
+    }
+    pub fn get(&self) -> f64 {
+        self.0.load(Ordering::Relaxed) as f64 / 1e9
+    }
+}
+
 /// A value that goes up and down.
 #[derive(Default)]
 pub struct Gauge(AtomicU64);
@@ -46,10 +62,14 @@ pub struct Metrics {
     pub connections: Gauge,
     pub listener_connected: Gauge,
     pub listener_reconnects: Counter,
+    pub notifications: Counter,
     pub reader_healthy: Gauge,
     pub changes_read: Counter,
+    pub outbox_read_time: Seconds,
+    pub fanout_time: Seconds,
     pub batches_read: Counter,
     pub reader_sleeps: Counter,
+    pub reader_sleep_announcements: Counter,
     pub reader_wakeups: Counter,
     pub back_to_back_reads: Counter,
     pub poll_reads_with_changes: Counter,
@@ -67,6 +87,8 @@ pub struct Metrics {
     pub client_errors: Counter,
     pub replay_failures: Counter,
     pub revocations: Counter,
+    pub access_rechecks: Counter,
+    pub access_recheck_time: Seconds,
     pub retention_gaps: Counter,
     pub presence_bus_connected: Gauge,
     pub presence_relays: Gauge,
@@ -97,6 +119,12 @@ impl Metrics {
             self.listener_connected.get(),
         );
         metric(
+            "notifications_total",
+            "counter",
+            "NOTIFY wake-ups received from writers (they notify only while a relay sleeps).",
+            self.notifications.get(),
+        );
+        metric(
             "listener_reconnects_total",
             "counter",
             "Times the LISTEN connection was lost and reopened.",
@@ -114,6 +142,33 @@ impl Metrics {
             "Changes read from the outbox.",
             self.changes_read.get(),
         );
+        let mut seconds = |name: &str, help: &str, value: f64| {
+            let _ = writeln!(
+                out,
+                "# HELP pgrelay_{name} {help}\n# TYPE pgrelay_{name} counter\npgrelay_{name} {value:.6}"
+            );
+        };
+        seconds(
+            "outbox_read_seconds_total",
+            "Time the reader spent waiting for outbox reads (query and rows).",
+            self.outbox_read_time.get(),
+        );
+        seconds(
+            "fanout_seconds_total",
+            "Time the reader spent authorizing and queuing changes; with outbox_read_seconds_total, how busy the reader is.",
+            self.fanout_time.get(),
+        );
+        seconds(
+            "access_recheck_seconds_total",
+            "Part of fanout_seconds_total spent asking join policies again after denied changes.",
+            self.access_recheck_time.get(),
+        );
+        let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
+            let _ = writeln!(
+                out,
+                "# HELP pgrelay_{name} {help}\n# TYPE pgrelay_{name} {kind}\npgrelay_{name} {value}"
+            );
+        };
         metric(
             "batches_read_total",
             "counter",
@@ -125,6 +180,12 @@ impl Metrics {
             "counter",
             "Times the reader found nothing new and slept until a NOTIFY (writers notify only then).",
             self.reader_sleeps.get(),
+        );
+        metric(
+            "reader_sleep_announcements_total",
+            "counter",
+            "Times the reader announced it was going to sleep (writers notify from then until it reads again).",
+            self.reader_sleep_announcements.get(),
         );
         metric(
             "reader_wakeups_total",
@@ -221,6 +282,12 @@ impl Metrics {
             "counter",
             "Times the relay found the outbox's retention had removed changes it had not read yet.",
             self.retention_gaps.get(),
+        );
+        metric(
+            "access_rechecks_total",
+            "counter",
+            "Room memberships whose join policy was asked again after a denied change.",
+            self.access_rechecks.get(),
         );
         metric(
             "revocations_total",

@@ -93,15 +93,19 @@ async fn listen_once(
     config: &tokio_postgres::Config,
     wake: &Arc<Notify>,
     listening: &Listening,
-    metrics: &Metrics,
+    metrics: &Arc<Metrics>,
 ) -> anyhow::Result<()> {
     let (client, mut connection) = config.connect(NoTls).await?;
     // The connection object does the I/O and yields the notifications; it runs on its own task.
     let forward = wake.clone();
+    let counted = metrics.clone();
     let io: tokio::task::JoinHandle<anyhow::Result<()>> = tokio::spawn(async move {
         loop {
             match poll_fn(|cx| connection.poll_message(cx)).await {
-                Some(Ok(AsyncMessage::Notification(_))) => forward.notify_one(),
+                Some(Ok(AsyncMessage::Notification(_))) => {
+                    counted.notifications.inc();
+                    forward.notify_one();
+                }
                 Some(Ok(_)) => {}
                 Some(Err(err)) => return Err(anyhow::Error::from(err)),
                 None => return Err(anyhow::anyhow!("LISTEN connection closed")),
