@@ -609,9 +609,9 @@ BEGIN
         rooms_n := format('ARRAY[%s]::text[]', rooms_n);
         rooms_o := format('ARRAY[%s]::text[]', rooms_o);
         IF w.room_fn IS NOT NULL THEN
-            rooms_n := format('%s || CASE WHEN n.%s IS NOT NULL THEN %s(to_jsonb(n)) END', rooms_n, pk,
+            rooms_n := format('%s || CASE WHEN n.%s IS NOT NULL THEN %s(to_jsonb(n.*)) END', rooms_n, pk,
                               pgrelay.qualified(w.room_fn));
-            rooms_o := format('%s || CASE WHEN o.%s IS NOT NULL THEN %s(to_jsonb(o)) END', rooms_o, pk,
+            rooms_o := format('%s || CASE WHEN o.%s IS NOT NULL THEN %s(to_jsonb(o.*)) END', rooms_o, pk,
                               pgrelay.qualified(w.room_fn));
         END IF;
         rooms_u := format('ARRAY(SELECT DISTINCT r FROM unnest(%s || %s) AS r WHERE r IS NOT NULL ORDER BY r)',
@@ -623,8 +623,11 @@ BEGIN
             || ', ' || CASE WHEN w.include IS NULL THEN 'NULL' ELSE format('%L::text[]', w.include) END;
     -- An UPDATE records the whole old row; pgrelay.changes_between() reduces it to the changed
     -- columns when the change is read. Comparing column by column here cost the writer more
-    -- than everything else the capture does.
-    old_expr := CASE WHEN w.old_values THEN 'v.old_row' ELSE 'NULL' END;
+    -- than everything else the capture does. (Typed: a bare NULL would be text, which the jsonb
+    -- column refuses.)
+    old_expr := CASE WHEN w.old_values
+                     THEN format('CASE WHEN n.%1$s IS NOT NULL AND o.%1$s IS NOT NULL THEN to_jsonb(o.*) END', pk)
+                     ELSE 'NULL::jsonb' END;
 
     body := format($f$
 DECLARE
@@ -634,29 +637,29 @@ BEGIN
     IF TG_OP = 'INSERT' THEN
         INSERT INTO pgrelay.changes (gen, tbl, entity, op, rooms, "row", hide, show)
         SELECT (SELECT last_value %% 3 FROM pgrelay.generation), %1$L, %2$L, 'INSERT',
-               %3$s, to_jsonb(n), %5$s
+               %3$s, to_jsonb(n.*), %5$s
         FROM new_rows AS n;
     ELSIF TG_OP = 'UPDATE' THEN
-        -- Old and new rows paired by primary key; a row whose key changed has no partner and is
-        -- recorded as a deletion and a creation. Rows that did not change are not recorded.
+        -- Old and new rows paired by primary key; a row whose key changed has no partner (the
+        -- other side is all NULL) and is recorded as a deletion and a creation. Rows that did not
+        -- change are not recorded: *<> compares the two rows byte for byte, which works for every
+        -- column type (json and point have no = operator).
+        -- Each row is converted to jsonb once. (Naming the conversions in a LATERAL subquery does
+        -- not do that: the planner flattens it and repeats them at every use, six per row.)
         INSERT INTO pgrelay.changes (gen, tbl, entity, op, rooms, "row", old, hide, show)
         SELECT (SELECT last_value %% 3 FROM pgrelay.generation), %1$L, %2$L,
                CASE WHEN o.%7$s IS NULL THEN 'INSERT' WHEN n.%7$s IS NULL THEN 'DELETE' ELSE 'UPDATE' END,
                %10$s,
-               coalesce(v.new_row, v.old_row),
-               CASE WHEN v.new_row IS NOT NULL AND v.old_row IS NOT NULL THEN %6$s END,
+               CASE WHEN n.%7$s IS NULL THEN to_jsonb(o.*) ELSE to_jsonb(n.*) END,
+               %6$s,
                %5$s
         FROM new_rows AS n
         FULL JOIN old_rows AS o ON %8$s
-        CROSS JOIN LATERAL (
-            SELECT CASE WHEN n.%7$s IS NOT NULL THEN to_jsonb(n) END AS new_row,
-                   CASE WHEN o.%7$s IS NOT NULL THEN to_jsonb(o) END AS old_row
-        ) AS v
-        WHERE v.new_row IS DISTINCT FROM v.old_row;
+        WHERE n.%7$s IS NULL OR o.%7$s IS NULL OR n.* OPERATOR(pg_catalog.*<>) o.*;
     ELSE
         INSERT INTO pgrelay.changes (gen, tbl, entity, op, rooms, "row", hide, show)
         SELECT (SELECT last_value %% 3 FROM pgrelay.generation), %1$L, %2$L, 'DELETE',
-               %4$s, to_jsonb(o), %5$s
+               %4$s, to_jsonb(o.*), %5$s
         FROM old_rows AS o;
     END IF;
 
