@@ -315,6 +315,102 @@ async fn a_primary_key_change_is_a_deletion_and_a_creation() {
     );
 }
 
+/// What the capture wrote for `tbl`, oldest first: (op, row, old).
+async fn recorded(db: &tokio_postgres::Client, tbl: &str) -> Vec<(String, Value, Option<Value>)> {
+    db.query(
+        "SELECT op, \"row\"::text, old::text FROM pgrelay.changes WHERE tbl = $1 ORDER BY id",
+        &[&tbl],
+    )
+    .await
+    .expect("outbox")
+    .iter()
+    .map(|r| {
+        let json = |s: &str| serde_json::from_str::<Value>(s).expect("json");
+        (
+            r.get::<_, String>(0),
+            json(r.get(1)),
+            r.get::<_, Option<&str>>(2).map(json),
+        )
+    })
+    .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn updates_record_only_changed_rows_whatever_the_column_types() {
+    let relay = TestRelay::start().await;
+    // json and point have no equality operator: rows are compared as a whole, byte for byte.
+    relay
+        .sql(
+            "CREATE TABLE shapes (id int PRIMARY KEY, doc json, at point, n int);
+             SELECT pgrelay.watch('shapes', ARRAY['board:1']);
+             INSERT INTO shapes VALUES (1, '{\"a\": 1}', '(1,1)', 1), (2, '[]', '(2,2)', 2), (3, NULL, NULL, 3);
+             UPDATE shapes SET doc = doc, at = at, n = n;
+             UPDATE shapes SET doc = '{\"a\": 2}' WHERE id = 1;
+             UPDATE shapes SET at = CASE WHEN id = 2 THEN point(5, 5) ELSE at END, n = n;
+             UPDATE shapes SET id = 4, doc = doc WHERE id = 3;",
+        )
+        .await;
+    let ops: Vec<(String, i64)> = recorded(&relay.db, "shapes")
+        .await
+        .into_iter()
+        .map(|(op, row, _)| (op, row["id"].as_i64().unwrap_or(0)))
+        .collect();
+    let mut ops: Vec<(&str, i64)> = ops.iter().map(|(op, id)| (op.as_str(), *id)).collect();
+    // The two records of one statement come in no particular order.
+    ops[5..].sort();
+    assert_eq!(
+        ops,
+        [
+            ("INSERT", 1),
+            ("INSERT", 2),
+            ("INSERT", 3),
+            // The UPDATE that changed nothing recorded nothing; each later one its changed row.
+            ("UPDATE", 1),
+            ("UPDATE", 2),
+            // A primary-key change: the old row deleted, the new one created.
+            ("DELETE", 3),
+            ("INSERT", 4),
+        ]
+    );
+    let records = recorded(&relay.db, "shapes").await;
+    assert_eq!(
+        records[3].2.as_ref().map(|old| &old["doc"]),
+        Some(&serde_json::json!({"a": 1})),
+        "an UPDATE records the old row"
+    );
+    assert!(
+        records[5..].iter().all(|(_, _, old)| old.is_none()),
+        "a deletion and a creation have no old row"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_old_values_updates_are_captured_without_them() {
+    let relay = TestRelay::start().await;
+    relay
+        .sql(
+            "CREATE TABLE notes (id int PRIMARY KEY, body text);
+             CREATE FUNCTION can_read_note(u text, c jsonb, r jsonb) RETURNS boolean LANGUAGE sql AS 'SELECT true';
+             SELECT pgrelay.watch('notes', ARRAY['board:1'], 'can_read_note', old_values => false);
+             CREATE FUNCTION can_join_board(u text, c jsonb, k text) RETURNS boolean LANGUAGE sql AS 'SELECT true';
+             SELECT pgrelay.allow_join('board', 'can_join_board');",
+        )
+        .await;
+    let mut bob = relay.client("u2").await;
+    bob.join("board:1").await;
+    relay
+        .sql("INSERT INTO notes VALUES (1, 'draft'); UPDATE notes SET body = 'final' WHERE id = 1")
+        .await;
+    assert_eq!(bob.recv_event().await["event"], "note_created");
+    let event = bob.recv_event().await;
+    assert_eq!(
+        (event["event"].as_str(), event["row"]["body"].as_str()),
+        (Some("note_updated"), Some("final"))
+    );
+    assert!(event.get("old").is_none(), "{event}");
+    assert_eq!(recorded(&relay.db, "notes").await[1].2, None);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn excluded_columns_are_never_shipped_but_policies_still_see_them() {
     let relay = TestRelay::start().await;
