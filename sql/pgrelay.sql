@@ -210,7 +210,10 @@ RETURNS TABLE (
     policy_key text, policy_key_old text, knows_old boolean, flush text[]
 )
 LANGUAGE sql STABLE AS $$
-    WITH remembered AS (
+    -- Both depend only on the table, so they are computed once per read and looked up per
+    -- change (MATERIALIZED: inlined, the planner joined them by a nested loop that re-ran the
+    -- policy_tables check for every change, ~9 µs a change on 1,000 changes).
+    WITH remembered AS MATERIALIZED (
         -- A policy's answers may be remembered when it declared what it reads and every table it
         -- reads is watched: a change to an unwatched table would never reach the relays.
         SELECT w.name, w.policy::oid::text AS policy, w.unkeyed
@@ -218,7 +221,7 @@ LANGUAGE sql STABLE AS $$
         WHERE w.policy IS NOT NULL AND w.policy_columns IS NOT NULL
           AND NOT EXISTS (SELECT FROM unnest(w.policy_tables) AS d(t)
                           WHERE NOT EXISTS (SELECT FROM pgrelay.watches AS x WHERE x.tbl = d.t))
-    ), invalidates AS (
+    ), invalidates AS MATERIALIZED (
         -- Per watched table: the tables whose policies read it.
         SELECT x.name, array_agg(DISTINCT w.name) AS flush
         FROM pgrelay.watches AS w
@@ -244,7 +247,12 @@ LANGUAGE sql STABLE AS $$
            c.ts,
            c.txn_last,
            k.policy || ' ' || (c."row" - k.unkeyed)::text,
-           CASE WHEN c.knows_old THEN k.policy || ' ' || ((c."row" || c.old) - k.unkeyed)::text END,
+           -- The row before the UPDATE is the new row overwritten by the old values. Removing the
+           -- unkeyed columns from each side first gives the same jsonb (hence the same text) as
+           -- removing them from the merged row, and merges two small objects instead of two whole
+           -- rows: merging whole rows with || cost ~7 µs an UPDATE, more than the rest of the key.
+           CASE WHEN c.knows_old
+                THEN k.policy || ' ' || ((c."row" - k.unkeyed) || (c.old - k.unkeyed))::text END,
            c.knows_old,
            coalesce(i.flush, '{}')
     FROM (
