@@ -107,13 +107,6 @@ impl VerdictCache {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// The current generation: it changes whenever remembered answers are forgotten.
-    pub fn generation(&self) -> u64 {
-        let mut state = self.lock();
-        state.expire();
-        state.generation
-    }
-
     /// Forgets the answers that any of `changes` may have made wrong. Returns the number of tables
     /// whose answers were forgotten.
     pub fn invalidate(&self, changes: &[Change]) -> usize {
@@ -242,8 +235,7 @@ impl VerdictCache {
 }
 
 impl State {
-    /// Every [`MAX_AGE`]: a new generation (join re-checks look again; see [`crate::fanout`]),
-    /// and principals not seen since are let go. Past [`MAX_ANSWERS`], everything is forgotten.
+    /// Every [`MAX_AGE`]: a new generation, and principals not seen since are let go. Past [`MAX_ANSWERS`], everything is forgotten.
     fn expire(&mut self) {
         let now = Instant::now();
         if self.count > MAX_ANSWERS {

@@ -100,8 +100,8 @@ pub struct Authorizer {
 }
 
 /// The verdicts for a chunk, and which (change, principal) pairs the database judged for it.
-/// The others were remembered answers: a denial from memory is the same denial a membership was
-/// already re-checked for, so only the judged ones can hint at lost access (see [`crate::fanout`]).
+/// The others were remembered answers, and a remembered denial for an UPDATE that left what the
+/// policy reads alone says nothing new about the member's access (see [`crate::fanout`]).
 pub struct Verdicts {
     pub verdicts: Vec<Verdict>,
     pub judged: HashSet<(u32, u32)>,
