@@ -11,20 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 RUNS=${1:-15}
-BIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
-DIR=$(mktemp -d /tmp/pgrelay-read.XXXXXX)
-PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-AS_PG=()
-if [ "$(id -u)" = 0 ]; then
-    chown postgres "$DIR"
-    AS_PG=(runuser -u postgres --)
-fi
-cleanup() { "${AS_PG[@]}" "$BIN/pg_ctl" -D "$DIR/data" -m fast stop >/dev/null 2>&1 || true; rm -rf "$DIR"; }
-trap cleanup EXIT
-
-"${AS_PG[@]}" "$BIN/initdb" -D "$DIR/data" -A trust -U postgres >/dev/null
-"${AS_PG[@]}" "$BIN/pg_ctl" -D "$DIR/data" -l "$DIR/log" -w \
-    -o "-p $PORT -c listen_addresses=127.0.0.1 -c unix_socket_directories=" start >/dev/null
+. bench/cluster.sh
 psql_() { psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PORT" -U postgres -d bench "$@"; }
 
 psql -X -q -h 127.0.0.1 -p "$PORT" -U postgres -c "CREATE DATABASE bench"
