@@ -13,6 +13,8 @@
 //! id.
 
 use std::collections::HashMap;
+
+use rustc_hash::FxHashMap;
 use std::sync::Arc;
 
 use axum::extract::ws::Utf8Bytes;
@@ -67,7 +69,7 @@ pub async fn deliver(
 ) -> anyhow::Result<()> {
     // 1. Candidates.
     let mut principals: Vec<Arc<Principal>> = Vec::new();
-    let mut principal_of_client: HashMap<u64, u32> = HashMap::new();
+    let mut principal_of_client: FxHashMap<u64, u32> = FxHashMap::default();
     let mut pairs: Vec<(u32, u32)> = Vec::new();
     {
         let state = hub.lock();
@@ -95,7 +97,7 @@ pub async fn deliver(
 
     // 2. Authorize.
     let verdicts = authorizer.readers(changes, &principals, &pairs).await?;
-    let visible: HashMap<(u32, u32), Visibility> = verdicts
+    let visible: FxHashMap<(u32, u32), Visibility> = verdicts
         .verdicts
         .iter()
         .filter_map(|v| Visibility::of(v).map(|vis| ((v.change, v.principal), vis)))
@@ -110,7 +112,7 @@ pub async fn deliver(
     // Each client's frames of this chunk, in commit order. They are queued back to back at the
     // end, so its writer wakes once and writes them with one flush: the busier the relay, the
     // bigger the chunks, and the fewer system calls each delivery costs.
-    let mut outgoing: HashMap<u64, (Arc<ClientHandle>, Vec<Utf8Bytes>)> = HashMap::new();
+    let mut outgoing: FxHashMap<u64, (Arc<ClientHandle>, Vec<Utf8Bytes>)> = FxHashMap::default();
     {
         let mut state = hub.lock();
         for (change_ix, change) in changes.iter().enumerate() {
@@ -174,13 +176,10 @@ pub async fn deliver(
             }
         }
         // Still under the lock, so a `left` or a new `joined` cannot slip between these frames.
+        // A client that takes fewer is too slow: it is being closed, and resumes from its last
+        // event.
         for (client, frames) in outgoing.into_values() {
-            for frame in frames {
-                if !client.send(frame) {
-                    break; // too slow: it is being closed, and resumes from its last event
-                }
-                delivered += 1;
-            }
+            delivered += client.send_all(frames) as u64;
         }
     }
     metrics.events_delivered.add(delivered);

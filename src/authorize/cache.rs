@@ -33,6 +33,7 @@ use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use rustc_hash::FxHashMap;
 use tokio::time::Instant;
 
 use super::Verdict;
@@ -72,7 +73,8 @@ struct Interned {
 /// One policy key's answers, and when they stop being trusted.
 struct Answers {
     expires: Instant,
-    by_principal: HashMap<u64, bool>,
+    /// By interned id (the relay's own numbers: a fast hash is safe here).
+    by_principal: FxHashMap<u64, bool>,
 }
 
 /// A principal compared by content: connections of one user with identical claims share answers.
@@ -278,7 +280,7 @@ impl State {
             Some(answers) => answers,
             None => by_key.entry(key.to_owned()).or_insert_with(|| Answers {
                 expires: now,
-                by_principal: HashMap::new(),
+                by_principal: FxHashMap::default(),
             }),
         };
         if answers.expires <= now {

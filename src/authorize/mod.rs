@@ -26,11 +26,12 @@
 
 pub mod cache;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use anyhow::Context;
 use deadpool_postgres::Pool;
+use rustc_hash::{FxHashMap, FxHashSet};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::capture::outbox::Change;
@@ -104,7 +105,7 @@ pub struct Authorizer {
 /// policy reads alone says nothing new about the member's access (see [`crate::fanout`]).
 pub struct Verdicts {
     pub verdicts: Vec<Verdict>,
-    pub judged: HashSet<(u32, u32)>,
+    pub judged: FxHashSet<(u32, u32)>,
 }
 
 /// A join to check, and where to send the answer.
@@ -324,11 +325,11 @@ impl Questions {
         answered: Vec<Verdict>,
         failed: &[(u32, u32)],
     ) -> (Vec<Verdict>, Vec<(u32, u32)>) {
-        let answers: HashMap<(u32, u32), Verdict> = answered
+        let answers: FxHashMap<(u32, u32), Verdict> = answered
             .into_iter()
             .map(|v| ((v.change, v.principal), v))
             .collect();
-        let failed: HashSet<(u32, u32)> = failed.iter().copied().collect();
+        let failed: FxHashSet<(u32, u32)> = failed.iter().copied().collect();
         let mut verdicts = Vec::new();
         let mut failed_pairs = Vec::new();
         for (&(change, principal), &question) in pairs.iter().zip(&self.asked_by) {

@@ -85,6 +85,16 @@ impl FrameReceiver {
         self.frames.pop()
     }
 
+    /// Moves up to `max` waiting frames, in order, onto `into`, under one lock.
+    pub fn take(&mut self, max: usize, into: &mut Vec<Utf8Bytes>) {
+        let mut queue = self.frames.lock();
+        let n = max.min(queue.len());
+        into.extend(queue.drain(..n));
+        if queue.is_empty() && queue.capacity() > IDLE_QUEUE_CAPACITY {
+            queue.shrink_to_fit();
+        }
+    }
+
     /// The next frame, waiting for one; `None` once the handle is dropped and the queue is
     /// empty. Cancel-safe: a frame is only taken when it is returned.
     pub async fn recv(&mut self) -> Option<Utf8Bytes> {
@@ -148,10 +158,42 @@ impl ClientHandle {
     /// would take the bytes waiting past the budget (an empty queue always takes one frame, so
     /// a single large event never closes a client that keeps up).
     pub fn send(&self, frame: Utf8Bytes) -> bool {
+        self.send_all([frame]) == 1
+    }
+
+    /// Queues frames in order, as [`ClientHandle::send`] would one by one, but takes the queue's
+    /// lock and wakes the session once: the fan-out hands each client all its frames of a chunk
+    /// together. Returns how many were queued; fewer than given means the client is closing.
+    pub fn send_all(&self, frames: impl IntoIterator<Item = Utf8Bytes>) -> usize {
+        let mut queued = 0;
+        {
+            let mut queue = self.frames.lock();
+            for frame in frames {
+                if !self.admit(frame.as_str().len()) {
+                    break;
+                }
+                // Checked under the lock the receiver sets it under: nothing is queued after it.
+                if self.frames.receiver_dropped.load(Ordering::Relaxed) {
+                    self.queued_bytes
+                        .fetch_sub(frame.as_str().len(), Ordering::Relaxed);
+                    break;
+                }
+                queue.push_back(frame);
+                queued += 1;
+            }
+        }
+        if queued > 0 {
+            self.frames.arrived.notify_one();
+        }
+        queued
+    }
+
+    /// Counts `len` more bytes as queued, unless the client is closing or they would take it
+    /// past its budget, which closes it (4008).
+    fn admit(&self, len: usize) -> bool {
         if self.closing.load(Ordering::Relaxed) {
             return false;
         }
-        let len = frame.as_str().len();
         let before = self.queued_bytes.fetch_add(len, Ordering::Relaxed);
         if before > 0 && before + len > self.max_queued_bytes {
             self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
@@ -161,23 +203,17 @@ impl ClientHandle {
             });
             return false;
         }
-        {
-            let mut queue = self.frames.lock();
-            // Checked under the lock the receiver sets it under: nothing is queued after it.
-            if self.frames.receiver_dropped.load(Ordering::Relaxed) {
-                self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
-                return false;
-            }
-            queue.push_back(frame);
-        }
-        self.frames.arrived.notify_one();
         true
     }
 
     /// Called by the session once a frame has been handed to the socket.
     pub fn sent(&self, frame: &Utf8Bytes) {
-        self.queued_bytes
-            .fetch_sub(frame.as_str().len(), Ordering::Relaxed);
+        self.sent_bytes(frame.as_str().len());
+    }
+
+    /// Called by the session once frames of `bytes` bytes in all have been handed to the socket.
+    pub fn sent_bytes(&self, bytes: usize) {
+        self.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
         self.drained.notify_one();
     }
 
@@ -243,6 +279,25 @@ mod tests {
             queue.frames.try_recv().is_none(),
             "the overflowing frame was not queued"
         );
+    }
+
+    #[test]
+    fn frames_queued_together_stop_at_the_budget_and_are_taken_in_order() {
+        let (client, mut queue) = ClientHandle::new(10);
+        let frames = ["1234", "5678", "90ab", "cd"].map(Utf8Bytes::from_static);
+        assert_eq!(
+            client.send_all(frames),
+            2,
+            "the third frame would pass 10 bytes"
+        );
+        assert_eq!(queue.close.borrow_and_update().map(|r| r.code), Some(4008));
+        assert_eq!(client.send_all([Utf8Bytes::from_static("x")]), 0, "closing");
+        let mut taken = Vec::new();
+        queue.frames.take(64, &mut taken);
+        let taken: Vec<&str> = taken.iter().map(|f| f.as_str()).collect();
+        assert_eq!(taken, ["1234", "5678"]);
+        client.sent_bytes(8);
+        assert_eq!(client.queued_bytes.load(Ordering::Relaxed), 0);
     }
 
     #[tokio::test]

@@ -498,26 +498,22 @@ async fn write_frames(
     }
 }
 
-/// Writes `first` and whatever else is already queued, flushes once, then counts them as sent.
+/// Writes `first` and whatever else is already queued (up to 64 frames), flushes once, then
+/// counts them as sent.
 async fn write_batch(
     sink: &mut SplitSink<WebSocket, Message>,
     client: &ClientHandle,
     queue: &mut ClientQueue,
     first: Utf8Bytes,
 ) -> Result<(), axum::Error> {
-    let mut written = vec![first.clone()];
-    sink.feed(Message::Text(first)).await?;
-    while written.len() < 64 {
-        let Some(frame) = queue.frames.try_recv() else {
-            break;
-        };
-        written.push(frame.clone());
+    let mut frames = vec![first];
+    queue.frames.take(63, &mut frames);
+    let bytes = frames.iter().map(|f| f.as_str().len()).sum();
+    for frame in frames {
         sink.feed(Message::Text(frame)).await?;
     }
     sink.flush().await?;
-    for frame in &written {
-        client.sent(frame);
-    }
+    client.sent_bytes(bytes);
     Ok(())
 }
 
