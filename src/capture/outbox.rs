@@ -111,6 +111,8 @@ impl Op {
 
 /// `$1` = since, `$2` = upto or NULL for "now", `$3` = only changes to these rooms, or NULL for
 /// all. The snapshot comes first in every row so an empty batch still reports how far it read.
+/// The `ORDER BY` is what puts the changes in commit order: `pgrelay.read_batch()` leaves them
+/// unsorted, so that they are sorted once.
 ///
 /// Prepare it once per connection ([`Batch::read`] takes the statement): planning the inlined
 /// `pgrelay.read_batch()` costs about as much as running it, on every read.
