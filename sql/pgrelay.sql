@@ -176,10 +176,11 @@ LANGUAGE sql IMMUTABLE AS $$
     END
 $$;
 
--- (Upgrades: pgrelay.batch() now computes the changed columns inline.)
+-- (Upgrades: the changed columns are computed when a change is read, see pgrelay.read_batch().)
 DROP FUNCTION IF EXISTS pgrelay.changed_values(jsonb, jsonb);
 
--- The changes committed after snapshot `since` and no later than snapshot `upto`, in commit order.
+-- The changes committed after snapshot `since` and no later than snapshot `upto`; ordered by
+-- (txn_last, id), which its callers do, they come in commit order.
 --
 -- Outbox ids are handed out when a row is written, not when its transaction commits, so a reader
 -- that remembers "the last id I saw" skips the rows of any transaction that committed after a
@@ -191,9 +192,9 @@ DROP FUNCTION IF EXISTS pgrelay.changed_values(jsonb, jsonb);
 -- Only two places can hold such transactions, both cheap index lookups: transaction ids at or
 -- above since's xmax, and the transactions that were still running when `since` was taken.
 --
--- Within a batch, transactions are ordered by the last change each one wrote. If transaction B read
--- or overwrote what A committed, B wrote after A's commit, so B's last change is younger than all of
--- A's: the order always agrees with what the data says happened first.
+-- Within a batch, transactions are ordered by the last change each one wrote (txn_last). If
+-- transaction B read or overwrote what A committed, B wrote after A's commit, so B's last change
+-- is younger than all of A's: the order always agrees with what the data says happened first.
 --
 -- This is what relays read. Besides the change as clients see it, each row carries what a relay
 -- needs to remember policy answers (see pgrelay.watch(policy_columns => ...)):
@@ -203,31 +204,36 @@ DROP FUNCTION IF EXISTS pgrelay.changed_values(jsonb, jsonb);
 --   policy_key_old  the same for the row before an UPDATE;
 --   knows_old       an UPDATE that recorded previous values, so its old version can be judged too;
 --   flush           the tables whose remembered answers this change may have made wrong.
-CREATE OR REPLACE FUNCTION pgrelay.batch(since pg_snapshot, upto pg_snapshot)
+-- `old` is the whole row before an UPDATE, with the same columns left out as from `row`: the
+-- relay reduces it to the columns that changed (src/capture/changed.rs). Doing that here, with
+-- jsonb_each over the old row, was ~9 µs a change, about 40% of the read, on a backend that
+-- shares the CPU with every writer; the relay does it in about a microsecond.
+CREATE OR REPLACE FUNCTION pgrelay.read_batch(since pg_snapshot, upto pg_snapshot)
 RETURNS TABLE (
     id bigint, xid xid8, tbl text, entity text, op text, rooms text[], "row" jsonb, old jsonb,
     ts timestamptz, txn_last bigint,
     policy_key text, policy_key_old text, knows_old boolean, flush text[]
 )
 LANGUAGE sql STABLE AS $$
-    -- Both depend only on the table, so they are computed once per read and looked up per
-    -- change (MATERIALIZED: inlined, the planner joined them by a nested loop that re-ran the
-    -- policy_tables check for every change, ~9 µs a change on 1,000 changes).
-    WITH remembered AS MATERIALIZED (
-        -- A policy's answers may be remembered when it declared what it reads and every table it
-        -- reads is watched: a change to an unwatched table would never reach the relays.
-        SELECT w.name, w.policy::oid::text AS policy, w.unkeyed
-        FROM pgrelay.watches AS w
-        WHERE w.policy IS NOT NULL AND w.policy_columns IS NOT NULL
-          AND NOT EXISTS (SELECT FROM unnest(w.policy_tables) AS d(t)
-                          WHERE NOT EXISTS (SELECT FROM pgrelay.watches AS x WHERE x.tbl = d.t))
-    ), invalidates AS MATERIALIZED (
-        -- Per watched table: the tables whose policies read it.
-        SELECT x.name, array_agg(DISTINCT w.name) AS flush
-        FROM pgrelay.watches AS w
-        CROSS JOIN unnest(w.policy_tables) AS d(t)
-        JOIN pgrelay.watches AS x ON x.tbl = d.t
-        GROUP BY x.name
+    -- What depends only on the table is computed once per read, one row per watched table, and
+    -- looked up per change (MATERIALIZED: inlined, the planner joined it by a nested loop that
+    -- re-ran the policy_tables check for every change, ~9 µs a change on 1,000 changes). One
+    -- lookup, not two: each join sorted or hashed the whole batch, wide rows and all.
+    WITH per_table AS MATERIALIZED (
+        SELECT x.name,
+               -- A policy's answers may be remembered when it declared what it reads and every
+               -- table it reads is watched: a change to an unwatched table would never reach the
+               -- relays. NULL: not remembered.
+               CASE WHEN x.policy IS NOT NULL AND x.policy_columns IS NOT NULL
+                     AND NOT EXISTS (SELECT FROM unnest(x.policy_tables) AS d(t)
+                                     WHERE NOT EXISTS (SELECT FROM pgrelay.watches AS y WHERE y.tbl = d.t))
+                    THEN x.policy::oid::text END AS policy,
+               x.unkeyed,
+               -- The tables whose policies read this one.
+               coalesce((SELECT array_agg(DISTINCT w.name)
+                         FROM pgrelay.watches AS w CROSS JOIN unnest(w.policy_tables) AS d(t)
+                         WHERE d.t = x.tbl), '{}') AS flush
+        FROM pgrelay.watches AS x
     )
     SELECT c.id, c.xid, c.tbl, c.entity, c.op, c.rooms,
            -- What clients see, written out rather than calling SQL functions: Postgres cannot
@@ -235,15 +241,13 @@ LANGUAGE sql STABLE AS $$
            -- 10 µs a change, most of what a read costs.
            CASE WHEN c.show IS NULL THEN c."row" - coalesce(c.hide, '{}')
                 ELSE pgrelay.shipped(c."row", c.show, c.hide) END,
-           -- The capture records the whole old row; clients get the previous values of the
-           -- columns that changed. (Changes recorded by older versions hold just those already.)
-           CASE WHEN c.old IS NOT NULL THEN (
-               SELECT coalesce(jsonb_object_agg(o.key, o.value), '{}')
-               FROM jsonb_each(c.old) AS o
-               WHERE c."row" -> o.key IS DISTINCT FROM o.value
-                 AND NOT o.key = ANY (coalesce(c.hide, '{}'))
-                 AND (c.show IS NULL OR o.key = ANY (c.show))
-           ) END,
+           -- The old row, cut the same way: hidden columns never leave the database, not even
+           -- for the relay, which only needs the shipped ones to tell what changed. (Without
+           -- hidden columns, `-` with an empty array returns its input untouched.) Changes
+           -- recorded by older versions hold just the changed columns; the relay's reduction
+           -- leaves those as they are.
+           CASE WHEN c.show IS NULL THEN c.old - coalesce(c.hide, '{}')
+                ELSE pgrelay.shipped(c.old, c.show, c.hide) END,
            c.ts,
            c.txn_last,
            k.policy || ' ' || (c."row" - k.unkeyed)::text,
@@ -254,7 +258,7 @@ LANGUAGE sql STABLE AS $$
            CASE WHEN c.knows_old
                 THEN k.policy || ' ' || ((c."row" - k.unkeyed) || (c.old - k.unkeyed))::text END,
            c.knows_old,
-           coalesce(i.flush, '{}')
+           coalesce(k.flush, '{}')
     FROM (
         SELECT o.*, max(o.id) OVER (PARTITION BY o.xid) AS txn_last,
                (o.op = 'UPDATE' AND o.old IS NOT NULL AND o.old <> '{}') AS knows_old
@@ -270,12 +274,37 @@ LANGUAGE sql STABLE AS $$
         ) AS o
         WHERE pg_visible_in_snapshot(o.xid, upto)
     ) AS c
-    LEFT JOIN remembered AS k ON k.name = c.tbl
-    LEFT JOIN invalidates AS i ON i.name = c.tbl
-    ORDER BY c.txn_last, c.id
+    LEFT JOIN per_table AS k ON k.name = c.tbl
+    -- Not sorted here: callers order by (txn_last, id) (the relay's READ_BATCH, pgrelay.batch()),
+    -- and a second sort of the same rows cost ~1.5 µs a change.
+$$;
+COMMENT ON FUNCTION pgrelay.read_batch(pg_snapshot, pg_snapshot) IS
+    'What relays read: the changes between two snapshots with whole old rows, plus the inputs for remembering policy answers';
+
+-- pgrelay.read_batch() with `old` reduced to the previous values of the columns that changed, as
+-- clients receive it, compared with jsonb's equality (numeric 1.0 equals 1.00). Relays before
+-- read_batch() read this one, so it keeps its columns and their meaning while such a relay may
+-- still run beside an upgraded library.
+CREATE OR REPLACE FUNCTION pgrelay.batch(since pg_snapshot, upto pg_snapshot)
+RETURNS TABLE (
+    id bigint, xid xid8, tbl text, entity text, op text, rooms text[], "row" jsonb, old jsonb,
+    ts timestamptz, txn_last bigint,
+    policy_key text, policy_key_old text, knows_old boolean, flush text[]
+)
+LANGUAGE sql STABLE AS $$
+    SELECT b.id, b.xid, b.tbl, b.entity, b.op, b.rooms, b."row",
+           -- Hidden columns are already gone from both rows.
+           CASE WHEN b.old IS NOT NULL THEN (
+               SELECT coalesce(jsonb_object_agg(o.key, o.value), '{}')
+               FROM jsonb_each(b.old) AS o
+               WHERE b."row" -> o.key IS DISTINCT FROM o.value
+           ) END,
+           b.ts, b.txn_last, b.policy_key, b.policy_key_old, b.knows_old, b.flush
+    FROM pgrelay.read_batch(since, upto) AS b
+    ORDER BY b.txn_last, b.id
 $$;
 COMMENT ON FUNCTION pgrelay.batch(pg_snapshot, pg_snapshot) IS
-    'What relays read: pgrelay.changes_between() plus the inputs for remembering policy answers';
+    'pgrelay.read_batch() with old reduced to the changed columns, as clients see it';
 
 -- The same changes, as clients see them: for DBAs and the pgrelay.lag view.
 CREATE OR REPLACE FUNCTION pgrelay.changes_between(since pg_snapshot, upto pg_snapshot)

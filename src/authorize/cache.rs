@@ -6,7 +6,7 @@
 //! privacy, assignee and creator) and at slowly changing tables (memberships).
 //!
 //! A DBA who declares what a policy reads (`pgrelay.watch(policy_columns => ...,
-//! policy_tables => ...)`) lets the relay remember its answers. `pgrelay.batch` labels each change
+//! policy_tables => ...)`) lets the relay remember its answers. `pgrelay.read_batch` labels each change
 //! with a *policy key*: the policy and the values of the declared columns, taken from the full row.
 //! An answer is remembered per (table, policy key, principal), where a principal is a user with
 //! one exact set of claims, so a refreshed token with other claims is judged afresh.

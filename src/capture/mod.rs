@@ -4,8 +4,10 @@
 //! This module is the reading side: [`listener`] turns `NOTIFY` into wake-ups (which writers send
 //! only while a relay sleeps: [`wakeup`]), [`reader`] reads
 //! [`outbox`] batches between two snapshots and hands them on, and [`position`] names a point in
-//! that stream so a client can come back to it. [`retention`] keeps the outbox from growing.
+//! that stream so a client can come back to it. [`changed`] works out what an UPDATE changed;
+//! [`retention`] keeps the outbox from growing.
 
+pub mod changed;
 pub mod listener;
 pub mod outbox;
 pub mod position;

@@ -35,7 +35,8 @@ use crate::transport::client::CloseRequest;
 /// Changes handed to one authorization query.
 const CHUNK: usize = 1000;
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
-/// The pause before each further read once two reads in a row found changes.
+/// Once two reads in a row found changes, reads start at most this often (the pause after a read
+/// is what is left of it).
 const READ_PACE: Duration = Duration::from_millis(5);
 /// A reader that found at least [`BUSY_CHANGES`] changes in the last [`BUSY_WINDOW`] or two is
 /// busy: it goes to sleep only once its reads, every [`READ_PACE`], have found nothing for
@@ -174,6 +175,7 @@ impl Reader {
         // While busy: since when reads have found nothing.
         let mut quiet_since: Option<Instant> = None;
         loop {
+            let started = Instant::now();
             let read = tokio::select! {
                 read = self.read(reading.cursor) => read,
                 () = reading.shutdown.cancelled() => return None,
@@ -202,9 +204,12 @@ impl Reader {
                         // Two reads in a row found changes: writes are flowing. Let the next
                         // batch grow a little: fewer, larger reads leave more of the database to
                         // the writers. (A lone change, as from a wake-up, is read at once, and
-                        // so is whatever follows it right away.)
+                        // so is whatever follows it right away.) Reads start READ_PACE apart,
+                        // counted from the start of this one: a read that took longer has let
+                        // the batch grow already, and pausing after it only made every change
+                        // committed meanwhile wait longer (W4, where reads take 10-17 ms).
                         tokio::select! {
-                            () = tokio::time::sleep(READ_PACE) => {}
+                            () = tokio::time::sleep_until(started + READ_PACE) => {}
                             () = reading.shutdown.cancelled() => return None,
                         }
                     }

@@ -33,7 +33,7 @@ pub async fn load_demo_data(database_url: &str) -> anyhow::Result<()> {
 pub async fn library_installed(client: &tokio_postgres::Client) -> anyhow::Result<bool> {
     let row = client
         .query_one(
-            "SELECT to_regprocedure('pgrelay.batch(pg_snapshot,pg_snapshot)') IS NOT NULL",
+            "SELECT to_regprocedure('pgrelay.read_batch(pg_snapshot,pg_snapshot)') IS NOT NULL",
             &[],
         )
         .await?;
