@@ -866,6 +866,7 @@ async fn a_change_committed_while_the_relay_goes_to_sleep_is_delivered_by_a_wake
                 .db
                 .query_one(
                     "SELECT EXISTS (SELECT FROM pg_locks WHERE locktype = 'advisory' AND NOT granted
+                                      AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
                                       AND classid = $1::int4::oid AND objid = $2::int4::oid)",
                     &[&pgrelay::capture::wakeup::LOCK_CLASS, &WRITING],
                 )
