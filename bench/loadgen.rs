@@ -26,12 +26,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Map, Value};
 use tokio::net::TcpSocket;
-
-#[path = "loadgen/client.rs"]
-mod client;
-use client::{Incoming, Ws};
+use tokio_tungstenite::tungstenite::Message;
 
 const SECRET: &str = "pgrelay-dev-secret-not-for-production";
 const FIRST_PROJECT: i64 = 1000;
@@ -157,6 +155,8 @@ fn token(user: &str) -> anyhow::Result<String> {
     )
 }
 
+type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
 /// Connects from one of many loopback source addresses (one address has only ~28k ports).
 async fn connect(relay: SocketAddr, user: &str, n: usize) -> anyhow::Result<Ws> {
     let source = Ipv4Addr::new(127, 0, 1 + (n / 20_000) as u8, 1 + (n % 250) as u8);
@@ -169,30 +169,43 @@ async fn connect(relay: SocketAddr, user: &str, n: usize) -> anyhow::Result<Ws> 
         .context("TCP connect timed out")?
         .context("TCP connect")?;
     stream.set_nodelay(true)?;
-    let path = format!("/ws?token={}", token(user)?);
-    let mut ws = tokio::time::timeout(Duration::from_secs(10), Ws::handshake(stream, relay, &path))
-        .await
-        .context("WebSocket handshake timed out (is the relay out of file descriptors?)")?
-        .context("WebSocket handshake")?;
+    let url = format!("ws://{relay}/ws?token={}", token(user)?);
+    let (mut ws, _) = tokio::time::timeout(
+        Duration::from_secs(10),
+        // tungstenite zero-fills its whole read buffer (128 KiB by default) before every read;
+        // with W2's thousands of small reads that memset was 37% of the generator's CPU.
+        tokio_tungstenite::client_async_with_config(url, stream, Some(client_config())),
+    )
+    .await
+    .context("WebSocket handshake timed out (is the relay out of file descriptors?)")?
+    .context("WebSocket handshake")?;
     let ready = next_json(&mut ws).await?;
     anyhow::ensure!(ready["type"] == "ready", "expected ready, got {ready}");
     Ok(ws)
 }
 
+fn client_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(8 * 1024)
+}
+
 async fn next_json(ws: &mut Ws) -> anyhow::Result<Value> {
-    let message = tokio::time::timeout(Duration::from_secs(30), ws.recv())
-        .await
-        .context("timed out")??;
-    match message {
-        Incoming::Text(text) => Ok(serde_json::from_str(text)?),
-        Incoming::Close(code) => bail!("closed ({code:?})"),
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(30), ws.next())
+            .await
+            .context("timed out")?
+            .context("connection ended")??;
+        if let Message::Text(text) = message {
+            return Ok(serde_json::from_str(&text)?);
+        }
     }
 }
 
 /// Joins a room and reads up to its `joined` (or the refusal).
 async fn join(ws: &mut Ws, room: &str) -> anyhow::Result<bool> {
-    ws.send_text(&json!({"type": "join", "room": room}).to_string())
-        .await?;
+    ws.send(Message::Text(
+        json!({"type": "join", "room": room}).to_string().into(),
+    ))
+    .await?;
     loop {
         let reply = next_json(ws).await?;
         match reply["type"].as_str() {
@@ -296,21 +309,17 @@ async fn read_events(
     let scan = EventScan::new();
     loop {
         let message = tokio::select! {
-            m = ws.recv() => m,
+            m = ws.next() => m,
             () = stop.cancelled() => break,
         };
-        let text = match message {
-            Ok(Incoming::Text(text)) => text,
-            Ok(Incoming::Close(code)) => {
-                eprintln!("client b{project}_{n}: closed ({code:?})");
-                break;
+        let Some(Ok(Message::Text(text))) = message else {
+            if matches!(message, Some(Ok(_))) {
+                continue;
             }
-            Err(err) => {
-                eprintln!("client b{project}_{n}: {err:#}");
-                break;
-            }
+            eprintln!("client b{project}_{n}: connection ended: {message:?}");
+            break;
         };
-        let Some((task, priority)) = scan.scan(text) else {
+        let Some((task, priority)) = scan.scan(&text) else {
             continue;
         };
         let now = commits.now();
@@ -595,24 +604,29 @@ async fn bulk(args: &Args) -> anyhow::Result<Value> {
     let mut last_id = String::new();
     let mut resumes = 0;
     while received < updated {
-        let message = tokio::time::timeout(Duration::from_secs(60), ws.recv())
+        let message = tokio::time::timeout(Duration::from_secs(60), ws.next())
             .await
-            .context("timed out waiting for the bulk events")??;
+            .context("timed out waiting for the bulk events")?
+            .context("connection ended")??;
         match message {
-            Incoming::Text(text) if field(text, "type") == Some("event") => {
+            Message::Text(text) if field(&text, "type") == Some("event") => {
                 received += 1;
                 first.get_or_insert_with(|| began.elapsed());
-                last_id = field(text, "id").unwrap_or_default().to_owned();
+                last_id = field(&text, "id").unwrap_or_default().to_owned();
             }
-            Incoming::Text(_) => {}
             // Too slow (4008): what a client does, resume from the last event it got.
-            Incoming::Close(Some(4008)) if resumes < 10 => {
+            Message::Close(Some(frame)) if u16::from(frame.code) == 4008 && resumes < 10 => {
                 resumes += 1;
                 ws = connect(relay, owner, 0).await?;
-                ws.send_text(&json!({"type": "join", "room": room, "since": last_id}).to_string())
-                    .await?;
+                ws.send(Message::Text(
+                    json!({"type": "join", "room": room, "since": last_id})
+                        .to_string()
+                        .into(),
+                ))
+                .await?;
             }
-            Incoming::Close(code) => bail!("closed ({code:?})"),
+            Message::Close(frame) => bail!("closed: {frame:?}"),
+            _ => {}
         }
     }
     let all = began.elapsed();
@@ -647,8 +661,10 @@ async fn joins(args: &Args) -> anyhow::Result<Value> {
                 // Pipelined: send every join, then read the replies.
                 for t in 0..per_connection as i64 {
                     let room = format!("task:{}", Shape::task_id(p, 1 + t % (shape.tasks - 1)));
-                    ws.send_text(&json!({"type": "join", "room": room}).to_string())
-                        .await?;
+                    ws.send(Message::Text(
+                        json!({"type": "join", "room": room}).to_string().into(),
+                    ))
+                    .await?;
                 }
                 let (mut joined, mut refused) = (0u64, 0u64);
                 while joined + refused < per_connection as u64 {
@@ -715,7 +731,7 @@ async fn idle(args: &Args) -> anyhow::Result<Value> {
         anyhow::ensure!(join(&mut ws, &format!("user:{user}")).await?);
         // An idle client still reads (presence diffs, pings), as a browser would.
         held.push(tokio::spawn(async move {
-            while let Ok(Incoming::Text(_)) = ws.recv().await {}
+            while let Some(Ok(_)) = ws.next().await {}
         }));
     }
     let seconds = began.elapsed().as_secs_f64();
