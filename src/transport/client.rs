@@ -66,11 +66,15 @@ impl Frames {
     fn pop(&self) -> Option<Utf8Bytes> {
         let mut queue = self.lock();
         let frame = queue.pop_front();
-        // An idle connection should not keep the capacity a burst needed.
-        if queue.is_empty() && queue.capacity() > IDLE_QUEUE_CAPACITY {
-            queue.shrink_to_fit();
-        }
+        give_back_if_drained(&mut queue);
         frame
+    }
+}
+
+/// An idle connection should not keep the capacity a burst needed.
+fn give_back_if_drained(queue: &mut VecDeque<Utf8Bytes>) {
+    if queue.is_empty() && queue.capacity() > IDLE_QUEUE_CAPACITY {
+        queue.shrink_to_fit();
     }
 }
 
@@ -90,9 +94,7 @@ impl FrameReceiver {
         let mut queue = self.frames.lock();
         let n = max.min(queue.len());
         into.extend(queue.drain(..n));
-        if queue.is_empty() && queue.capacity() > IDLE_QUEUE_CAPACITY {
-            queue.shrink_to_fit();
-        }
+        give_back_if_drained(&mut queue);
     }
 
     /// The next frame, waiting for one; `None` once the handle is dropped and the queue is
