@@ -206,8 +206,8 @@ impl Reader {
                         // the writers. (A lone change, as from a wake-up, is read at once, and
                         // so is whatever follows it right away.) Reads start READ_PACE apart,
                         // counted from the start of this one: a read that took longer has let
-                        // the batch grow already, and pausing after it only made every change
-                        // committed meanwhile wait longer (W4, where reads take 10-17 ms).
+                        // the batch grow already, and pausing after it only makes every change
+                        // committed meanwhile wait longer.
                         tokio::select! {
                             () = tokio::time::sleep_until(started + READ_PACE) => {}
                             () = reading.shutdown.cancelled() => return None,
