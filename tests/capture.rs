@@ -895,6 +895,82 @@ async fn a_change_committed_while_the_relay_goes_to_sleep_is_delivered_by_a_wake
     assert!(relay.metric("reader_wakeups_total").await >= 1);
 }
 
+/// Whether some session of this database holds the "sleeping" lock: a relay announced its sleep.
+async fn sleep_announced(db: &tokio_postgres::Client) -> bool {
+    db.query_one(
+        "SELECT EXISTS (SELECT FROM pg_locks WHERE locktype = 'advisory' AND granted
+                          AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                          AND classid = $1::int4::oid AND objid = $2::int4::oid)",
+        &[
+            &pgrelay::capture::wakeup::LOCK_CLASS,
+            &pgrelay::capture::wakeup::SLEEPING,
+        ],
+    )
+    .await
+    .expect("pg_locks")
+    .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_woken_while_going_to_sleep_stays_awake_under_sustained_writes() {
+    use pgrelay::capture::wakeup::WRITING;
+    let relay = TestRelay::start_with(|c| c.poll_interval = NO_POLL).await;
+    let mut alice = relay.client("u1").await;
+    alice.join("project:1").await;
+    // A transaction that did not notify is still open, so the relay's next attempt to sleep
+    // waits for it (its barrier), with its sleep announced.
+    let held = common::connect(&relay.db_url).await;
+    lock(&held, "pg_advisory_lock_shared", WRITING).await;
+    relay
+        .sql("UPDATE tasks SET priority = 0 WHERE id = 1")
+        .await;
+    alice.recv_event().await;
+    let mut announced = false;
+    for _ in 0..400 {
+        announced = sleep_announced(&relay.db).await;
+        if announced {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(announced, "the relay goes to sleep once writes stop");
+
+    // Now writes flow without a pause (each notifies: the barrier waits), and the open
+    // transaction ends: the relay must withdraw its announcement while it reads them, or every
+    // writer goes on notifying.
+    let writer_url = relay.db_url.clone();
+    let writing = tokio::spawn(async move {
+        let writer = common::connect(&writer_url).await;
+        let began = std::time::Instant::now();
+        let mut commits = 0u64;
+        while began.elapsed() < Duration::from_secs(3) {
+            writer
+                .batch_execute("UPDATE tasks SET priority = coalesce(priority, 0) + 1")
+                .await
+                .expect("update");
+            commits += 1;
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        commits
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    lock(&held, "pg_advisory_unlock_shared", WRITING).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let mut held_in = 0;
+    for _ in 0..20 {
+        if sleep_announced(&relay.db).await {
+            held_in += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let commits = writing.await.expect("writer");
+    assert!(commits > 100, "the writer kept writing ({commits} commits)");
+    assert!(
+        held_in <= 10,
+        "the sleep stayed announced in {held_in} of 20 samples while changes kept coming"
+    );
+}
+
 /// Rounds of staggered writers whose transactions stay open for a few milliseconds: some write
 /// while the relay is busy (and do not notify) and commit after it went to sleep. Each round ends
 /// quietly, so a change whose wake-up was lost would wait for the hourly poll.

@@ -129,8 +129,11 @@ impl Reader {
                 sleeping.end().await;
                 continue;
             }
-            // Every writer that did not notify has ended: one more read sees them all.
-            let Some(found) = self.read_until_empty(&mut reading).await else {
+            // Every writer that did not notify has ended: one more read sees them all. One
+            // read, not reads until one is empty: while the sleep is announced every writer
+            // notifies, so under sustained writes the reader must withdraw it as soon as it
+            // finds changes, not once they stop (which they may not).
+            let Some(found) = self.read_once(&mut reading).await else {
                 return;
             };
             if found > 0 || sleeping.lost() {
@@ -176,6 +179,42 @@ impl Reader {
         let mut quiet_since: Option<Instant> = None;
         loop {
             let started = Instant::now();
+            let n = self.read_once(reading).await?;
+            if total > 0 {
+                self.metrics.back_to_back_reads.inc();
+            }
+            if n == 0 {
+                let quiet = *quiet_since.get_or_insert_with(Instant::now);
+                if !reading.recent.busy() || quiet.elapsed() >= LINGER {
+                    return Some(total);
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(READ_PACE) => {}
+                    () = reading.shutdown.cancelled() => return None,
+                }
+                continue;
+            }
+            quiet_since = None;
+            if total > 0 {
+                // Two reads in a row found changes: writes are flowing. Let the next batch grow
+                // a little: fewer, larger reads leave more of the database to the writers. (A
+                // lone change, as from a wake-up, is read at once, and so is whatever follows it
+                // right away.) Reads start READ_PACE apart, counted from the start of this one:
+                // a read that took longer has let the batch grow already, and pausing after it
+                // only makes every change committed meanwhile wait longer.
+                tokio::select! {
+                    () = tokio::time::sleep_until(started + READ_PACE) => {}
+                    () = reading.shutdown.cancelled() => return None,
+                }
+            }
+            total += n;
+        }
+    }
+
+    /// One read, retried until it succeeds; returns how many changes it read, or `None` at
+    /// shutdown.
+    async fn read_once(&self, reading: &mut Reading<'_>) -> Option<u64> {
+        loop {
             let read = tokio::select! {
                 read = self.read(reading.cursor) => read,
                 () = reading.shutdown.cancelled() => return None,
@@ -184,36 +223,8 @@ impl Reader {
                 Ok(n) => {
                     self.metrics.reader_healthy.set(1);
                     reading.backoff = Backoff::default();
-                    if total > 0 {
-                        self.metrics.back_to_back_reads.inc();
-                    }
                     reading.recent.add(n);
-                    if n == 0 {
-                        let quiet = *quiet_since.get_or_insert_with(Instant::now);
-                        if !reading.recent.busy() || quiet.elapsed() >= LINGER {
-                            return Some(total);
-                        }
-                        tokio::select! {
-                            () = tokio::time::sleep(READ_PACE) => {}
-                            () = reading.shutdown.cancelled() => return None,
-                        }
-                        continue;
-                    }
-                    quiet_since = None;
-                    if total > 0 {
-                        // Two reads in a row found changes: writes are flowing. Let the next
-                        // batch grow a little: fewer, larger reads leave more of the database to
-                        // the writers. (A lone change, as from a wake-up, is read at once, and
-                        // so is whatever follows it right away.) Reads start READ_PACE apart,
-                        // counted from the start of this one: a read that took longer has let
-                        // the batch grow already, and pausing after it only makes every change
-                        // committed meanwhile wait longer.
-                        tokio::select! {
-                            () = tokio::time::sleep_until(started + READ_PACE) => {}
-                            () = reading.shutdown.cancelled() => return None,
-                        }
-                    }
-                    total += n;
+                    return Some(n);
                 }
                 Err(err) => {
                     self.failed(&err, &mut reading.backoff, reading.shutdown)
@@ -293,8 +304,12 @@ impl Reader {
             if sleeping.lost() {
                 return Some(false);
             }
-            // Writers notify while the barrier waits; deliver what they announce.
-            self.read_until_empty(reading).await?;
+            // Writers notify while the barrier waits; deliver what they announce, one read per
+            // wake-up. Not until a read is empty: under sustained writes that never happens, and
+            // the reader kept its sleep announced while it read, so every writer notified (W4:
+            // 18,000-24,000 NOTIFYs in 20 s, from 4 announcements) and their commits queued on
+            // the NOTIFY lock. Back in the loop, the barrier has usually passed.
+            self.read_once(reading).await?;
         }
     }
     async fn failed(
