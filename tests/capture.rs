@@ -385,6 +385,45 @@ async fn updates_record_only_changed_rows_whatever_the_column_types() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_install_whose_generation_column_has_no_default_is_upgraded() {
+    // Before the generation became the default of pgrelay.changes.gen, the capture functions
+    // wrote it themselves; running the library again must add the default before the functions
+    // that rely on it.
+    let db = common::connect(&common::fresh_database().await).await;
+    db.batch_execute("ALTER TABLE pgrelay.changes ALTER COLUMN gen DROP DEFAULT")
+        .await
+        .expect("old layout");
+    db.batch_execute(pgrelay::db::migrate::LIBRARY)
+        .await
+        .expect("upgrade");
+    db.batch_execute(
+        "UPDATE tasks SET priority = 1 WHERE id = 1;
+         SELECT nextval('pgrelay.generation'), nextval('pgrelay.generation');
+         UPDATE tasks SET priority = 2 WHERE id = 1;",
+    )
+    .await
+    .expect("updates");
+    let gens: Vec<(i16, String)> = db
+        .query(
+            "SELECT gen, tableoid::regclass::text FROM pgrelay.changes
+             WHERE tbl = 'tasks' AND op = 'UPDATE' ORDER BY id",
+            &[],
+        )
+        .await
+        .expect("outbox")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        gens,
+        [
+            (0, "pgrelay.changes_0".to_owned()),
+            (1, "pgrelay.changes_1".to_owned())
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_old_values_updates_are_captured_without_them() {
     let relay = TestRelay::start().await;
     relay
