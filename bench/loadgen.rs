@@ -308,6 +308,14 @@ impl Commits {
     }
 }
 
+/// What the writer stores for sequence number `n` (`tasks.priority` is an `int`).
+fn sequence_number(commits: &Commits, n: usize) -> anyhow::Result<i32> {
+    i32::try_from(commits.base + n).context(
+        "sequence numbers no longer fit tasks.priority: \
+         UPDATE tasks SET priority = 0 WHERE project_id >= 1000",
+    )
+}
+
 /// What one client saw.
 #[derive(Default)]
 struct Seen {
@@ -500,7 +508,7 @@ async fn fanout(args: &Args) -> anyhow::Result<Value> {
                     client
                         .execute(
                             &statement,
-                            &[&((commits.base + first) as i32), &Shape::task_id(p, t)],
+                            &[&sequence_number(&commits, first)?, &Shape::task_id(p, t)],
                         )
                         .await?;
                 } else {
@@ -509,8 +517,8 @@ async fn fanout(args: &Args) -> anyhow::Result<Value> {
                     // nothing is expected.
                     picked.sort_unstable_by_key(|&(p, t)| Shape::task_id(p, t));
                     let seqs: Vec<i32> = (first..first + rows)
-                        .map(|n| (commits.base + n) as i32)
-                        .collect();
+                        .map(|n| sequence_number(&commits, n))
+                        .collect::<anyhow::Result<_>>()?;
                     let ids: Vec<i64> = picked.iter().map(|&(p, t)| Shape::task_id(p, t)).collect();
                     match client.execute(&statement, &[&seqs, &ids]).await {
                         Ok(_) => {}
