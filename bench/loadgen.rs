@@ -29,7 +29,7 @@ use anyhow::{bail, Context};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Map, Value};
 use tokio::net::TcpSocket;
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 const SECRET: &str = "pgrelay-dev-secret-not-for-production";
 const FIRST_PROJECT: i64 = 1000;
@@ -188,16 +188,21 @@ fn client_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig 
     tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(8 * 1024)
 }
 
-async fn next_json(ws: &mut Ws) -> anyhow::Result<Value> {
+/// The next text frame (30 s at most).
+async fn next_text(ws: &mut Ws) -> anyhow::Result<Utf8Bytes> {
     loop {
         let message = tokio::time::timeout(Duration::from_secs(30), ws.next())
             .await
             .context("timed out")?
             .context("connection ended")??;
         if let Message::Text(text) = message {
-            return Ok(serde_json::from_str(&text)?);
+            return Ok(text);
         }
     }
+}
+
+async fn next_json(ws: &mut Ws) -> anyhow::Result<Value> {
+    Ok(serde_json::from_str(&next_text(ws).await?)?)
 }
 
 /// The next frame that is not presence, parsed. Presence makes most of W6's frames (each join
@@ -205,14 +210,9 @@ async fn next_json(ws: &mut Ws) -> anyhow::Result<Value> {
 /// heaviest process of the run.
 async fn next_reply(ws: &mut Ws) -> anyhow::Result<Value> {
     loop {
-        let message = tokio::time::timeout(Duration::from_secs(30), ws.next())
-            .await
-            .context("timed out")?
-            .context("connection ended")??;
-        if let Message::Text(text) = message {
-            if memchr::memmem::find(text.as_bytes(), b"\"type\":\"presence_").is_none() {
-                return Ok(serde_json::from_str(&text)?);
-            }
+        let text = next_text(ws).await?;
+        if memchr::memmem::find(text.as_bytes(), b"\"type\":\"presence_").is_none() {
+            return Ok(serde_json::from_str(&text)?);
         }
     }
 }

@@ -883,6 +883,32 @@ async fn writers_notify_only_while_a_relay_sleeps_or_goes_to_sleep() {
         .expect("barrier");
 }
 
+/// Whether some session of this database holds (`granted`) or waits for one of pgrelay's
+/// advisory locks: `SLEEPING` granted is a relay's sleep announcement, `WRITING` waited for is
+/// its barrier.
+async fn pgrelay_lock(db: &tokio_postgres::Client, key: i32, granted: bool) -> bool {
+    db.query_one(
+        "SELECT EXISTS (SELECT FROM pg_locks WHERE locktype = 'advisory' AND granted = $3
+                          AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                          AND classid = $1::int4::oid AND objid = $2::int4::oid)",
+        &[&pgrelay::capture::wakeup::LOCK_CLASS, &key, &granted],
+    )
+    .await
+    .expect("pg_locks")
+    .get(0)
+}
+
+/// Waits up to 10 s for [`pgrelay_lock`] to be true.
+async fn until_pgrelay_lock(db: &tokio_postgres::Client, key: i32, granted: bool) -> bool {
+    for _ in 0..400 {
+        if pgrelay_lock(db, key, granted).await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    false
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_change_committed_while_the_relay_goes_to_sleep_is_delivered_by_a_wakeup() {
     use pgrelay::capture::wakeup::WRITING;
@@ -899,25 +925,10 @@ async fn a_change_committed_while_the_relay_goes_to_sleep_is_delivered_by_a_wake
     assert_eq!(title_or_priority(&alice.recv_event().await), 100);
     for i in 0..5 {
         // Having read that, the relay is going to sleep: its barrier waits for our lock.
-        let mut waiting = false;
-        for _ in 0..400 {
-            waiting = relay
-                .db
-                .query_one(
-                    "SELECT EXISTS (SELECT FROM pg_locks WHERE locktype = 'advisory' AND NOT granted
-                                      AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
-                                      AND classid = $1::int4::oid AND objid = $2::int4::oid)",
-                    &[&pgrelay::capture::wakeup::LOCK_CLASS, &WRITING],
-                )
-                .await
-                .expect("pg_locks")
-                .get(0);
-            if waiting {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        assert!(waiting, "the relay waits for writers before it sleeps");
+        assert!(
+            until_pgrelay_lock(&relay.db, WRITING, false).await,
+            "the relay waits for writers before it sleeps"
+        );
         relay
             .sql(&format!("UPDATE tasks SET priority = {i} WHERE id = 1"))
             .await;
@@ -934,25 +945,9 @@ async fn a_change_committed_while_the_relay_goes_to_sleep_is_delivered_by_a_wake
     assert!(relay.metric("reader_wakeups_total").await >= 1);
 }
 
-/// Whether some session of this database holds the "sleeping" lock: a relay announced its sleep.
-async fn sleep_announced(db: &tokio_postgres::Client) -> bool {
-    db.query_one(
-        "SELECT EXISTS (SELECT FROM pg_locks WHERE locktype = 'advisory' AND granted
-                          AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
-                          AND classid = $1::int4::oid AND objid = $2::int4::oid)",
-        &[
-            &pgrelay::capture::wakeup::LOCK_CLASS,
-            &pgrelay::capture::wakeup::SLEEPING,
-        ],
-    )
-    .await
-    .expect("pg_locks")
-    .get(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_woken_while_going_to_sleep_stays_awake_under_sustained_writes() {
-    use pgrelay::capture::wakeup::WRITING;
+    use pgrelay::capture::wakeup::{SLEEPING, WRITING};
     let relay = TestRelay::start_with(|c| c.poll_interval = NO_POLL).await;
     let mut alice = relay.client("u1").await;
     alice.join("project:1").await;
@@ -964,15 +959,10 @@ async fn a_relay_woken_while_going_to_sleep_stays_awake_under_sustained_writes()
         .sql("UPDATE tasks SET priority = 0 WHERE id = 1")
         .await;
     alice.recv_event().await;
-    let mut announced = false;
-    for _ in 0..400 {
-        announced = sleep_announced(&relay.db).await;
-        if announced {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    assert!(announced, "the relay goes to sleep once writes stop");
+    assert!(
+        until_pgrelay_lock(&relay.db, SLEEPING, true).await,
+        "the relay goes to sleep once writes stop"
+    );
 
     // Now writes flow without a pause (each notifies: the barrier waits), and the open
     // transaction ends: the relay must withdraw its announcement while it reads them, or every
@@ -998,7 +988,7 @@ async fn a_relay_woken_while_going_to_sleep_stays_awake_under_sustained_writes()
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let mut held_in = 0;
     for _ in 0..20 {
-        if sleep_announced(&relay.db).await {
+        if pgrelay_lock(&relay.db, SLEEPING, true).await {
             held_in += 1;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
