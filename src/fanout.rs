@@ -27,7 +27,7 @@ use crate::capture::position::{Position, PositionCodec, Snapshot};
 use crate::jwt::Principal;
 use crate::metrics::Metrics;
 use crate::rooms::Hub;
-use crate::transport::client::ClientHandle;
+use crate::queue::ClientHandle;
 
 /// How a change looks to one reader.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

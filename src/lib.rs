@@ -24,6 +24,7 @@ pub mod jwt;
 pub mod metrics;
 pub mod presence;
 pub mod protocol;
+pub mod queue;
 pub mod resume;
 pub mod rooms;
 pub mod server;

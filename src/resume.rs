@@ -27,7 +27,7 @@ use crate::fanout::{event_frame, Visibility};
 use crate::jwt::Principal;
 use crate::protocol::Room;
 use crate::rooms::Hub;
-use crate::transport::client::ClientHandle;
+use crate::queue::ClientHandle;
 
 /// What a position means here and now.
 #[derive(Debug)]

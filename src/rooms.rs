@@ -28,7 +28,7 @@ use crate::capture::position::{Position, Snapshot};
 use crate::jwt::Principal;
 use crate::presence::Presence;
 use crate::protocol::Room;
-use crate::transport::client::ClientHandle;
+use crate::queue::ClientHandle;
 
 /// A connection in a room.
 pub struct Member {
@@ -64,7 +64,7 @@ impl Member {
                 // Like the queue itself, an empty buffer always takes one frame.
                 let len = frame.as_str().len();
                 if pending.bytes > 0 && pending.bytes + len > self.client.max_queued_bytes() {
-                    self.client.close(crate::transport::client::CloseRequest {
+                    self.client.close(crate::queue::CloseRequest {
                         code: crate::protocol::close::TOO_SLOW,
                         reason: "too slow to keep up; resume with since",
                     });
@@ -320,7 +320,7 @@ impl Hub {
     }
 
     /// Asks every connected member to close (they resume with their positions).
-    pub fn close_all(&self, request: crate::transport::client::CloseRequest) {
+    pub fn close_all(&self, request: crate::queue::CloseRequest) {
         let state = self.lock();
         for member in state.rooms.values().flat_map(|m| m.values()) {
             member.client.close(request);

@@ -13,7 +13,7 @@ use crate::protocol::Room;
 use crate::resume::{self, Replay, Resolution, ResolveError};
 use crate::rooms::NotReady;
 use crate::server::AppState;
-use crate::transport::client::ClientHandle;
+use crate::queue::ClientHandle;
 
 /// How long a resume waits for this relay to catch up with a position issued by another one.
 const CATCH_UP: Duration = Duration::from_secs(5);

@@ -30,7 +30,7 @@ use crate::fanout::{self, BatchRef};
 use crate::metrics::Metrics;
 use crate::protocol::close;
 use crate::rooms::Hub;
-use crate::transport::client::CloseRequest;
+use crate::queue::CloseRequest;
 
 /// Changes handed to one authorization query.
 const CHUNK: usize = 1000;

@@ -31,7 +31,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
 use crate::protocol::Room;
-use crate::transport::client::ClientHandle;
+use crate::queue::ClientHandle;
 use bus::{Envelope, Op};
 use typing::Typing;
 
@@ -661,7 +661,7 @@ pub async fn sweep(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::transport::client::ClientQueue;
+    use crate::queue::ClientQueue;
 
     fn frames(queue: &mut ClientQueue) -> Vec<Value> {
         std::iter::from_fn(|| queue.frames.try_recv())

@@ -21,7 +21,7 @@ use futures_util::Stream;
 use serde::Deserialize;
 use tokio::time::Instant;
 
-use super::client::{ClientHandle, ClientQueue};
+use crate::queue::{ClientHandle, ClientQueue};
 use super::ws::token_from_request;
 use crate::jwt::Principal;
 use crate::protocol::{ErrorCode, Room, ServerMessage};
@@ -187,7 +187,7 @@ struct SseSession {
 impl Drop for SseSession {
     fn drop(&mut self) {
         // Nothing may wait on this client any more (a replay, say).
-        self.client.close(crate::transport::client::CloseRequest {
+        self.client.close(crate::queue::CloseRequest {
             code: crate::protocol::close::GOING_AWAY,
             reason: "stream ended",
         });

@@ -22,7 +22,7 @@ use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use tokio::time::Instant;
 
-use super::client::{ClientHandle, ClientQueue, CloseRequest};
+use crate::queue::{ClientHandle, ClientQueue, CloseRequest};
 use super::limits::TokenBucket;
 use crate::jwt::Principal;
 use crate::presence::PresenceError;
