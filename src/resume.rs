@@ -26,8 +26,8 @@ use crate::capture::position::{Position, PositionCodec, Seen, Snapshot};
 use crate::fanout::{event_frame, Visibility};
 use crate::jwt::Principal;
 use crate::protocol::Room;
-use crate::rooms::Hub;
 use crate::queue::ClientHandle;
+use crate::rooms::Hub;
 
 /// What a position means here and now.
 #[derive(Debug)]

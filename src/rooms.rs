@@ -23,7 +23,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use axum::extract::ws::Utf8Bytes;
+use rustc_hash::FxHashMap;
 
+use crate::capture::outbox::Change;
 use crate::capture::position::{Position, Snapshot};
 use crate::jwt::Principal;
 use crate::presence::Presence;
@@ -35,7 +37,7 @@ pub struct Member {
     pub client: Arc<ClientHandle>,
     pub principal: Arc<Principal>,
     /// The first batch this member receives.
-    pub first_batch: u64,
+    first_batch: u64,
     /// Identifies this membership: a replay or a revocation started for an earlier membership of
     /// the same client in the same room must not touch this one.
     pub join_id: u64,
@@ -50,6 +52,12 @@ struct Pending {
 }
 
 impl Member {
+    /// Whether the member receives batch `number`: a member that joined while an earlier batch
+    /// was in flight has a position past it (see the module comment).
+    fn takes_part_in(&self, number: u64) -> bool {
+        self.first_batch <= number
+    }
+
     /// Whether its missed changes are still being replayed (live frames then wait in it).
     pub fn is_replaying(&self) -> bool {
         self.pending.is_some()
@@ -57,7 +65,7 @@ impl Member {
 
     /// Queues a live frame, or holds it back while a replay is running. False if it was dropped
     /// (the client is too slow and is being closed).
-    pub fn deliver(&mut self, frame: Utf8Bytes) -> bool {
+    fn deliver(&mut self, frame: Utf8Bytes) -> bool {
         match &mut self.pending {
             None => self.client.send(frame),
             Some(pending) => {
@@ -92,8 +100,8 @@ impl Default for Hub {
 }
 
 #[derive(Default)]
-pub struct State {
-    pub rooms: HashMap<Room, HashMap<u64, Member>>,
+struct State {
+    rooms: HashMap<Room, HashMap<u64, Member>>,
     /// End of the last fully delivered batch; `None` until the reader has started.
     delivered: Option<Snapshot>,
     /// The batch being delivered now: its number and end.
@@ -124,7 +132,7 @@ impl Hub {
         &self.presence
     }
 
-    pub fn lock(&self) -> MutexGuard<'_, State> {
+    fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock leaves plain maps behind; keep serving.
         self.state
             .lock()
@@ -160,6 +168,76 @@ impl Hub {
         let mut state = self.lock();
         state.in_flight = None;
         state.delivered = Some(upto);
+    }
+
+    /// Calls `visit(change index, member)` for every member of every room of each change that
+    /// takes part in batch `number`, in order, under the lock (a member in two of a change's
+    /// rooms is visited twice).
+    pub fn candidates(
+        &self,
+        number: u64,
+        changes: &[Change],
+        mut visit: impl FnMut(usize, &Member),
+    ) {
+        let state = self.lock();
+        for (change_ix, change) in changes.iter().enumerate() {
+            for room in &change.rooms {
+                let Some(members) = state.rooms.get(room.as_str()) else {
+                    continue;
+                };
+                for member in members.values().filter(|m| m.takes_part_in(number)) {
+                    visit(change_ix, member);
+                }
+            }
+        }
+    }
+
+    /// Queues to every member of each change's rooms that takes part in batch `number` the frame
+    /// `frame_for(scratch, change index, room, member)` picks for it (none: it gets nothing),
+    /// in commit order, and returns how many frames were queued. `scratch` starts afresh for
+    /// each room of each change, so a frame can be built once per room and shared.
+    ///
+    /// Each client's frames of these changes are queued back to back at the end, still under the
+    /// lock, so a `left` or a new `joined` cannot slip between them and its writer wakes once and
+    /// writes them with one flush: the busier the relay, the bigger the chunks, and the fewer
+    /// system calls each delivery costs. A client that takes fewer is too slow: it is being
+    /// closed, and resumes from its last event.
+    pub fn deliver<S: Default>(
+        &self,
+        number: u64,
+        changes: &[Change],
+        mut frame_for: impl FnMut(&mut S, usize, &str, &Member) -> anyhow::Result<Option<Utf8Bytes>>,
+    ) -> anyhow::Result<u64> {
+        let mut delivered = 0u64;
+        let mut outgoing: FxHashMap<u64, (Arc<ClientHandle>, Vec<Utf8Bytes>)> =
+            FxHashMap::default();
+        let mut state = self.lock();
+        for (change_ix, change) in changes.iter().enumerate() {
+            for room in &change.rooms {
+                let Some(members) = state.rooms.get_mut(room.as_str()) else {
+                    continue;
+                };
+                let mut scratch = S::default();
+                for member in members.values_mut().filter(|m| m.takes_part_in(number)) {
+                    let Some(frame) = frame_for(&mut scratch, change_ix, room, member)? else {
+                        continue;
+                    };
+                    if member.is_replaying() {
+                        delivered += u64::from(member.deliver(frame));
+                    } else {
+                        outgoing
+                            .entry(member.client.id)
+                            .or_insert_with(|| (member.client.clone(), Vec::new()))
+                            .1
+                            .push(frame);
+                    }
+                }
+            }
+        }
+        for (client, frames) in outgoing.into_values() {
+            delivered += client.send_all(frames) as u64;
+        }
+        Ok(delivered)
     }
 
     /// Adds the client to the rooms and queues `reply(room, position)` for each, atomically with
@@ -251,6 +329,27 @@ impl Hub {
         }
     }
 
+    /// Removes the client's membership in the room if `which` picks it, dropping the room once
+    /// empty and telling presence; the one way a member leaves.
+    fn remove_member(
+        &self,
+        state: &mut State,
+        room: &Room,
+        client_id: u64,
+        which: impl FnOnce(&Member) -> bool,
+    ) -> Option<Member> {
+        let members = state.rooms.get_mut(room)?;
+        if !members.get(&client_id).is_some_and(which) {
+            return None;
+        }
+        let member = members.remove(&client_id);
+        if members.is_empty() {
+            state.rooms.remove(room);
+        }
+        self.presence.left(room, client_id);
+        member
+    }
+
     /// Removes the client from the room, queuing `reply` under the lock; false if it was not there.
     pub fn leave(
         &self,
@@ -259,16 +358,12 @@ impl Hub {
         reply: impl FnOnce() -> String,
     ) -> bool {
         let mut state = self.lock();
-        let Some(members) = state.rooms.get_mut(room) else {
-            return false;
-        };
-        if members.remove(&client.id).is_none() {
+        if self
+            .remove_member(&mut state, room, client.id, |_| true)
+            .is_none()
+        {
             return false;
         }
-        if members.is_empty() {
-            state.rooms.remove(room);
-        }
-        self.presence.left(room, client.id);
         client.send(reply().into());
         true
     }
@@ -282,19 +377,11 @@ impl Hub {
     /// Removes one particular membership (`join_id`), telling the client why (`left`).
     pub fn end_membership(&self, room: &Room, client_id: u64, join_id: u64, reason: &str) -> bool {
         let mut state = self.lock();
-        let Some(members) = state.rooms.get_mut(room) else {
+        let Some(member) =
+            self.remove_member(&mut state, room, client_id, |m| m.join_id == join_id)
+        else {
             return false;
         };
-        if members.get(&client_id).is_none_or(|m| m.join_id != join_id) {
-            return false;
-        }
-        let Some(member) = members.remove(&client_id) else {
-            return false;
-        };
-        if members.is_empty() {
-            state.rooms.remove(room);
-        }
-        self.presence.left(room, client_id);
         let left = crate::protocol::ServerMessage::Left {
             room: room.as_str(),
             reason,
@@ -345,13 +432,13 @@ impl Hub {
     pub fn disconnect(&self, client_id: u64, rooms: &[Room]) {
         let mut state = self.lock();
         for room in rooms {
-            if let Some(members) = state.rooms.get_mut(room) {
-                members.remove(&client_id);
-                if members.is_empty() {
-                    state.rooms.remove(room);
-                }
+            if self
+                .remove_member(&mut state, room, client_id, |_| true)
+                .is_none()
+            {
+                // Not (or no longer) a member, but presence may still list it.
+                self.presence.left(room, client_id);
             }
-            self.presence.left(room, client_id);
         }
     }
 }

@@ -10,10 +10,10 @@ use std::time::Duration;
 use crate::capture::position::{Position, Snapshot};
 use crate::jwt::Principal;
 use crate::protocol::Room;
+use crate::queue::ClientHandle;
 use crate::resume::{self, Replay, Resolution, ResolveError};
 use crate::rooms::NotReady;
 use crate::server::AppState;
-use crate::queue::ClientHandle;
 
 /// How long a resume waits for this relay to catch up with a position issued by another one.
 const CATCH_UP: Duration = Duration::from_secs(5);

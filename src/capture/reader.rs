@@ -29,8 +29,8 @@ use crate::authorize::Authorizer;
 use crate::fanout::{self, BatchRef};
 use crate::metrics::Metrics;
 use crate::protocol::close;
-use crate::rooms::Hub;
 use crate::queue::CloseRequest;
+use crate::rooms::Hub;
 
 /// Changes handed to one authorization query.
 const CHUNK: usize = 1000;

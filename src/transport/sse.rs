@@ -21,10 +21,10 @@ use futures_util::Stream;
 use serde::Deserialize;
 use tokio::time::Instant;
 
-use crate::queue::{ClientHandle, ClientQueue};
 use super::ws::token_from_request;
 use crate::jwt::Principal;
 use crate::protocol::{ErrorCode, Room, ServerMessage};
+use crate::queue::{ClientHandle, ClientQueue};
 use crate::server::AppState;
 use crate::subscribe::{self, JoinError};
 

@@ -22,11 +22,11 @@ use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use tokio::time::Instant;
 
-use crate::queue::{ClientHandle, ClientQueue, CloseRequest};
 use super::limits::TokenBucket;
 use crate::jwt::Principal;
 use crate::presence::PresenceError;
 use crate::protocol::{self, close, ClientMessage, ErrorCode, Room, ServerMessage};
+use crate::queue::{ClientHandle, ClientQueue, CloseRequest};
 use crate::server::AppState;
 use crate::subscribe::{self, JoinError};
 
