@@ -23,7 +23,8 @@ use serde_json::value::RawValue;
 
 use crate::authorize::{AccessCheck, Authorizer, Verdict};
 use crate::capture::outbox::{Change, Op};
-use crate::capture::position::{Position, PositionCodec, Snapshot};
+use crate::capture::position::{Position, PositionCodec};
+use crate::capture::reader::BatchRef;
 use crate::jwt::Principal;
 use crate::metrics::Metrics;
 use crate::rooms::Hub;
@@ -50,19 +51,12 @@ impl Visibility {
     }
 }
 
-/// The identity of a batch that deliveries are part of.
-pub struct BatchRef<'a> {
-    pub number: u64,
-    pub since: &'a Snapshot,
-    pub upto: &'a Snapshot,
-    pub codec: &'a PositionCodec,
-}
-
 /// Authorizes and queues one chunk of changes (in commit order) to the members of their rooms.
 pub async fn deliver(
     hub: &Hub,
     authorizer: &Authorizer,
     metrics: &Metrics,
+    codec: &PositionCodec,
     batch: &BatchRef<'_>,
     changes: &[Change],
 ) -> anyhow::Result<()> {
@@ -134,7 +128,7 @@ pub async fn deliver(
             if ids.0 != change_ix {
                 ids = (
                     change_ix,
-                    batch.codec.seal(&Position::Within {
+                    codec.seal(&Position::Within {
                         since: batch.since.clone(),
                         upto: batch.upto.clone(),
                         change_id: change.id,

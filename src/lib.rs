@@ -22,6 +22,7 @@ pub mod db;
 pub mod fanout;
 pub mod jwt;
 pub mod metrics;
+pub mod pipeline;
 pub mod presence;
 pub mod protocol;
 pub mod queue;

@@ -362,15 +362,13 @@ async fn tail(database_url: &str, room: Option<&str>) -> anyhow::Result<()> {
         .context("preparing the outbox read")?;
     loop {
         let mut batch = Batch::read(&client, &statement, &since, None, None).await?;
-        loop {
-            let chunk = batch.next_chunk(1000).await?;
-            if chunk.is_empty() {
-                break;
-            }
-            for change in chunk
-                .iter()
-                .filter(|c| room.is_none_or(|r| c.rooms.iter().any(|x| x == r)))
-            {
+        while let Some(chunk) = batch
+            .next_kept(1000, |c| {
+                room.is_none_or(|r| c.rooms.iter().any(|x| x == r))
+            })
+            .await?
+        {
+            for change in &chunk {
                 let id = Position::Within {
                     since: batch.since.clone(),
                     upto: batch.upto.clone(),

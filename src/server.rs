@@ -28,6 +28,7 @@ use crate::capture::{listener, reader::Reader, retention};
 use crate::config::{Limits, RelayConfig};
 use crate::jwt::Verifier;
 use crate::metrics::Metrics;
+use crate::pipeline::Pipeline;
 use crate::presence::{self, Presence};
 use crate::rooms::Hub;
 use crate::transport::{sse, ws};
@@ -131,14 +132,17 @@ impl Relay {
         };
         let reader = Reader {
             pool,
-            hub: state.hub.clone(),
-            authorizer: state.authorizer.clone(),
+            consumer: Pipeline {
+                hub: state.hub.clone(),
+                authorizer: state.authorizer.clone(),
+                metrics: metrics.clone(),
+                codec,
+            },
             metrics: metrics.clone(),
             wake: wake.clone(),
             listening: listening.clone(),
             pg_config: pg_config.clone(),
             poll_interval: config.poll_interval,
-            codec,
         };
 
         let listener = tokio::net::TcpListener::bind(config.bind)

@@ -22,15 +22,10 @@ use tokio_postgres::{Client, NoTls};
 use tokio_util::sync::CancellationToken;
 
 use super::listener::Listening;
-use super::outbox::{self, Batch};
-use super::position::{PositionCodec, Snapshot};
+use super::outbox::{self, Batch, Change};
+use super::position::Snapshot;
 use super::wakeup::{self, Sleeping};
-use crate::authorize::Authorizer;
-use crate::fanout::{self, BatchRef};
 use crate::metrics::Metrics;
-use crate::protocol::close;
-use crate::queue::CloseRequest;
-use crate::rooms::Hub;
 
 /// Changes handed to one authorization query.
 const CHUNK: usize = 1000;
@@ -51,10 +46,37 @@ const LINGER: Duration = Duration::from_millis(20);
 /// How soon a reader that could not announce its sleep (so writers do not notify) reads again.
 const SLEEP_RETRY: Duration = Duration::from_millis(100);
 
-pub struct Reader {
+/// The identity of a batch that deliveries are part of.
+pub struct BatchRef<'a> {
+    /// Its number in this relay's sequence ([`Consumer::begin_batch`]).
+    pub number: u64,
+    pub since: &'a Snapshot,
+    pub upto: &'a Snapshot,
+}
+
+/// Where the reader hands what it reads, in commit order: the stages after capture (the relay's
+/// is [`crate::pipeline::Pipeline`]).
+pub trait Consumer: Send + Sync {
+    /// The reader starts at `snapshot`: what committed before it is not delivered.
+    fn start_at(&self, snapshot: Snapshot);
+    /// Retention removed changes before the reader got to them: streams are incomplete.
+    fn changes_lost(&self);
+    /// The batch ending at `upto` starts and gets its number (a retried batch keeps its own).
+    fn begin_batch(&self, upto: &Snapshot) -> u64;
+    /// One chunk of the batch, in commit order; an error makes the reader retry the rest.
+    fn deliver(
+        &self,
+        batch: &BatchRef<'_>,
+        changes: &[Change],
+    ) -> impl std::future::Future<Output = anyhow::Result<()>> + Send;
+    /// Every change of the batch ending at `upto` was delivered.
+    fn end_batch(&self, upto: Snapshot);
+}
+
+pub struct Reader<C> {
     pub pool: Pool,
-    pub hub: Arc<Hub>,
-    pub authorizer: Authorizer,
+    /// What the reader hands its chunks to.
+    pub consumer: C,
     pub metrics: Arc<Metrics>,
     pub wake: Arc<Notify>,
     /// The LISTEN connection, on which the reader announces that it sleeps.
@@ -63,10 +85,9 @@ pub struct Reader {
     pub pg_config: tokio_postgres::Config,
     /// Read at least this often, even without a notification.
     pub poll_interval: Duration,
-    pub codec: PositionCodec,
 }
 
-impl Reader {
+impl<C: Consumer> Reader<C> {
     pub async fn run(self, shutdown: CancellationToken) {
         let mut backoff = Backoff::default();
         let mut cursor = loop {
@@ -344,7 +365,7 @@ impl Reader {
         let client = self.pool.get().await?;
         let snapshot = outbox::current_snapshot(&client).await?;
         tracing::info!(position = %snapshot, "reading changes");
-        self.hub.start_at(snapshot.clone());
+        self.consumer.start_at(snapshot.clone());
         Ok(Cursor::at(snapshot))
     }
 
@@ -369,45 +390,36 @@ impl Reader {
                 "the relay fell behind the outbox's retention; closing its clients so they refetch"
             );
             self.metrics.retention_gaps.inc();
-            self.hub.close_all(CloseRequest {
-                code: close::TOO_SLOW,
-                reason: "relay fell behind; resume with since",
-            });
+            self.consumer.changes_lost();
         }
         // From here on a retry reads this same batch, so members that join meanwhile (whose
         // position is its end) keep skipping it.
         cursor.upto = Some(batch.upto.clone());
-        let number = self.hub.begin_batch(&batch.upto);
+        let number = self.consumer.begin_batch(&batch.upto);
         let mut read = 0;
         loop {
             let reading = Instant::now();
-            let mut chunk = batch.next_chunk(CHUNK).await?;
+            // Retrying an interrupted batch: skip what was delivered before.
+            let done = cursor.delivered_through;
+            let chunk = batch
+                .next_kept(CHUNK, |c| done.is_none_or(|done| (c.txn_last, c.id) > done))
+                .await?;
             self.metrics.outbox_read_time.add(reading.elapsed());
-            if chunk.is_empty() {
+            self.metrics.changes_read.add(batch.changes_read() - read);
+            read = batch.changes_read();
+            let Some(chunk) = chunk else {
                 break;
-            }
-            self.metrics.changes_read.add(chunk.len() as u64);
-            read += chunk.len() as u64;
-            if let Some(done) = cursor.delivered_through {
-                // Retrying an interrupted batch: drop what was delivered before.
-                chunk.retain(|c| (c.txn_last, c.id) > done);
-                if chunk.is_empty() {
-                    continue;
-                }
-            }
+            };
             let at = BatchRef {
                 number,
                 since: &batch.since,
                 upto: &batch.upto,
-                codec: &self.codec,
             };
-            let delivering = Instant::now();
-            fanout::deliver(&self.hub, &self.authorizer, &self.metrics, &at, &chunk).await?;
-            self.metrics.fanout_time.add(delivering.elapsed());
+            self.consumer.deliver(&at, &chunk).await?;
             cursor.delivered_through = chunk.last().map(|c| (c.txn_last, c.id));
         }
         self.metrics.batches_read.inc();
-        self.hub.end_batch(batch.upto.clone());
+        self.consumer.end_batch(batch.upto.clone());
         *cursor = Cursor::at(batch.upto);
         Ok(read)
     }
