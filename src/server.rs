@@ -25,46 +25,15 @@ use tokio_util::sync::CancellationToken;
 use crate::authorize::Authorizer;
 use crate::capture::position::PositionCodec;
 use crate::capture::{listener, reader::Reader, retention};
-use crate::config::{Limits, RelayConfig};
-use crate::jwt::Verifier;
+use crate::config::RelayConfig;
 use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
 use crate::presence::{self, Presence};
 use crate::rooms::Hub;
+use crate::subscribe::Subscriptions;
 use crate::transport::{sse, ws};
 
-/// Everything a request handler may need, cloned cheaply into each one.
-#[derive(Clone)]
-pub struct AppState {
-    pub pool: Pool,
-    /// Seals the positions clients see.
-    pub codec: PositionCodec,
-    /// Wakes the reader (a resume waiting for this relay to catch up nudges it).
-    pub wake: Arc<Notify>,
-    pub hub: Arc<Hub>,
-    pub authorizer: Authorizer,
-    pub verifier: Verifier,
-    pub metrics: Arc<Metrics>,
-    pub limits: Limits,
-    pub allowed_origins: Arc<Vec<String>>,
-    pub connections_per_user: Arc<crate::transport::limits::ConnectionsPerUser>,
-    /// SSE streams opened per user: each open asks the join policy for all its rooms.
-    pub sse_opens: Arc<crate::transport::limits::BucketPerUser>,
-    pub shutdown: CancellationToken,
-}
-
-impl AppState {
-    /// False for a browser request from an origin that is not allowed (requests without an
-    /// `Origin` header come from non-browser clients and are not restricted).
-    pub fn origin_allowed(&self, headers: &axum::http::HeaderMap) -> bool {
-        match headers.get(header::ORIGIN).and_then(|o| o.to_str().ok()) {
-            Some(origin) if !self.allowed_origins.is_empty() => {
-                self.allowed_origins.iter().any(|a| a == origin)
-            }
-            _ => true,
-        }
-    }
-}
+pub use crate::transport::AppState;
 
 /// A running relay.
 pub struct Relay {
@@ -116,12 +85,17 @@ impl Relay {
             config.limits.joins_per_second,
             config.limits.join_burst,
         );
+        let authorizer = Authorizer::new(pool.clone(), metrics.clone());
         let state = AppState {
-            pool: pool.clone(),
-            codec: codec.clone(),
-            wake: wake.clone(),
+            subscriptions: Subscriptions {
+                pool: pool.clone(),
+                codec: codec.clone(),
+                wake: wake.clone(),
+                hub: hub.clone(),
+                authorizer: authorizer.clone(),
+                metrics: metrics.clone(),
+            },
             hub,
-            authorizer: Authorizer::new(pool.clone(), metrics.clone()),
             verifier: config.verifier,
             metrics: metrics.clone(),
             limits: config.limits,
@@ -134,7 +108,7 @@ impl Relay {
             pool,
             consumer: Pipeline {
                 hub: state.hub.clone(),
-                authorizer: state.authorizer.clone(),
+                authorizer,
                 metrics: metrics.clone(),
                 codec,
             },

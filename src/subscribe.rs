@@ -7,13 +7,17 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::capture::position::{Position, Snapshot};
+use deadpool_postgres::Pool;
+use tokio::sync::Notify;
+
+use crate::authorize::Authorizer;
+use crate::capture::position::{Position, PositionCodec, Snapshot};
 use crate::jwt::Principal;
+use crate::metrics::Metrics;
 use crate::protocol::Room;
 use crate::queue::ClientHandle;
 use crate::resume::{self, Replay, Resolution, ResolveError};
-use crate::rooms::NotReady;
-use crate::server::AppState;
+use crate::rooms::{Hub, NotReady};
 
 /// How long a resume waits for this relay to catch up with a position issued by another one.
 const CATCH_UP: Duration = Duration::from_secs(5);
@@ -29,10 +33,23 @@ pub enum JoinError {
     Unavailable(String),
 }
 
+/// What joining needs: the join policy, the outbox (to resolve and replay positions), the hub.
+#[derive(Clone)]
+pub struct Subscriptions {
+    pub pool: Pool,
+    /// Seals the positions clients see.
+    pub codec: PositionCodec,
+    /// Wakes the reader (a resume waiting for this relay to catch up nudges it).
+    pub wake: Arc<Notify>,
+    pub hub: Arc<Hub>,
+    pub authorizer: Authorizer,
+    pub metrics: Arc<Metrics>,
+}
+
 /// Joins `rooms` (all or none), replying `reply(room, sealed position, recovered)` for each, and starts
 /// the replay when resuming. Returns once the client is registered; the replay runs on its own.
 pub async fn join(
-    app: &AppState,
+    app: &Subscriptions,
     client: &Arc<ClientHandle>,
     principal: &Arc<Principal>,
     rooms: &[Room],

@@ -21,12 +21,11 @@ use futures_util::Stream;
 use serde::Deserialize;
 use tokio::time::Instant;
 
-use super::ws::token_from_request;
+use super::AppState;
 use crate::jwt::Principal;
 use crate::protocol::{ErrorCode, Room, ServerMessage};
 use crate::queue::{ClientHandle, ClientQueue};
-use crate::server::AppState;
-use crate::subscribe::{self, JoinError};
+use crate::subscribe;
 
 #[derive(Deserialize)]
 pub struct SseParams {
@@ -40,30 +39,16 @@ pub async fn stream(
     Query(params): Query<SseParams>,
 ) -> Response {
     use super::refuse;
-    if !app.origin_allowed(&headers) {
-        return refuse(
-            StatusCode::FORBIDDEN,
-            ErrorCode::Forbidden,
-            "origin not allowed",
-        );
-    }
-    let Some(token) = token_from_request(&headers, params.token) else {
-        return refuse(
-            StatusCode::UNAUTHORIZED,
-            ErrorCode::Unauthorized,
-            "missing token",
-        );
-    };
-    let principal = match app.verifier.verify(&token) {
-        Ok(principal) => Arc::new(principal),
-        Err(err) => {
-            app.metrics.auth_failures.inc();
+    let principal = match app.check_request(&headers, params.token) {
+        Ok(Some(principal)) => Arc::new(principal),
+        Ok(None) => {
             return refuse(
                 StatusCode::UNAUTHORIZED,
                 ErrorCode::Unauthorized,
-                &err.to_string(),
-            );
+                "missing token",
+            )
         }
+        Err(refused) => return *refused,
     };
     let rooms: Option<Vec<Room>> = params.rooms.split(',').map(Room::parse).collect();
     let rooms = rooms.map(|mut rooms| {
@@ -114,7 +99,7 @@ pub async fn stream(
     let (client, queue) = ClientHandle::new(app.limits.max_queued_bytes);
     let client = Arc::new(client);
     let joined = subscribe::join(
-        &app,
+        &app.subscriptions,
         &client,
         &principal,
         &rooms,
@@ -130,29 +115,9 @@ pub async fn stream(
         },
     )
     .await;
-    match joined {
-        Ok(()) => {}
-        Err(err @ JoinError::BadPosition) => {
-            return refuse(
-                StatusCode::BAD_REQUEST,
-                ErrorCode::BadRequest,
-                &err.to_string(),
-            )
-        }
-        Err(err @ JoinError::Forbidden(_)) => {
-            return refuse(
-                StatusCode::FORBIDDEN,
-                ErrorCode::Forbidden,
-                &err.to_string(),
-            )
-        }
-        Err(err @ JoinError::Unavailable(_)) => {
-            return refuse(
-                StatusCode::SERVICE_UNAVAILABLE,
-                ErrorCode::Internal,
-                &err.to_string(),
-            )
-        }
+    if let Err(err) = joined {
+        let (status, code) = super::join_refusal(&err);
+        return refuse(status, code, &err.to_string());
     }
 
     app.metrics.connections.inc();

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{Query, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::HeaderMap;
 use axum::response::Response;
 use futures_util::stream::SplitSink;
 use futures_util::{SinkExt, StreamExt};
@@ -23,11 +23,11 @@ use serde::Deserialize;
 use tokio::time::Instant;
 
 use super::limits::TokenBucket;
+use super::AppState;
 use crate::jwt::Principal;
 use crate::presence::PresenceError;
 use crate::protocol::{self, close, ClientMessage, ErrorCode, Room, ServerMessage};
 use crate::queue::{ClientHandle, ClientQueue, CloseRequest};
-use crate::server::AppState;
 use crate::subscribe::{self, JoinError};
 
 /// What each connection's reader starts with (tungstenite allocates it up front).
@@ -50,26 +50,9 @@ pub async fn upgrade(
     headers: HeaderMap,
     Query(params): Query<WsParams>,
 ) -> Response {
-    if !app.origin_allowed(&headers) {
-        return super::refuse(
-            StatusCode::FORBIDDEN,
-            ErrorCode::Forbidden,
-            "origin not allowed",
-        );
-    }
-    let principal = match token_from_request(&headers, params.token) {
-        Some(token) => match app.verifier.verify(&token) {
-            Ok(principal) => Some(principal),
-            Err(err) => {
-                app.metrics.auth_failures.inc();
-                return super::refuse(
-                    StatusCode::UNAUTHORIZED,
-                    ErrorCode::Unauthorized,
-                    &err.to_string(),
-                );
-            }
-        },
-        None => None,
+    let principal = match app.check_request(&headers, params.token) {
+        Ok(principal) => principal,
+        Err(refused) => return *refused,
     };
     let limits = app.limits.clone();
     ws.max_message_size(limits.max_message_bytes)
@@ -79,19 +62,6 @@ pub async fn upgrade(
         .read_buffer_size(READ_BUFFER_BYTES)
         .write_buffer_size(WRITE_BUFFER_BYTES)
         .on_upgrade(move |socket| Session::run(app, socket, principal))
-}
-
-/// The bearer token of the request, from `Authorization` or the `token` query parameter.
-pub fn token_from_request(headers: &HeaderMap, query_token: Option<String>) -> Option<String> {
-    let bearer = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(|t| t.trim().to_owned());
-    bearer.or(query_token).filter(|t| !t.is_empty())
 }
 
 struct Session {
@@ -381,7 +351,7 @@ impl Session {
         }
         let rooms = [room];
         let joined = subscribe::join(
-            &self.app,
+            &self.app.subscriptions,
             &self.client,
             &principal,
             &rooms,
@@ -401,16 +371,14 @@ impl Session {
         match joined {
             Ok(()) if !already_joined => self.rooms.push(room),
             Ok(()) => {}
-            Err(err @ JoinError::BadPosition) => {
-                self.error(ErrorCode::BadRequest, &err.to_string(), reference)
-            }
-            Err(JoinError::Forbidden(_)) => self.error(
-                ErrorCode::Forbidden,
-                "you may not join this room",
-                reference,
-            ),
-            Err(err @ JoinError::Unavailable(_)) => {
-                self.error(ErrorCode::Internal, &err.to_string(), reference)
+            Err(err) => {
+                let (_, code) = super::join_refusal(&err);
+                let message = match err {
+                    // The client named the room: no need to repeat it.
+                    JoinError::Forbidden(_) => "you may not join this room".to_owned(),
+                    err => err.to_string(),
+                };
+                self.error(code, &message, reference)
             }
         }
     }
