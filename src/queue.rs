@@ -197,15 +197,28 @@ impl ClientHandle {
             return false;
         }
         let before = self.queued_bytes.fetch_add(len, Ordering::Relaxed);
-        if before > 0 && before + len > self.max_queued_bytes {
+        if !self.fits(before, len) {
             self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
-            self.close(CloseRequest {
-                code: crate::protocol::close::TOO_SLOW,
-                reason: "too slow to keep up; resume with since",
-            });
+            self.close_too_slow();
             return false;
         }
         true
+    }
+
+    /// The byte budget: `len` more bytes fit behind `queued` if they stay within it, and an
+    /// empty queue always takes one frame, so a single large event never closes a client that
+    /// keeps up. Frames held back for a client (see [`crate::rooms`]) count the same way.
+    pub fn fits(&self, queued: usize, len: usize) -> bool {
+        queued == 0 || queued + len <= self.max_queued_bytes
+    }
+
+    /// Closes a client that fell further behind than its budget (4008): it resumes from its
+    /// last event.
+    pub fn close_too_slow(&self) -> bool {
+        self.close(CloseRequest {
+            code: crate::protocol::close::TOO_SLOW,
+            reason: "too slow to keep up; resume with since",
+        })
     }
 
     /// Called by the session once a frame has been handed to the socket.
@@ -219,17 +232,13 @@ impl ClientHandle {
         self.drained.notify_one();
     }
 
-    pub fn max_queued_bytes(&self) -> usize {
-        self.max_queued_bytes
-    }
-
     /// Waits until a frame of `len` bytes can be queued without going over the byte budget (the
     /// queue is empty, or the frame fits), or the client is closing. Replays pace themselves
     /// with this, so replaying to a slow reader never closes it.
     pub async fn wait_for_room(&self, len: usize) {
         loop {
             let queued = self.queued_bytes.load(Ordering::Relaxed);
-            if queued == 0 || queued + len <= self.max_queued_bytes || self.is_closing() {
+            if self.fits(queued, len) || self.is_closing() {
                 return;
             }
             let wait = self.drained.notified();

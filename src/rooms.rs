@@ -69,13 +69,9 @@ impl Member {
         match &mut self.pending {
             None => self.client.send(frame),
             Some(pending) => {
-                // Like the queue itself, an empty buffer always takes one frame.
                 let len = frame.as_str().len();
-                if pending.bytes > 0 && pending.bytes + len > self.client.max_queued_bytes() {
-                    self.client.close(crate::queue::CloseRequest {
-                        code: crate::protocol::close::TOO_SLOW,
-                        reason: "too slow to keep up; resume with since",
-                    });
+                if !self.client.fits(pending.bytes, len) {
+                    self.client.close_too_slow();
                     return false;
                 }
                 pending.bytes += len;
