@@ -17,8 +17,6 @@ use std::collections::HashMap;
 use rustc_hash::FxHashMap;
 use std::sync::Arc;
 
-use axum::extract::ws::Utf8Bytes;
-use serde::Serialize;
 use serde_json::value::RawValue;
 
 use crate::authorize::{AccessCheck, Authorizer, Verdict};
@@ -27,6 +25,7 @@ use crate::capture::position::{Position, PositionCodec};
 use crate::capture::reader::BatchRef;
 use crate::jwt::Principal;
 use crate::metrics::Metrics;
+use crate::protocol::{Event, Frame};
 use crate::rooms::Hub;
 
 /// How a change looks to one reader.
@@ -98,7 +97,7 @@ pub async fn deliver(
     let delivered = hub.deliver(
         batch.number,
         changes,
-        |frames: &mut [Option<Utf8Bytes>; 3], change_ix, room, member| {
+        |frames: &mut [Option<Frame>; 3], change_ix, room, member| {
             let change = &changes[change_ix];
             let Some(&principal) = principal_of_client.get(&member.client.id) else {
                 return Ok(None); // joined after step 1 began: its position starts after this batch
@@ -186,50 +185,29 @@ async fn revoke_lost_access(
     }
 }
 
-#[derive(Serialize)]
-struct EventFrame<'a> {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    room: &'a str,
-    id: &'a str,
-    event: String,
-    table: &'a str,
-    op: &'static str,
-    row: &'a RawValue,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    old: Option<&'a RawValue>,
-    ts: &'a str,
-}
-
 /// The `event` message for one room, as a reader with this visibility sees the change.
 pub fn event_frame(
     room: &str,
     id: &str,
     change: &Change,
     visibility: Visibility,
-) -> anyhow::Result<Utf8Bytes> {
-    let suffix = |op: Op| match op {
-        Op::Insert => "created",
-        Op::Update => "updated",
-        Op::Delete => "deleted",
-    };
+) -> anyhow::Result<Frame> {
     let (op, row, old): (Op, Box<RawValue>, Option<&RawValue>) = match visibility {
         Visibility::AsIs => (change.op, change.row.clone(), change.old.as_deref()),
         Visibility::Appeared => (Op::Insert, change.row.clone(), None),
         Visibility::Vanished => (Op::Delete, previous_row(change)?, None),
     };
-    let frame = EventFrame {
-        kind: "event",
+    Event {
         room,
         id,
-        event: format!("{}_{}", change.entity, suffix(op)),
+        entity: &change.entity,
         table: &change.table,
-        op: op.as_str(),
+        op,
         row: &row,
         old,
         ts: &change.ts,
-    };
-    Ok(serde_json::to_string(&frame)?.into())
+    }
+    .to_frame()
 }
 
 /// The row as it was before an UPDATE: the new row with the changed columns put back.

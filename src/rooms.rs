@@ -22,14 +22,13 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use axum::extract::ws::Utf8Bytes;
 use rustc_hash::FxHashMap;
 
 use crate::capture::outbox::Change;
 use crate::capture::position::{Position, Snapshot};
 use crate::jwt::Principal;
 use crate::presence::Presence;
-use crate::protocol::Room;
+use crate::protocol::{Frame, Room};
 use crate::queue::ClientHandle;
 
 /// A connection in a room.
@@ -47,7 +46,7 @@ pub struct Member {
 
 #[derive(Default)]
 struct Pending {
-    frames: Vec<Utf8Bytes>,
+    frames: Vec<Frame>,
     bytes: usize,
 }
 
@@ -65,11 +64,11 @@ impl Member {
 
     /// Queues a live frame, or holds it back while a replay is running. False if it was dropped
     /// (the client is too slow and is being closed).
-    fn deliver(&mut self, frame: Utf8Bytes) -> bool {
+    fn deliver(&mut self, frame: Frame) -> bool {
         match &mut self.pending {
             None => self.client.send(frame),
             Some(pending) => {
-                let len = frame.as_str().len();
+                let len = frame.len();
                 if !self.client.fits(pending.bytes, len) {
                     self.client.close_too_slow();
                     return false;
@@ -202,11 +201,10 @@ impl Hub {
         &self,
         number: u64,
         changes: &[Change],
-        mut frame_for: impl FnMut(&mut S, usize, &str, &Member) -> anyhow::Result<Option<Utf8Bytes>>,
+        mut frame_for: impl FnMut(&mut S, usize, &str, &Member) -> anyhow::Result<Option<Frame>>,
     ) -> anyhow::Result<u64> {
         let mut delivered = 0u64;
-        let mut outgoing: FxHashMap<u64, (Arc<ClientHandle>, Vec<Utf8Bytes>)> =
-            FxHashMap::default();
+        let mut outgoing: FxHashMap<u64, (Arc<ClientHandle>, Vec<Frame>)> = FxHashMap::default();
         let mut state = self.lock();
         for (change_ix, change) in changes.iter().enumerate() {
             for room in &change.rooms {
@@ -247,7 +245,7 @@ impl Hub {
         client: &Arc<ClientHandle>,
         principal: &Arc<Principal>,
         resume_from: Option<&Snapshot>,
-        reply: impl Fn(&Room, &Position) -> String,
+        reply: impl Fn(&Room, &Position) -> Frame,
     ) -> Result<(Snapshot, u64), NotReady> {
         let mut state = self.lock();
         let (position, first_batch) = match (&state.in_flight, &state.delivered) {
@@ -274,14 +272,14 @@ impl Hub {
                 .entry(room.clone())
                 .or_default()
                 .insert(client.id, member);
-            client.send(reply(room, &at).into());
+            client.send(reply(room, &at));
             self.presence.joined(room, client, &principal.user);
         }
         Ok((position, join_id))
     }
 
     /// Queues a replayed frame to a member that is still replaying; false if it left meanwhile.
-    pub fn replay_send(&self, room: &Room, client_id: u64, join_id: u64, frame: Utf8Bytes) -> bool {
+    pub fn replay_send(&self, room: &Room, client_id: u64, join_id: u64, frame: Frame) -> bool {
         let state = self.lock();
         match state.rooms.get(room).and_then(|m| m.get(&client_id)) {
             Some(member) if member.join_id == join_id && member.pending.is_some() => {
@@ -317,7 +315,7 @@ impl Hub {
                 }
             };
             for frame in frames {
-                client.wait_for_room(frame.as_str().len()).await;
+                client.wait_for_room(frame.len()).await;
                 if client.is_closing() || !self.replay_send(room, client.id, join_id, frame) {
                     return;
                 }
@@ -347,12 +345,7 @@ impl Hub {
     }
 
     /// Removes the client from the room, queuing `reply` under the lock; false if it was not there.
-    pub fn leave(
-        &self,
-        room: &Room,
-        client: &ClientHandle,
-        reply: impl FnOnce() -> String,
-    ) -> bool {
+    pub fn leave(&self, room: &Room, client: &ClientHandle, reply: impl FnOnce() -> Frame) -> bool {
         let mut state = self.lock();
         if self
             .remove_member(&mut state, room, client.id, |_| true)
@@ -360,7 +353,7 @@ impl Hub {
         {
             return false;
         }
-        client.send(reply().into());
+        client.send(reply());
         true
     }
 
@@ -383,7 +376,7 @@ impl Hub {
             reason,
             reference: None,
         };
-        member.client.send(left.to_json().into());
+        member.client.send(left.to_frame());
         true
     }
 
@@ -464,10 +457,10 @@ mod tests {
                 &client,
                 &principal,
                 Some(&from),
-                |_, _| "joined".into(),
+                |_, _| Frame::from("joined"),
             )
             .expect("join");
-        let big = |n: usize| Utf8Bytes::from(format!("{n}{}", "x".repeat(1500)));
+        let big = |n: usize| Frame::from(format!("{n}{}", "x".repeat(1500)).as_str());
         assert!(
             hub.replay_send(&room, client.id, join_id, big(0)),
             "replayed"

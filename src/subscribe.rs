@@ -14,7 +14,7 @@ use crate::authorize::Authorizer;
 use crate::capture::position::{Position, PositionCodec, Snapshot};
 use crate::jwt::Principal;
 use crate::metrics::Metrics;
-use crate::protocol::Room;
+use crate::protocol::{Frame, Room};
 use crate::queue::ClientHandle;
 use crate::resume::{self, Replay, Resolution, ResolveError};
 use crate::rooms::{Hub, NotReady};
@@ -54,7 +54,7 @@ pub async fn join(
     principal: &Arc<Principal>,
     rooms: &[Room],
     since: Option<&str>,
-    reply: impl Fn(&Room, &str, Option<bool>) -> String,
+    reply: impl Fn(&Room, &str, Option<bool>) -> Frame,
 ) -> Result<(), JoinError> {
     for room in rooms {
         match app.authorizer.can_join(principal, room).await {

@@ -23,7 +23,7 @@ use tokio::time::Instant;
 
 use super::AppState;
 use crate::jwt::Principal;
-use crate::protocol::{ErrorCode, Room, ServerMessage};
+use crate::protocol::{ErrorCode, Frame, Kind, Room, ServerMessage};
 use crate::queue::{ClientHandle, ClientQueue};
 use crate::subscribe;
 
@@ -111,7 +111,7 @@ pub async fn stream(
                 recovered,
                 reference: None,
             }
-            .to_json()
+            .to_frame()
         },
     )
     .await;
@@ -185,35 +185,19 @@ impl SseSession {
                 frame = queue.frames.recv() => frame?,
             };
             session.client.sent(&frame);
-            Some((Ok(sse_event(frame.as_str())), (session, queue)))
+            Some((Ok(sse_event(&frame)), (session, queue)))
         })
     }
 }
 
 /// Events become unnamed messages with their position as id; notices become named events.
-fn sse_event(frame: &str) -> Event {
-    #[derive(Deserialize)]
-    struct Head<'a> {
-        #[serde(rename = "type", borrow)]
-        kind: &'a str,
-        #[serde(borrow)]
-        id: Option<&'a str>,
-        #[serde(borrow)]
-        position: Option<&'a str>,
-    }
-    match serde_json::from_str::<Head>(frame) {
-        Ok(Head {
-            kind: "event",
-            id: Some(id),
-            ..
-        }) => Event::default().id(id).data(frame),
+fn sse_event(frame: &Frame) -> Event {
+    let data = Event::default();
+    let data = match (frame.kind(), frame.position()) {
+        (Kind::Event, Some(id)) => data.id(id),
         // The joined position is where a reconnect must resume if no event arrived before it.
-        Ok(Head {
-            kind: "joined",
-            position: Some(position),
-            ..
-        }) => Event::default().event("joined").id(position).data(frame),
-        Ok(Head { kind, .. }) => Event::default().event(kind).data(frame),
-        Err(_) => Event::default().data(frame),
-    }
+        (Kind::Joined, Some(position)) => data.event("joined").id(position),
+        (kind, _) => data.event(kind.as_str()),
+    };
+    data.data(frame.as_str())
 }

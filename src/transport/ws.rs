@@ -26,7 +26,7 @@ use super::limits::TokenBucket;
 use super::AppState;
 use crate::jwt::Principal;
 use crate::presence::PresenceError;
-use crate::protocol::{self, close, ClientMessage, ErrorCode, Room, ServerMessage};
+use crate::protocol::{self, close, ClientMessage, ErrorCode, Frame, Room, ServerMessage};
 use crate::queue::{ClientHandle, ClientQueue, CloseRequest};
 use crate::subscribe::{self, JoinError};
 
@@ -363,7 +363,7 @@ impl Session {
                     recovered,
                     reference,
                 }
-                .to_json()
+                .to_frame()
             },
         )
         .await;
@@ -390,7 +390,7 @@ impl Session {
                 reason: "requested",
                 reference,
             }
-            .to_json()
+            .to_frame()
         });
         self.rooms.retain(|r| r != &room);
         if !left {
@@ -412,7 +412,7 @@ impl Session {
     }
 
     fn reply(&self, message: ServerMessage<'_>) {
-        self.client.send(message.to_json().into());
+        self.client.send(message.to_frame());
     }
 
     fn error(&self, code: ErrorCode, message: &str, reference: Option<&str>) {
@@ -441,7 +441,7 @@ async fn write_frames(
                 let Some(request) = *queue.close.borrow() else { continue };
                 if request.code != close::TOO_SLOW {
                     while let Some(frame) = queue.frames.try_recv() {
-                        if sink.feed(Message::Text(frame)).await.is_err() {
+                        if sink.feed(Message::Text(frame.into_text())).await.is_err() {
                             return;
                         }
                     }
@@ -478,13 +478,13 @@ async fn write_batch(
     sink: &mut SplitSink<WebSocket, Message>,
     client: &ClientHandle,
     queue: &mut ClientQueue,
-    first: Utf8Bytes,
+    first: Frame,
 ) -> Result<(), axum::Error> {
     let mut frames = vec![first];
     queue.frames.take(63, &mut frames);
-    let bytes = frames.iter().map(|f| f.as_str().len()).sum();
+    let bytes = frames.iter().map(Frame::len).sum();
     for frame in frames {
-        sink.feed(Message::Text(frame)).await?;
+        sink.feed(Message::Text(frame.into_text())).await?;
     }
     sink.flush().await?;
     client.sent_bytes(bytes);
