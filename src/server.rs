@@ -1,10 +1,10 @@
-//! The relay process: shared state, the HTTP routes, and the background tasks, started together
-//! and stopped together.
+//! The relay process: the HTTP routes and the background tasks, built from the configuration,
+//! started together and stopped together.
 //!
 //! ```text
-//!   listener ──wake──▶ reader ──chunks──▶ fanout ──frames──▶ client queues ──▶ /ws sessions
-//!                        │                  │
-//!                      outbox            authorize (SQL policies)
+//!   listener ──wake──▶ reader ──chunks──▶ pipeline ──frames──▶ client queues ──▶ /ws, /sse
+//!                        │               │       │
+//!                      outbox      authorize   fanout (rooms)
 //! ```
 
 use std::net::SocketAddr;
