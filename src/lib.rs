@@ -1,7 +1,7 @@
 //! pgrelay: Postgres changes, authorized per user, delivered to WebSocket rooms in commit order.
 //!
 //! The modules follow a change from the database to the browser; each imports only the ones
-//! before it (and the shared vocabulary: [`protocol`], [`jwt`], [`metrics`], [`config`]):
+//! before it (and the shared vocabulary: [`protocol`], [`jwt`], [`metrics`], [`config`], [`backoff`]):
 //!
 //! 1. [`capture`]: triggers (in `sql/`) write each change to an outbox table and `NOTIFY`; the
 //!    [`capture::listener`] wakes the [`capture::reader`], which reads the outbox by transaction
@@ -19,6 +19,7 @@
 //! [`server`] wires them together; [`db`] holds the embedded Postgres and migrations.
 
 pub mod authorize;
+pub mod backoff;
 pub mod capture;
 pub mod config;
 pub mod db;

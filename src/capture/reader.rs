@@ -25,10 +25,12 @@ use super::listener::Listening;
 use super::outbox::{self, Batch, Change};
 use super::position::Snapshot;
 use super::wakeup::{self, Sleeping};
+use crate::backoff::Backoff;
 use crate::metrics::Metrics;
 
 /// Changes handed to one authorization query.
 const CHUNK: usize = 1000;
+const MIN_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Once two reads in a row found changes, reads start at most this often (the pause after a read
 /// is what is left of it).
@@ -89,7 +91,7 @@ pub struct Reader<C> {
 
 impl<C: Consumer> Reader<C> {
     pub async fn run(self, shutdown: CancellationToken) {
-        let mut backoff = Backoff::default();
+        let mut backoff = Backoff::new(MIN_BACKOFF, MAX_BACKOFF);
         let mut cursor = loop {
             let started = tokio::select! {
                 started = self.start() => started,
@@ -243,7 +245,7 @@ impl<C: Consumer> Reader<C> {
             match read {
                 Ok(n) => {
                     self.metrics.reader_healthy.set(1);
-                    reading.backoff = Backoff::default();
+                    reading.backoff.reset();
                     reading.recent.add(n);
                     return Some(n);
                 }
@@ -351,12 +353,12 @@ impl<C: Consumer> Reader<C> {
     ) {
         self.metrics.read_errors.inc();
         self.metrics.reader_healthy.set(0);
-        tracing::warn!(error = %format!("{err:#}"), "reading changes failed; retrying in {:?}", backoff.0);
+        let wait = backoff.next_wait();
+        tracing::warn!(error = %format!("{err:#}"), "reading changes failed; retrying in {wait:?}");
         tokio::select! {
-            () = tokio::time::sleep(backoff.0) => {}
+            () = tokio::time::sleep(wait) => {}
             () = shutdown.cancelled() => {}
         }
-        backoff.0 = (backoff.0 * 2).min(MAX_BACKOFF);
     }
 
     /// Starts at the database's current snapshot: a new relay delivers what commits from now on
@@ -483,14 +485,6 @@ impl RecentChanges {
 
     fn busy(&self) -> bool {
         self.this_window + self.last_window >= BUSY_CHANGES
-    }
-}
-
-struct Backoff(Duration);
-
-impl Default for Backoff {
-    fn default() -> Backoff {
-        Backoff(Duration::from_millis(50))
     }
 }
 

@@ -27,6 +27,7 @@ use tokio_postgres::{AsyncMessage, NoTls};
 use tokio_util::sync::CancellationToken;
 
 use super::Presence;
+use crate::backoff::Backoff;
 use crate::metrics::Metrics;
 use crate::protocol::Room;
 
@@ -237,15 +238,15 @@ pub async fn run(
         node: presence.node().to_owned(),
         seq: 0,
     };
-    let mut backoff = MIN_BACKOFF;
+    let mut backoff = Backoff::new(MIN_BACKOFF, MAX_BACKOFF);
     loop {
         let connected = tokio::select! {
             connected = config.connect(NoTls) => connected,
             () = shutdown.cancelled() => return,
         };
-        match connected {
+        let failed = match connected {
             Ok((client, connection)) => {
-                backoff = MIN_BACKOFF;
+                backoff.reset();
                 let session = Session {
                     client,
                     presence: &presence,
@@ -257,18 +258,20 @@ pub async fn run(
                 if stopping {
                     return;
                 }
+                None
             }
-            Err(err) => {
-                tracing::warn!(error = %err, "presence bus: cannot connect; retrying in {backoff:?}");
-            }
+            Err(err) => Some(err),
+        };
+        let wait = backoff.next_wait();
+        if let Some(err) = failed {
+            tracing::warn!(error = %err, "presence bus: cannot connect; retrying in {wait:?}");
         }
         // Ops queued while disconnected are covered by the full state sent on reconnecting.
         while ops.try_recv().is_ok() {}
         tokio::select! {
-            () = tokio::time::sleep(backoff) => {}
+            () = tokio::time::sleep(wait) => {}
             () = shutdown.cancelled() => return,
         }
-        backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
 
