@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand};
 use futures_util::future::poll_fn;
 use pgrelay::capture::outbox::{self, Batch};
 use pgrelay::capture::position::Position;
-use pgrelay::capture::wakeup;
+use pgrelay::capture::{listener, wakeup};
 use pgrelay::config::parse_duration;
 use pgrelay::config::RelayConfig;
 use pgrelay::db::{embedded::EmbeddedPostgres, migrate};
@@ -337,24 +337,16 @@ async fn tail(database_url: &str, room: Option<&str>) -> anyhow::Result<()> {
         }
         forward.notify_one();
     });
-    client.batch_execute("LISTEN pgrelay").await?;
+    client
+        .batch_execute(&format!("LISTEN {}", listener::CHANNEL))
+        .await
+        .context("listening for changes")?;
     // Writers notify only while a relay sleeps (see capture::wakeup). `tail` announces a sleep for
     // as long as it runs (so writers notify meanwhile), then waits for the writers that did not
     // notify before it starts reading.
-    client
-        .execute(
-            "SELECT pg_advisory_lock_shared($1, $2)",
-            &[&wakeup::LOCK_CLASS, &wakeup::SLEEPING],
-        )
-        .await
-        .context("announcing sleep")?;
-    client
-        .execute(
-            "SELECT pg_advisory_xact_lock($1, $2)",
-            &[&wakeup::LOCK_CLASS, &wakeup::WRITING],
-        )
-        .await
-        .context("waiting for writers that did not notify")?;
+    let client = Arc::new(client);
+    let _sleeping = wakeup::Sleeping::announce(client.clone()).await?;
+    wakeup::barrier(client.clone()).await?;
     let mut since = outbox::current_snapshot(&client).await?;
     let statement = client
         .prepare(outbox::READ_BATCH)
