@@ -14,7 +14,7 @@ use crate::authorize::Authorizer;
 use crate::capture::position::{Position, PositionCodec, Snapshot};
 use crate::jwt::Principal;
 use crate::metrics::Metrics;
-use crate::protocol::{Frame, Room};
+use crate::protocol::{Room, ServerMessage};
 use crate::queue::ClientHandle;
 use crate::resume::{self, Replay, Resolution, ResolveError};
 use crate::rooms::{Hub, NotReady};
@@ -46,7 +46,7 @@ pub struct Subscriptions {
     pub metrics: Arc<Metrics>,
 }
 
-/// Joins `rooms` (all or none), replying `reply(room, sealed position, recovered)` for each, and starts
+/// Joins `rooms` (all or none), replying `joined` (with `ref` = `reference`) for each, and starts
 /// the replay when resuming. Returns once the client is registered; the replay runs on its own.
 pub async fn join(
     app: &Subscriptions,
@@ -54,7 +54,7 @@ pub async fn join(
     principal: &Arc<Principal>,
     rooms: &[Room],
     since: Option<&str>,
-    reply: impl Fn(&Room, &str, Option<bool>) -> Frame,
+    reference: Option<&str>,
 ) -> Result<(), JoinError> {
     for room in rooms {
         match app.authorizer.can_join(principal, room).await {
@@ -103,7 +103,15 @@ pub async fn join(
             client,
             principal,
             resume_from.as_ref(),
-            |room, position| reply(room, &app.codec.seal(position), recovered),
+            |room, position| {
+                ServerMessage::Joined {
+                    room: room.as_str(),
+                    position: app.codec.seal(position),
+                    recovered,
+                    reference,
+                }
+                .to_frame()
+            },
         );
         match joined {
             Ok(joined) => break joined,

@@ -23,7 +23,7 @@ use tokio::time::Instant;
 
 use super::AppState;
 use crate::jwt::Principal;
-use crate::protocol::{ErrorCode, Frame, Kind, Room, ServerMessage};
+use crate::protocol::{ErrorCode, Frame, Kind, Room};
 use crate::queue::{ClientHandle, ClientQueue};
 use crate::subscribe;
 
@@ -104,15 +104,7 @@ pub async fn stream(
         &principal,
         &rooms,
         since.as_deref(),
-        |room, position, recovered| {
-            ServerMessage::Joined {
-                room: room.as_str(),
-                position: position.to_owned(),
-                recovered,
-                reference: None,
-            }
-            .to_frame()
-        },
+        None,
     )
     .await;
     if let Err(err) = joined {

@@ -356,15 +356,7 @@ impl Session {
             &principal,
             &rooms,
             since.as_deref(),
-            |room, position, recovered| {
-                ServerMessage::Joined {
-                    room: room.as_str(),
-                    position: position.to_owned(),
-                    recovered,
-                    reference,
-                }
-                .to_frame()
-            },
+            reference,
         )
         .await;
         let [room] = rooms;
