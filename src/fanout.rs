@@ -164,7 +164,14 @@ async fn revoke_lost_access(
 ) {
     let (memberships, checks): (Vec<u64>, Vec<AccessCheck>) = recheck
         .into_iter()
-        .map(|((room, client, join_id), principal)| (join_id, (room, client, principal)))
+        .map(|((room, client_id, join_id), principal)| {
+            let check = AccessCheck {
+                room,
+                client_id,
+                principal,
+            };
+            (join_id, check)
+        })
         .unzip();
     let allowed = match authorizer.still_allowed(&checks).await {
         Ok(allowed) => allowed,
@@ -174,12 +181,12 @@ async fn revoke_lost_access(
             return;
         }
     };
-    for (((room, client, _), allowed), join_id) in checks.iter().zip(allowed).zip(memberships) {
-        let Some(room) = crate::protocol::Room::parse(room) else {
+    for ((check, allowed), join_id) in checks.iter().zip(allowed).zip(memberships) {
+        let Some(room) = crate::protocol::Room::parse(&check.room) else {
             continue;
         };
         // Only the membership that was checked: the client may have left and joined again since.
-        if !allowed && hub.revoke(&room, *client, join_id) {
+        if !allowed && hub.revoke(&room, check.client_id, join_id) {
             metrics.revocations.inc();
         }
     }
