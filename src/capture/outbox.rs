@@ -52,7 +52,7 @@ pub struct PolicyInputs {
     /// An UPDATE that recorded previous values: the old version is judged too.
     pub knows_old: bool,
     /// Tables whose remembered answers this change may have made wrong.
-    pub invalidates: Vec<String>,
+    pub flush: Vec<String>,
 }
 
 impl PolicyInputs {
@@ -262,7 +262,7 @@ fn change_from_row(row: &tokio_postgres::Row) -> anyhow::Result<Option<Change>> 
             key: row.try_get(12)?,
             key_old: row.try_get(13)?,
             knows_old: row.try_get(14)?,
-            invalidates: row.try_get(15)?,
+            flush: row.try_get(15)?,
         },
     }))
 }
