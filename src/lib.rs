@@ -26,6 +26,7 @@ pub mod db;
 pub mod fanout;
 pub mod jwt;
 pub mod metrics;
+pub mod open_files;
 pub mod pipeline;
 pub mod presence;
 pub mod protocol;

@@ -192,7 +192,7 @@ async fn run(command: Command) -> Result<(), Failure> {
 }
 
 async fn serve(args: ServeArgs) -> Result<(), Failure> {
-    match pgrelay::transport::limits::raise_open_files_limit() {
+    match pgrelay::open_files::raise_open_files_limit() {
         Ok(limit) => tracing::info!(
             limit,
             "open files limit (each connection needs one; raise the hard limit for more)"
