@@ -103,12 +103,10 @@ impl Session {
             principal: None,
             rooms: Vec::new(),
         };
-        let refused = match principal {
-            Some(principal) => session.authenticated(principal, None),
-            None => None,
-        };
-        if let Some(request) = refused {
-            session.client.close(request);
+        if let Some(principal) = principal {
+            if let Err(refused) = session.authenticate(principal, None) {
+                session.client.close(refused);
+            }
         }
         session.serve(socket, queue).await;
         app.hub.disconnect(session.client.id, &session.rooms);
@@ -295,19 +293,19 @@ impl Session {
                 return Flow::Continue;
             }
         }
-        match self.authenticated(principal, reference) {
-            Some(request) => Flow::Close(request),
-            None => Flow::Continue,
+        match self.authenticate(principal, reference) {
+            Ok(()) => Flow::Continue,
+            Err(refused) => Flow::Close(refused),
         }
     }
 
     /// Takes a verified token; on the first one, counts the connection against the user's limit
-    /// (returning the close to send if it is over).
-    fn authenticated(
+    /// (the error is the close to send if it is over).
+    fn authenticate(
         &mut self,
         principal: Principal,
         reference: Option<&str>,
-    ) -> Option<CloseRequest> {
+    ) -> Result<(), CloseRequest> {
         if self.principal.is_none() {
             let max = self.app.limits.max_connections_per_user;
             if !self.app.connections_per_user.acquire(&principal.user, max) {
@@ -316,7 +314,7 @@ impl Session {
                     &format!("at most {max} connections per user"),
                     reference,
                 );
-                return Some(CloseRequest {
+                return Err(CloseRequest {
                     code: close::RATE_LIMITED,
                     reason: "too many connections",
                 });
@@ -333,7 +331,7 @@ impl Session {
             .hub
             .update_principal(self.client.id, &self.rooms, &principal);
         self.principal = Some(principal);
-        None
+        Ok(())
     }
 
     async fn on_join(&mut self, room: Room, since: Option<String>, reference: Option<&str>) {
