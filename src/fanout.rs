@@ -151,7 +151,7 @@ pub async fn deliver(
         let checking = std::time::Instant::now();
         metrics.access_rechecks.add(recheck.len() as u64);
         revoke_lost_access(hub, authorizer, metrics, recheck).await;
-        metrics.access_recheck_time.add(checking.elapsed());
+        metrics.access_recheck_seconds.add(checking.elapsed());
     }
     Ok(())
 }

@@ -55,7 +55,7 @@ impl Consumer for Pipeline {
             changes,
         )
         .await?;
-        self.metrics.fanout_time.add(delivering.elapsed());
+        self.metrics.fanout_seconds.add(delivering.elapsed());
         Ok(())
     }
 

@@ -384,7 +384,7 @@ impl<C: Consumer> Reader<C> {
             None,
         )
         .await?;
-        self.metrics.outbox_read_time.add(reading.elapsed());
+        self.metrics.outbox_read_seconds.add(reading.elapsed());
         if batch.incomplete() {
             // This relay fell further behind than retention keeps: some changes were removed
             // before it read them. Its clients must not believe their streams are complete.
@@ -406,7 +406,7 @@ impl<C: Consumer> Reader<C> {
             let chunk = batch
                 .next_kept(CHUNK, |c| done.is_none_or(|done| (c.txn_last, c.id) > done))
                 .await?;
-            self.metrics.outbox_read_time.add(reading.elapsed());
+            self.metrics.outbox_read_seconds.add(reading.elapsed());
             self.metrics.changes_read.add(batch.changes_read() - read);
             read = batch.changes_read();
             let Some(chunk) = chunk else {
