@@ -1,4 +1,4 @@
-//! The `pgrelay` command: `serve`, `migrate`, `token`, `tail` (contract §1).
+//! The `pgrelay` command: `serve`, `migrate`, `token`, `tail` (see the README).
 //!
 //! Exit codes: 0 clean shutdown, 1 runtime failure, 2 bad configuration.
 

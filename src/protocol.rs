@@ -139,7 +139,7 @@ struct TypingFields {
     typing: bool,
 }
 
-/// A valid room name: `^[a-z_]+:[A-Za-z0-9_.:-]{1,128}$` (contract §4).
+/// A valid room name: `^[a-z_]+:[A-Za-z0-9_.:-]{1,128}$` (see `docs/protocol.md`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Room(String);
 
@@ -165,7 +165,7 @@ impl Room {
     }
 }
 
-/// Error codes of `error` messages (contract §4).
+/// Error codes of `error` messages (see `docs/protocol.md`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
@@ -178,7 +178,7 @@ pub enum ErrorCode {
     Internal,
 }
 
-/// WebSocket close codes (contract §4).
+/// WebSocket close codes (see `docs/protocol.md`).
 pub mod close {
     pub const NORMAL: u16 = 1000;
     pub const GOING_AWAY: u16 = 1001;
@@ -460,7 +460,7 @@ mod tests {
     }
 
     #[test]
-    fn room_names_follow_the_contract() {
+    fn room_names_follow_the_documented_pattern() {
         for ok in [
             "project:42",
             "task:7",

@@ -203,8 +203,8 @@ impl Relay {
 /// Every accepted connection gets `TCP_NODELAY`. The relay writes many small frames (`joined`,
 /// presence, events) and a client often has nothing to send back: with Nagle's algorithm on, a
 /// frame written while the previous one is still unacknowledged waits for the client's delayed
-/// ACK, about 40 ms on Linux. That made every connect-and-join-two-rooms take 43 ms (W3 crawled
-/// at 23 connections a second with every process idle).
+/// ACK (tens of milliseconds on Linux), so clients that connect and join crawled along while
+/// every process sat idle.
 fn without_nagle(
     listener: tokio::net::TcpListener,
 ) -> impl axum::serve::Listener<Io = tokio::net::TcpStream, Addr = SocketAddr> {

@@ -39,8 +39,8 @@ const READ_PACE: Duration = Duration::from_millis(5);
 /// busy: it goes to sleep only once its reads, every [`READ_PACE`], have found nothing for
 /// [`LINGER`]. Each time a reader goes to sleep, writers notify until it reads again (see
 /// [`super::wakeup`]), and notifying writers commit one at a time. Going to sleep at the first
-/// empty read made sustained writers notify for nearly every change (W2: 7,223 NOTIFYs for 7,224
-/// changes), which halved their commit rate and kept the reader finding empty reads. A trickle of
+/// empty read made sustained writers notify for nearly every change, which halved their commit
+/// rate and kept the reader finding empty reads. A trickle of
 /// changes (below about 250 a second) still lets the reader sleep at once, woken for each.
 const BUSY_CHANGES: u64 = 25;
 const BUSY_WINDOW: Duration = Duration::from_millis(50);
@@ -337,9 +337,9 @@ impl<C: Consumer> Reader<C> {
             }
             // Writers notify while the barrier waits; deliver what they announce, one read per
             // wake-up. Not until a read is empty: under sustained writes that never happens, and
-            // the reader kept its sleep announced while it read, so every writer notified (W4:
-            // 18,000-24,000 NOTIFYs in 20 s, from 4 announcements) and their commits queued on
-            // the NOTIFY lock. Back in the loop, the barrier has usually passed.
+            // the reader kept its sleep announced while it read, so every writer notified (a few
+            // announcements made thousands of NOTIFYs) and their commits queued on the NOTIFY
+            // lock. Back in the loop, the barrier has usually passed.
             let started = Instant::now();
             paced = self.read_once(reading).await? > 0;
             next_read = started + READ_PACE;

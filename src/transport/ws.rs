@@ -452,7 +452,7 @@ async fn write_frames(
                 // all. Tokio runs a task woken by the running one next (its LIFO slot), so
                 // without this a session that joins a room woke its writer for the `joined`
                 // alone, then again for each presence frame of every other join in the burst:
-                // one system call each. W6 (joins/s): about 10% more joins per second.
+                // one system call each.
                 tokio::task::yield_now().await;
                 if write_batch(&mut sink, &client, &mut queue, frame).await.is_err() {
                     return;
