@@ -425,7 +425,7 @@ impl Hub {
                 .remove_member(&mut state, room, client_id, |_| true)
                 .is_none()
             {
-                // Not (or no longer) a member, but presence may still list it.
+                // Presence is told all the same: it ignores a connection it does not list.
                 self.presence.left(room, client_id);
             }
         }
