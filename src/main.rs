@@ -15,7 +15,7 @@ use pgrelay::capture::outbox::{self, Batch};
 use pgrelay::capture::position::Position;
 use pgrelay::capture::{listener, wakeup};
 use pgrelay::config::parse_duration;
-use pgrelay::config::RelayConfig;
+use pgrelay::config::{RelayConfig, Settings};
 use pgrelay::db::{embedded::EmbeddedPostgres, migrate};
 use pgrelay::jwt::{self, Verifier};
 use pgrelay::server::Relay;
@@ -33,12 +33,26 @@ const DEV_SECRET: &str = "pgrelay-dev-secret-not-for-production";
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log lines for people (text) or for log collectors (json: one object per line).
+    #[arg(
+        long,
+        global = true,
+        env = "PGRELAY_LOG_FORMAT",
+        default_value = "text"
+    )]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
 enum Command {
     /// Run the relay. Without DATABASE_URL, starts an embedded Postgres with demo data.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Install or update the trigger library and the example schema in DATABASE_URL.
     Migrate {
         #[arg(long, env = "DATABASE_URL")]
@@ -97,13 +111,8 @@ struct ServeArgs {
     /// Browser origins allowed to connect, comma-separated (default: any).
     #[arg(long, env = "PGRELAY_ALLOWED_ORIGINS", value_delimiter = ',')]
     allowed_origins: Vec<String>,
-    /// Read the outbox at least this often even without a notification.
-    #[arg(long, env = "PGRELAY_POLL_INTERVAL", default_value = "1s", value_parser = parse_duration)]
-    poll_interval: Duration,
-    /// How often this relay tells the others it is alive (presence); a relay silent for three
-    /// intervals is dropped from presence everywhere.
-    #[arg(long, env = "PGRELAY_PRESENCE_HEARTBEAT", default_value = "5s", value_parser = parse_duration)]
-    presence_heartbeat: Duration,
+    #[command(flatten)]
+    settings: Settings,
 }
 
 /// A failure and the exit code it maps to.
@@ -119,15 +128,11 @@ impl From<anyhow::Error> for Failure {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "pgrelay=info,warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => usage_error(err),
+    };
+    init_logging(cli.log_format);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(err) => {
@@ -148,9 +153,46 @@ fn main() -> ExitCode {
     }
 }
 
+/// Logs go to stderr (stdout is for what a command prints: tokens, `tail`'s lines, the banner).
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "pgrelay=info,warn".into());
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => logs.json().with_current_span(false).init(),
+    }
+}
+
+/// Prints clap's message and exits (2 for errors): a bad value may have come from the
+/// environment, so the variable that sets it is named too.
+fn usage_error(err: clap::Error) -> ! {
+    use clap::CommandFactory;
+    // clap names the argument as `--flag <VALUE>`.
+    let flag = err
+        .get(clap::error::ContextKind::InvalidArg)
+        .and_then(|arg| Some(arg.to_string().split(' ').next()?.to_owned()));
+    let env = flag.as_deref().and_then(|flag| {
+        let command = Cli::command();
+        let serve = command.find_subcommand("serve")?;
+        let long = flag.strip_prefix("--")?;
+        let arg = serve.get_arguments().find(|a| a.get_long() == Some(long))?;
+        Some(arg.get_env()?.to_string_lossy().into_owned())
+    });
+    let _ = err.print();
+    if let (Some(flag), Some(env)) = (flag, env) {
+        eprintln!("(set by {flag} or the environment variable {env})");
+    }
+    std::process::exit(err.exit_code());
+}
+
 async fn run(command: Command) -> Result<(), Failure> {
     match command {
-        Command::Serve(args) => serve(args).await,
+        Command::Serve(args) => serve(*args).await,
         Command::Migrate {
             database_url,
             library_only,
@@ -192,6 +234,10 @@ async fn run(command: Command) -> Result<(), Failure> {
 }
 
 async fn serve(args: ServeArgs) -> Result<(), Failure> {
+    // Before an embedded database starts: a bad setting should not cost a startup.
+    args.settings
+        .check()
+        .map_err(|err| Failure::Config(err.into()))?;
     match pgrelay::open_files::raise_open_files_limit() {
         Ok(limit) => tracing::info!(
             limit,
@@ -244,10 +290,10 @@ async fn serve(args: ServeArgs) -> Result<(), Failure> {
 
     let mut config = RelayConfig::new(database_url.clone(), verifier);
     config.bind = args.bind;
-    config.poll_interval = args.poll_interval;
-    config.presence.heartbeat = args.presence_heartbeat;
-    config.presence.relay_timeout = 3 * args.presence_heartbeat;
     config.allowed_origins = args.allowed_origins;
+    args.settings
+        .apply(&mut config)
+        .map_err(|err| Failure::Config(err.into()))?;
     let verifier_for_reloads = config.verifier.clone();
     let relay = Relay::start(config).await.map_err(Failure::Config)?;
     if let Some(path) = args.jwt_public_key_file.clone() {

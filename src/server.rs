@@ -65,8 +65,8 @@ impl Relay {
         );
         let pool = Pool::builder(manager)
             .max_size(config.pool_size)
-            .wait_timeout(Some(Duration::from_secs(10)))
-            .create_timeout(Some(Duration::from_secs(10)))
+            .wait_timeout(Some(config.pool_timeout))
+            .create_timeout(Some(config.pool_timeout))
             .runtime(deadpool_postgres::Runtime::Tokio1)
             .build()
             .context("building the connection pool")?;

@@ -187,3 +187,101 @@ async fn tail_prints_each_change_as_a_json_line() {
     assert_eq!(change["op"], "UPDATE");
     assert!(change["id"].as_str().is_some_and(|id| id.contains('~')));
 }
+
+/// Every setting `serve --help` lists, as (environment variable, default): clap prints each as
+/// `[env: NAME=] [default: VALUE]`.
+fn settings_in_help(help: &str) -> Vec<(String, Option<String>)> {
+    help.split("[env: ")
+        .skip(1)
+        .map(|rest| {
+            let name = rest.split([']', '=']).next().unwrap_or_default().to_owned();
+            let default = rest
+                .split_once(']')
+                .and_then(|(_, after)| after.trim_start().strip_prefix("[default: "))
+                .and_then(|d| d.split(']').next())
+                .map(str::to_owned);
+            (name, default)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn every_setting_in_help_is_documented_with_its_default() {
+    let out = pgrelay()
+        .args(["serve", "--help"])
+        .output()
+        .await
+        .expect("run");
+    assert!(out.status.success());
+    let help = String::from_utf8(out.stdout).expect("utf8");
+    let settings = settings_in_help(&help);
+    for expected in [
+        "PGRELAY_QUEUE_BUDGET",
+        "PGRELAY_POOL_SIZE",
+        "PGRELAY_LOG_FORMAT",
+    ] {
+        assert!(
+            settings.iter().any(|(name, _)| name == expected),
+            "{expected} in --help"
+        );
+    }
+    let docs = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/docs/configuration.md"
+    ))
+    .expect("docs/configuration.md");
+    for (name, default) in &settings {
+        let row = docs
+            .lines()
+            .find(|line| line.starts_with('|') && line.contains(&format!("| `{name}` |")))
+            .unwrap_or_else(|| panic!("docs/configuration.md has no row for {name}"));
+        if let Some(default) = default {
+            assert!(
+                row.contains(&format!("| `{default}` |")),
+                "docs/configuration.md gives {name} the default {default}: {row}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_bad_setting_stops_startup_with_exit_2_naming_it() {
+    // From the environment: the message names the flag and the variable.
+    let out = pgrelay()
+        .args(["serve"])
+        .env("PGRELAY_QUEUE_BUDGET", "lots")
+        .output()
+        .await
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--queue-budget"), "{stderr}");
+    assert!(stderr.contains("PGRELAY_QUEUE_BUDGET"), "{stderr}");
+
+    for (flag, value) in [
+        ("--pool-size", "0"),
+        ("--auth-timeout", "0s"),
+        ("--ping-interval", "soon"),
+        ("--max-message-size", "12 parsecs"),
+    ] {
+        let out = pgrelay()
+            .args(["serve", flag, value])
+            .output()
+            .await
+            .expect("run");
+        assert_eq!(out.status.code(), Some(2), "{flag} {value}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(flag), "{flag} {value}: {stderr}");
+    }
+
+    // Values that parse but cannot work together, refused before any database is started.
+    let out = pgrelay()
+        .args(["serve", "--ping-interval", "30s"])
+        .env("PGRELAY_IDLE_TIMEOUT", "20s")
+        .output()
+        .await
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("PGRELAY_IDLE_TIMEOUT"), "{stderr}");
+}

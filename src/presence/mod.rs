@@ -35,16 +35,16 @@ use crate::queue::ClientHandle;
 use bus::{Envelope, Op};
 use typing::Typing;
 
-/// The largest meta a connection may set (serialized), so that any presence op fits one NOTIFY.
-pub const MAX_META_BYTES: usize = 1024;
-
-/// How often a relay says it is alive, how long its silence is tolerated, and how long a typing
-/// indicator lasts without a refresh.
-#[derive(Clone, Debug)]
+/// How often a relay says it is alive, how long its silence is tolerated, how long a typing
+/// indicator lasts without a refresh, and how big a meta may be.
+#[derive(Clone, Debug, PartialEq)]
 pub struct PresenceTimings {
     pub heartbeat: Duration,
     pub relay_timeout: Duration,
     pub typing_timeout: Duration,
+    /// The largest meta a connection may set (serialized), so that any presence op fits one
+    /// NOTIFY (the configuration refuses more than 4 KiB).
+    pub max_meta_bytes: usize,
 }
 
 impl Default for PresenceTimings {
@@ -53,6 +53,7 @@ impl Default for PresenceTimings {
             heartbeat: Duration::from_secs(5),
             relay_timeout: Duration::from_secs(15),
             typing_timeout: Duration::from_secs(5),
+            max_meta_bytes: 1024,
         }
     }
 }
@@ -66,8 +67,8 @@ type ConnectionKey = (Arc<str>, u64);
 pub enum PresenceError {
     #[error("join the room first")]
     NotJoined,
-    #[error("`meta` must be at most {MAX_META_BYTES} bytes of JSON")]
-    MetaTooLarge,
+    #[error("`meta` must be at most {0} bytes of JSON")]
+    MetaTooLarge(usize),
 }
 
 pub struct Presence {
@@ -290,8 +291,8 @@ impl Presence {
         meta: Map<String, Value>,
     ) -> Result<(), PresenceError> {
         let size = serde_json::to_string(&meta).map_or(usize::MAX, |s| s.len());
-        if size > MAX_META_BYTES {
-            return Err(PresenceError::MetaTooLarge);
+        if size > self.timings.max_meta_bytes {
+            return Err(PresenceError::MetaTooLarge(self.timings.max_meta_bytes));
         }
         let mut state = self.lock();
         let key = (self.node.clone(), client_id);

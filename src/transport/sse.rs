@@ -6,12 +6,11 @@
 //! SSE message whose `data` is the WebSocket `event` JSON and whose `id` is its position, so the
 //! browser's `EventSource` resumes by itself after a drop: it sends `Last-Event-ID` and the relay
 //! replays what was missed (see [`crate::resume`]). `joined` and `left` notices arrive as named
-//! events (`event: joined`), which `onmessage` handlers ignore. A comment line every 15 s keeps
-//! proxies from closing an idle stream.
+//! events (`event: joined`), which `onmessage` handlers ignore. A comment line every so often (15 s by
+//! default) keeps proxies from closing an idle stream.
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -113,6 +112,7 @@ pub async fn stream(
     }
 
     app.metrics.connections.inc();
+    let session_keepalive = app.limits.sse_keepalive;
     let session = SseSession {
         _slot: slot,
         deadline: Instant::now() + principal.remaining(),
@@ -124,7 +124,7 @@ pub async fn stream(
     Sse::new(session.events(queue))
         .keep_alive(
             KeepAlive::new()
-                .interval(Duration::from_secs(15))
+                .interval(session_keepalive)
                 .text("keep-alive"),
         )
         .into_response()

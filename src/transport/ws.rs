@@ -2,7 +2,7 @@
 //!
 //! A session is one task that waits on four things at once: a frame from the client, a frame in
 //! its send queue (events from the fan-out, replies from itself), a request to close (slow client,
-//! shutdown), and its deadline (authentication within 10 s, then the token's `exp`). Replies go
+//! shutdown), and its deadline (authentication within the auth timeout, then the token's `exp`). Replies go
 //! through the same queue as events, so a client always sees `joined` before the room's first
 //! event and `left` after its last.
 //!
@@ -395,7 +395,7 @@ impl Session {
             Err(err @ PresenceError::NotJoined) => {
                 self.error(ErrorCode::NotJoined, &err.to_string(), reference)
             }
-            Err(err @ PresenceError::MetaTooLarge) => {
+            Err(err @ PresenceError::MetaTooLarge(_)) => {
                 self.error(ErrorCode::BadRequest, &err.to_string(), reference)
             }
         }
