@@ -137,9 +137,12 @@ pub async fn deliver(
             let slot = &mut frames[visibility as usize];
             Ok(Some(match slot {
                 Some(frame) => frame.clone(),
-                None => slot
-                    .insert(event_frame(room, &ids.1, change, visibility)?)
-                    .clone(),
+                None => {
+                    // Live: the transports measure its latency from the change's time.
+                    let frame = event_frame(room, &ids.1, change, visibility)?;
+                    slot.insert(frame.with_outbox_time(change.ts_micros))
+                        .clone()
+                }
             }))
         },
     )?;

@@ -8,6 +8,8 @@
 //! `bad_request` (and its `ref` back) instead of a generic failure: first as any JSON object, to
 //! find `type` and `ref`, then as the message that `type` names.
 
+use std::num::NonZeroU64;
+
 use axum::extract::ws::Utf8Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -178,6 +180,21 @@ pub enum ErrorCode {
     Internal,
 }
 
+impl ErrorCode {
+    /// As it is sent (and labelled in metrics).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::NotJoined => "not_joined",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::TooManyRooms => "too_many_rooms",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
 /// WebSocket close codes (see `docs/protocol.md`).
 pub mod close {
     pub const NORMAL: u16 = 1000;
@@ -263,6 +280,7 @@ impl ServerMessage<'_> {
             text: text.into(),
             kind,
             position,
+            outbox_time: None,
         }
     }
 }
@@ -321,6 +339,7 @@ impl Event<'_> {
             text: text.into(),
             kind: Kind::Event,
             position,
+            outbox_time: None,
         })
     }
 }
@@ -333,6 +352,9 @@ pub struct Frame {
     kind: Kind,
     /// Byte range of the position in `text`.
     position: Option<(u32, u32)>,
+    /// A live event's time in the outbox, in microseconds since the Unix epoch: the transports
+    /// measure from it how long the change took to reach the socket.
+    outbox_time: Option<NonZeroU64>,
 }
 
 /// The `type` of a message to clients.
@@ -392,6 +414,18 @@ impl Frame {
     pub fn into_text(self) -> Utf8Bytes {
         self.text
     }
+
+    /// Marks a live event with its change's time in the outbox (microseconds since the epoch).
+    pub fn with_outbox_time(mut self, micros: i64) -> Frame {
+        self.outbox_time = u64::try_from(micros).ok().and_then(NonZeroU64::new);
+        self
+    }
+
+    /// For a live event, when its change was written to the outbox.
+    pub fn outbox_time(&self) -> Option<std::time::SystemTime> {
+        let micros = self.outbox_time?.get();
+        Some(std::time::UNIX_EPOCH + std::time::Duration::from_micros(micros))
+    }
 }
 
 /// Where `value` follows the first `key` in `text`: the fields before it (`type`, `room`) hold
@@ -411,6 +445,7 @@ impl From<&str> for Frame {
             text: Utf8Bytes::from(text.to_owned()),
             kind: Kind::Event,
             position: None,
+            outbox_time: None,
         }
     }
 }

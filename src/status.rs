@@ -2,7 +2,8 @@
 //! backlog and lag per relay in the `pgrelay.lag` view.
 //!
 //! A relay writes only its own row (named host:pid), every few seconds, and deletes it on a clean
-//! shutdown: relays never wait for each other.
+//! shutdown: relays never wait for each other. It reads its own backlog and lag back from the
+//! view in the same round, for `/metrics`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,8 +25,14 @@ pub async fn run(
     loop {
         if let Some(position) = hub.delivered() {
             let connections = metrics.connections.get() as i32;
-            if let Err(err) = report(&pool, &name, &position.to_pg(), connections).await {
-                tracing::debug!(error = %format!("{err:#}"), "could not report status");
+            match report(&pool, &name, &position.to_pg(), connections).await {
+                Ok((backlog, lag)) => {
+                    metrics.outbox_backlog_changes.set(backlog);
+                    metrics.outbox_lag_seconds.set(lag);
+                }
+                Err(err) => {
+                    tracing::debug!(error = %format!("{err:#}"), "could not report status")
+                }
             }
         }
         tokio::select! {
@@ -40,7 +47,14 @@ pub async fn run(
     }
 }
 
-async fn report(pool: &Pool, name: &str, position: &str, connections: i32) -> anyhow::Result<()> {
+/// Upserts this relay's row, then returns its backlog (changes) and lag (seconds) from
+/// `pgrelay.lag`.
+async fn report(
+    pool: &Pool,
+    name: &str,
+    position: &str,
+    connections: i32,
+) -> anyhow::Result<(u64, f64)> {
     let client = pool.get().await?;
     client
         .execute(
@@ -51,7 +65,14 @@ async fn report(pool: &Pool, name: &str, position: &str, connections: i32) -> an
             &[&name, &position, &connections],
         )
         .await?;
-    Ok(())
+    let row = client
+        .query_one(
+            "SELECT backlog, extract(epoch FROM lag)::float8 FROM pgrelay.lag WHERE name = $1",
+            &[&name],
+        )
+        .await?;
+    let backlog: i64 = row.try_get(0)?;
+    Ok((u64::try_from(backlog).unwrap_or(0), row.try_get(1)?))
 }
 
 fn hostname() -> String {

@@ -139,7 +139,10 @@ pub async fn join(
         };
         let metrics = app.metrics.clone();
         tokio::spawn(async move {
-            if let Err(err) = replay.run().await {
+            let replaying = std::time::Instant::now();
+            let replayed = replay.run().await;
+            metrics.replay_seconds.observe(replaying.elapsed());
+            if let Err(err) = replayed {
                 tracing::warn!(error = %format!("{err:#}"), "replay failed; the client must resume again");
                 metrics.replay_failures.inc();
                 for room in &replay.rooms {

@@ -249,6 +249,7 @@ impl Authorizer {
         let users: Vec<&str> = principals.iter().map(|p| p.user.as_str()).collect();
         let claims: Vec<&serde_json::Value> = principals.iter().map(|p| &p.claims).collect();
 
+        let asking = std::time::Instant::now();
         let client = self.pool.get().await.context("no database connection")?;
         let statement = client.prepare_cached(READERS).await?;
         let rows = client
@@ -264,6 +265,7 @@ impl Authorizer {
                 ],
             )
             .await?;
+        self.metrics.policy_query_seconds.observe(asking.elapsed());
         rows.iter()
             .map(|row| {
                 Ok(Verdict {

@@ -37,6 +37,8 @@ pub struct Change {
     pub old: Option<Box<RawValue>>,
     /// When the statement ran, ISO 8601.
     pub ts: String,
+    /// The same, in microseconds since the Unix epoch (for the relay's latency metrics).
+    pub ts_micros: i64,
     /// What authorization needs besides the row (see [`crate::authorize`]).
     pub policy: PolicyInputs,
 }
@@ -78,6 +80,7 @@ impl Change {
             row: RawValue::from_string("{}".into()).expect("json"),
             old: None,
             ts: String::new(),
+            ts_micros: 0,
             policy,
         }
     }
@@ -119,7 +122,8 @@ impl Op {
 pub const READ_BATCH: &str = r#"
 SELECT s.upto::text, (SELECT horizon FROM pgrelay.retention)::text, c.id, c.xid::text, c.txn_last, c.tbl, c.entity, c.op, c.rooms,
        c."row"::text, c.old::text, to_json(c.ts) #>> '{}',
-       c.policy_key, c.policy_key_old, c.knows_old, c.flush
+       c.policy_key, c.policy_key_old, c.knows_old, c.flush,
+       (extract(epoch FROM c.ts) * 1000000)::int8
 FROM (SELECT coalesce($2::text::pg_snapshot, pg_current_snapshot()) AS upto) AS s
 LEFT JOIN LATERAL (
     SELECT * FROM pgrelay.read_batch($1::text::pg_snapshot, s.upto) AS b
@@ -264,6 +268,7 @@ fn change_from_row(row: &tokio_postgres::Row) -> anyhow::Result<Option<Change>> 
             knows_old: row.try_get(14)?,
             flush: row.try_get(15)?,
         },
+        ts_micros: row.try_get(16)?,
     }))
 }
 

@@ -54,11 +54,13 @@ impl AppState {
     /// of the header or query, if there is one (401 if it does not verify).
     pub fn check_request(
         &self,
+        transport: &'static str,
         headers: &HeaderMap,
         query_token: Option<String>,
     ) -> Result<Option<Principal>, Box<Response>> {
         if !self.origin_allowed(headers) {
-            return Err(Box::new(refuse(
+            return Err(Box::new(self.refuse(
+                transport,
                 StatusCode::FORBIDDEN,
                 ErrorCode::Forbidden,
                 "origin not allowed",
@@ -71,13 +73,28 @@ impl AppState {
             Ok(principal) => Ok(Some(principal)),
             Err(err) => {
                 self.metrics.auth_failures.inc();
-                Err(Box::new(refuse(
+                Err(Box::new(self.refuse(
+                    transport,
                     StatusCode::UNAUTHORIZED,
                     ErrorCode::Unauthorized,
                     &err.to_string(),
                 )))
             }
         }
+    }
+}
+
+impl AppState {
+    /// [`refuse`], counted in the metrics by transport and code.
+    pub fn refuse(
+        &self,
+        transport: &'static str,
+        status: StatusCode,
+        code: ErrorCode,
+        message: &str,
+    ) -> Response {
+        self.metrics.errors_sent.inc([transport, code.as_str()]);
+        refuse(status, code, message)
     }
 }
 

@@ -37,11 +37,11 @@ pub async fn stream(
     headers: HeaderMap,
     Query(params): Query<SseParams>,
 ) -> Response {
-    use super::refuse;
-    let principal = match app.check_request(&headers, params.token) {
+    let principal = match app.check_request("sse", &headers, params.token) {
         Ok(Some(principal)) => Arc::new(principal),
         Ok(None) => {
-            return refuse(
+            return app.refuse(
+                "sse",
                 StatusCode::UNAUTHORIZED,
                 ErrorCode::Unauthorized,
                 "missing token",
@@ -64,7 +64,12 @@ pub async fn stream(
                 "rooms must be 1 to {} valid room names separated by commas",
                 app.limits.max_rooms_per_connection
             );
-            return refuse(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, &message);
+            return app.refuse(
+                "sse",
+                StatusCode::BAD_REQUEST,
+                ErrorCode::BadRequest,
+                &message,
+            );
         }
     };
     let since = headers
@@ -75,7 +80,8 @@ pub async fn stream(
     // A stream's rooms are joined at once, so opening streams is what join attempts are for
     // WebSocket: limited per user, since every open starts a new connection.
     if !app.sse_opens.take(&principal.user) {
-        return refuse(
+        return app.refuse(
+            "sse",
             StatusCode::TOO_MANY_REQUESTS,
             ErrorCode::RateLimited,
             "too many streams opened; retry in a second",
@@ -84,7 +90,8 @@ pub async fn stream(
     let max = app.limits.max_connections_per_user;
     if !app.connections_per_user.acquire(&principal.user, max) {
         let message = format!("at most {max} connections per user");
-        return refuse(
+        return app.refuse(
+            "sse",
             StatusCode::TOO_MANY_REQUESTS,
             ErrorCode::RateLimited,
             &message,
@@ -108,13 +115,15 @@ pub async fn stream(
     .await;
     if let Err(err) = joined {
         let (status, code) = super::join_refusal(&err);
-        return refuse(status, code, &err.to_string());
+        return app.refuse("sse", status, code, &err.to_string());
     }
 
     app.metrics.connections.inc();
+    app.metrics.connections_opened.inc(["sse"]);
     let session_keepalive = app.limits.sse_keepalive;
     let session = SseSession {
         _slot: slot,
+        ended: None,
         deadline: Instant::now() + principal.remaining(),
         app,
         client,
@@ -139,10 +148,18 @@ struct SseSession {
     principal: Arc<Principal>,
     rooms: Vec<Room>,
     deadline: Instant,
+    /// Why the relay ended the stream, as the WebSocket close code of the same reason; `None`:
+    /// the client went away.
+    ended: Option<u16>,
 }
 
 impl Drop for SseSession {
     fn drop(&mut self) {
+        let code = self
+            .ended
+            .unwrap_or(super::ws::ABNORMAL_CLOSURE)
+            .to_string();
+        self.app.metrics.connections_closed.inc(["sse", &code]);
         // Nothing may wait on this client any more (a replay, say).
         self.client.close(crate::queue::CloseRequest {
             code: crate::protocol::close::GOING_AWAY,
@@ -166,17 +183,37 @@ impl Drop for UserSlot {
 }
 
 impl SseSession {
+    /// Records why the relay ends the stream (for the metrics, when it is dropped).
+    fn end(&mut self, code: Option<u16>) {
+        self.ended = code;
+    }
+
     fn events(self, queue: ClientQueue) -> impl Stream<Item = Result<Event, Infallible>> {
-        futures_util::stream::unfold((self, queue), |(session, mut queue)| async move {
+        futures_util::stream::unfold((self, queue), |(mut session, mut queue)| async move {
+            use crate::protocol::close;
             let shutdown = session.app.shutdown.clone();
-            let frame = tokio::select! {
+            let next = tokio::select! {
                 biased;
-                () = shutdown.cancelled() => return None,
-                Ok(()) = queue.close.changed() => return None, // too slow: resume with Last-Event-ID
-                () = tokio::time::sleep_until(session.deadline) => return None,
-                frame = queue.frames.recv() => frame?,
+                () = shutdown.cancelled() => Err(Some(close::GOING_AWAY)),
+                // Too slow, say: the client resumes with Last-Event-ID.
+                Ok(()) = queue.close.changed() => Err(queue.close.borrow().map(|r| r.code)),
+                () = tokio::time::sleep_until(session.deadline) => Err(Some(close::UNAUTHORIZED)),
+                frame = queue.frames.recv() => Ok(frame),
+            };
+            let frame = match next {
+                Ok(frame) => frame?,
+                Err(code) => {
+                    session.end(code);
+                    return None;
+                }
             };
             session.client.sent(&frame);
+            if let Some(written) = frame.outbox_time() {
+                // Handed to the HTTP stream: as close to the socket as SSE lets us see.
+                if let Ok(latency) = std::time::SystemTime::now().duration_since(written) {
+                    session.app.metrics.event_latency_seconds.observe(latency);
+                }
+            }
             Some((Ok(sse_event(&frame)), (session, queue)))
         })
     }

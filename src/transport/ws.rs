@@ -11,7 +11,7 @@
 //! (1001) ends it.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{Query, State};
@@ -25,6 +25,7 @@ use tokio::time::Instant;
 use super::limits::TokenBucket;
 use super::AppState;
 use crate::jwt::Principal;
+use crate::metrics::Metrics;
 use crate::presence::PresenceError;
 use crate::protocol::{self, close, ClientMessage, ErrorCode, Frame, Room, ServerMessage};
 use crate::queue::{ClientHandle, ClientQueue, CloseRequest};
@@ -50,7 +51,7 @@ pub async fn upgrade(
     headers: HeaderMap,
     Query(params): Query<WsParams>,
 ) -> Response {
-    let principal = match app.check_request(&headers, params.token) {
+    let principal = match app.check_request("ws", &headers, params.token) {
         Ok(principal) => principal,
         Err(refused) => return *refused,
     };
@@ -78,6 +79,10 @@ struct Session {
     strikes: u32,
 }
 
+/// What metrics call a connection that ended without a close frame (the code WebSocket reserves
+/// for it).
+pub const ABNORMAL_CLOSURE: u16 = 1006;
+
 /// Rate-limited messages in a row after which the connection is closed (4029).
 const MAX_STRIKES: u32 = 20;
 
@@ -90,6 +95,7 @@ enum Flow {
 impl Session {
     async fn run(app: AppState, socket: WebSocket, principal: Option<Principal>) {
         app.metrics.connections.inc();
+        app.metrics.connections_opened.inc(["ws"]);
         let (client, queue) = ClientHandle::websocket(app.limits.max_queued_bytes);
         let limits = &app.limits;
         let mut session = Session {
@@ -123,7 +129,13 @@ impl Session {
         let (sink, mut stream) = socket.split();
         let mut close = queue.close.clone();
         let ping_every = self.app.limits.ping_interval;
-        let mut writer = tokio::spawn(write_frames(sink, queue, self.client.clone(), ping_every));
+        let mut writer = tokio::spawn(write_frames(
+            sink,
+            queue,
+            self.client.clone(),
+            self.app.metrics.clone(),
+            ping_every,
+        ));
         let shutdown = self.app.shutdown.clone();
         let request = loop {
             tokio::select! {
@@ -159,6 +171,8 @@ impl Session {
                 }
             }
         };
+        let closed = request.map_or(ABNORMAL_CLOSURE, |r| r.code).to_string();
+        self.app.metrics.connections_closed.inc(["ws", &closed]);
         let Some(request) = request else {
             // The socket is gone: mark the client closed so nothing waits on it (a replay).
             self.client.close(CloseRequest {
@@ -407,6 +421,7 @@ impl Session {
 
     fn error(&self, code: ErrorCode, message: &str, reference: Option<&str>) {
         self.app.metrics.client_errors.inc();
+        self.app.metrics.errors_sent.inc(["ws", code.as_str()]);
         self.reply(ServerMessage::Error {
             code,
             message,
@@ -421,6 +436,7 @@ async fn write_frames(
     mut sink: SplitSink<WebSocket, Message>,
     mut queue: ClientQueue,
     client: Arc<ClientHandle>,
+    metrics: Arc<Metrics>,
     ping_every: Duration,
 ) {
     let mut pings = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
@@ -454,7 +470,7 @@ async fn write_frames(
                 // alone, then again for each presence frame of every other join in the burst:
                 // one system call each.
                 tokio::task::yield_now().await;
-                if write_batch(&mut sink, &client, &mut queue, frame).await.is_err() {
+                if write_batch(&mut sink, &client, &metrics, &mut queue, frame).await.is_err() {
                     return;
                 }
             }
@@ -463,21 +479,31 @@ async fn write_frames(
 }
 
 /// Writes `first` and whatever else is already queued (up to 64 frames), flushes once, then
-/// counts them as sent.
+/// counts them as sent (and the live events' latency).
 async fn write_batch(
     sink: &mut SplitSink<WebSocket, Message>,
     client: &ClientHandle,
+    metrics: &Metrics,
     queue: &mut ClientQueue,
     first: Frame,
 ) -> Result<(), axum::Error> {
     let mut frames = vec![first];
     queue.frames.take(63, &mut frames);
     let bytes = frames.iter().map(Frame::len).sum();
+    let mut written = Vec::new();
     for frame in frames {
+        written.extend(frame.outbox_time());
         sink.feed(Message::Text(frame.into_text())).await?;
     }
     sink.flush().await?;
     client.sent_bytes(bytes);
+    let now = SystemTime::now();
+    for time in written {
+        // A clock that went backwards (or another host's) gives no measurement, not a wrong one.
+        if let Ok(latency) = now.duration_since(time) {
+            metrics.event_latency_seconds.observe(latency);
+        }
+    }
     Ok(())
 }
 
