@@ -17,14 +17,26 @@ use anyhow::Context;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde_json::{Map, Value};
 
-/// The authenticated user of a connection.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The authenticated user of a connection. Its `Debug` names the user but not the claims, which
+/// may hold anything an identity provider puts in a token (emails, names, tenant ids).
+#[derive(Clone, PartialEq, Eq)]
 pub struct Principal {
     pub user: String,
     /// All claims of the token, as the policies receive them.
     pub claims: Value,
     /// Seconds since the Unix epoch.
     pub expires_at: u64,
+}
+
+impl std::fmt::Debug for Principal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let claims = self.claims.as_object().map_or(0, |c| c.len());
+        f.debug_struct("Principal")
+            .field("user", &self.user)
+            .field("claims", &format_args!("<{claims} claims, redacted>"))
+            .field("expires_at", &self.expires_at)
+            .finish()
+    }
 }
 
 impl Principal {
@@ -351,6 +363,18 @@ mod tests {
             &EncodingKey::from_secret(secret),
         )
         .expect("sign")
+    }
+
+    #[test]
+    fn a_logged_principal_names_the_user_but_not_the_claims() {
+        let mut extra = Map::new();
+        extra.insert("email".into(), "alice@example.com".into());
+        let token = mint(SECRET, "u1", Duration::from_secs(60), &extra).expect("mint");
+        let principal = Verifier::from_secret(SECRET).verify(&token).expect("valid");
+        let logged = format!("{principal:?}");
+        assert!(logged.contains("\"u1\""), "{logged}");
+        assert!(!logged.contains("alice@example.com"), "{logged}");
+        assert!(logged.contains("4 claims, redacted"), "{logged}");
     }
 
     #[test]

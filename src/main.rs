@@ -155,7 +155,8 @@ fn main() -> ExitCode {
 
 /// Logs go to stderr (stdout is for what a command prints: tokens, `tail`'s lines, the banner).
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    let wanted = std::env::var("RUST_LOG").unwrap_or_default();
+    let filter = tracing_subscriber::EnvFilter::try_new(quiet_dependencies(&wanted))
         .unwrap_or_else(|_| "pgrelay=info,warn".into());
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -166,6 +167,32 @@ fn init_logging(format: LogFormat) {
             .init(),
         LogFormat::Json => logs.json().with_current_span(false).init(),
     }
+}
+
+/// Libraries that log what passes through them at debug and trace level: tokio-postgres the
+/// parameters of every query (users, their claims), tungstenite every frame (tokens in `auth`).
+const CHATTY: [&str; 5] = [
+    "tokio_postgres",
+    "postgres",
+    "tungstenite",
+    "tokio_tungstenite",
+    "hyper",
+];
+
+/// `RUST_LOG` (default `pgrelay=info,warn`), with the chatty libraries held at `warn` unless it
+/// names them: `RUST_LOG=debug` should debug the relay, not dump credentials and rows.
+fn quiet_dependencies(rust_log: &str) -> String {
+    let mut directives = if rust_log.trim().is_empty() {
+        "pgrelay=info,warn".to_owned()
+    } else {
+        rust_log.to_owned()
+    };
+    for library in CHATTY {
+        if !rust_log.contains(library) {
+            directives.push_str(&format!(",{library}=warn"));
+        }
+    }
+    directives
 }
 
 /// Prints clap's message and exits (2 for errors): a bad value may have come from the

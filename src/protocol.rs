@@ -21,7 +21,7 @@ use crate::capture::outbox::Op;
 #[derive(Debug, PartialEq)]
 pub enum ClientMessage {
     Auth {
-        token: String,
+        token: Token,
     },
     Join {
         room: Room,
@@ -39,6 +39,23 @@ pub enum ClientMessage {
         typing: bool,
     },
     Ping,
+}
+
+/// A bearer token as a client sent it. Its `Debug` shows only its length, so that a message
+/// logged with `{:?}` never carries a credential.
+#[derive(PartialEq)]
+pub struct Token(pub String);
+
+impl Token {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Token(<{} bytes, redacted>)", self.0.len())
+    }
 }
 
 /// A client message that could not be understood, with the `ref` to answer it with.
@@ -68,8 +85,9 @@ pub fn parse(text: &str) -> Result<(ClientMessage, Option<String>), BadMessage> 
     };
     let fields = Value::Object(object.clone());
     let parsed = match kind.as_str() {
-        "auth" => serde_json::from_value::<AuthFields>(fields)
-            .map(|f| ClientMessage::Auth { token: f.token }),
+        "auth" => serde_json::from_value::<AuthFields>(fields).map(|f| ClientMessage::Auth {
+            token: Token(f.token),
+        }),
         "join" => serde_json::from_value::<JoinFields>(fields).and_then(|f| {
             Ok(ClientMessage::Join {
                 room: room_or_err(f.room)?,
@@ -453,6 +471,18 @@ impl From<&str> for Frame {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_logged_auth_message_does_not_show_its_token() {
+        let (message, _) = parse(r#"{"type":"auth","token":"eyJ.secret-part.sig"}"#).expect("auth");
+        let ClientMessage::Auth { token } = &message else {
+            panic!("parsed as {message:?}");
+        };
+        assert_eq!(token.as_str(), "eyJ.secret-part.sig");
+        let logged = format!("{message:?}");
+        assert!(!logged.contains("secret-part"), "{logged}");
+        assert!(logged.contains("19 bytes"), "{logged}");
+    }
 
     #[test]
     fn frames_carry_their_type_and_position_beside_the_text() {

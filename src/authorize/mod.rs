@@ -215,13 +215,18 @@ impl Authorizer {
                 Ok(verdicts) => Ok(verdicts),
                 Err(err) if is_policy_error(&err) => {
                     if let [(change, principal)] = pairs {
+                        let id = changes[*change as usize].id;
+                        // The SQLSTATE only: the message may quote the row ("invalid input
+                        // syntax for type integer: ..."), and rows stay out of logs.
                         tracing::warn!(
                             user = %principals[*principal as usize].user,
-                            change = changes[*change as usize].id,
+                            change = id,
                             table = %changes[*change as usize].table,
-                            error = %format!("{err:#}"),
-                            "read policy failed; withholding this change from this user"
+                            sqlstate = sqlstate(&err),
+                            "read policy failed; withholding this change from this user \
+                             (RUST_LOG=pgrelay=debug shows the message)"
                         );
+                        tracing::debug!(change = id, error = %format!("{err:#}"), "read policy error");
                         failed.push((*change, *principal));
                         return Ok(Vec::new());
                     }
@@ -361,6 +366,13 @@ impl Questions {
 /// An error a policy raised for its input (bad data, a bug, an explicit RAISE), as opposed to
 /// trouble with the database itself (lost connection, cancellation, deadlock, resources), which
 /// the reader retries.
+/// The SQLSTATE of a database error (empty for other errors).
+fn sqlstate(err: &anyhow::Error) -> &str {
+    err.downcast_ref::<tokio_postgres::Error>()
+        .and_then(|e| e.as_db_error())
+        .map_or("", |db| db.code().code())
+}
+
 fn is_policy_error(err: &anyhow::Error) -> bool {
     let Some(db) = err
         .downcast_ref::<tokio_postgres::Error>()

@@ -18,8 +18,8 @@ use tokio_postgres::{Client, RowStream, Statement};
 use super::changed::changed_columns;
 use super::position::Snapshot;
 
-/// One captured row change, as stored by the triggers.
-#[derive(Debug)]
+/// One captured row change, as stored by the triggers. Its `Debug` leaves out the row and the
+/// old values: rows stay out of logs.
 pub struct Change {
     pub id: i64,
     /// The writing transaction.
@@ -41,6 +41,23 @@ pub struct Change {
     pub ts_micros: i64,
     /// What authorization needs besides the row (see [`crate::authorize`]).
     pub policy: PolicyInputs,
+}
+
+impl std::fmt::Debug for Change {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Change")
+            .field("id", &self.id)
+            .field("xid", &self.xid)
+            .field("table", &self.table)
+            .field("op", &self.op)
+            .field("rooms", &self.rooms)
+            .field(
+                "row",
+                &format_args!("<{} bytes, redacted>", self.row.get().len()),
+            )
+            .field("ts", &self.ts)
+            .finish_non_exhaustive()
+    }
 }
 
 /// How a change's policy answers may be remembered (`pgrelay.read_batch` computes these from the full

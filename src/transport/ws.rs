@@ -238,7 +238,7 @@ impl Session {
         };
         let reference = reference.as_deref();
         match message {
-            ClientMessage::Auth { token } => self.on_auth(&token, reference),
+            ClientMessage::Auth { token } => self.on_auth(token.as_str(), reference),
             ClientMessage::Ping => {
                 self.reply(ServerMessage::Pong { reference });
                 Flow::Continue

@@ -513,16 +513,22 @@ impl SseClient {
     }
 }
 
-/// Starts `pgrelay serve` as a separate process on `db_url` (so that a test can SIGKILL it), and
-/// waits until it is ready. Returns the process and its address.
+/// A local address no one listens on (for a relay started as a process).
 #[allow(dead_code)]
-pub async fn spawn_relay(db_url: &str, extra_args: &[&str]) -> (tokio::process::Child, String) {
+pub fn free_address() -> String {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .expect("port")
         .local_addr()
         .expect("addr")
         .port();
-    let addr = format!("127.0.0.1:{port}");
+    format!("127.0.0.1:{port}")
+}
+
+/// Starts `pgrelay serve` as a separate process on `db_url` (so that a test can SIGKILL it), and
+/// waits until it is ready. Returns the process and its address.
+#[allow(dead_code)]
+pub async fn spawn_relay(db_url: &str, extra_args: &[&str]) -> (tokio::process::Child, String) {
+    let addr = free_address();
     let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgrelay"))
         .args(["serve", "--bind", &addr])
         .args(extra_args)
