@@ -16,7 +16,7 @@ use pgrelay::capture::position::Position;
 use pgrelay::capture::wakeup;
 use pgrelay::config::parse_duration;
 use pgrelay::config::RelayConfig;
-use pgrelay::db::{embedded::EmbeddedPostgres, migrate};
+use pgrelay::db::{embedded::EmbeddedPostgres, migrate, Database};
 use pgrelay::jwt::{self, Verifier};
 use pgrelay::server::Relay;
 use serde_json::{Map, Value};
@@ -273,9 +273,8 @@ async fn serve(args: ServeArgs) -> Result<(), Failure> {
 }
 
 async fn check_library(url: &str) -> Result<(), Failure> {
-    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .context("connecting to DATABASE_URL")?;
+    let db = Database::from_url(url).map_err(Failure::Config)?;
+    let (client, connection) = db.connect().await.context("connecting to DATABASE_URL")?;
     let io = tokio::spawn(connection);
     let installed = migrate::library_installed(&client).await?;
     drop(client);
@@ -324,7 +323,8 @@ async fn wait_for_signal() -> anyhow::Result<()> {
 
 /// `pgrelay tail`: reads the outbox like the relay does (no authorization: it is a DBA's tool).
 async fn tail(database_url: &str, room: Option<&str>) -> anyhow::Result<()> {
-    let (client, mut connection) = tokio_postgres::connect(database_url, tokio_postgres::NoTls)
+    let (client, mut connection) = Database::from_url(database_url)?
+        .connect()
         .await
         .context("connecting to DATABASE_URL")?;
     let wake = Arc::new(tokio::sync::Notify::new());

@@ -17,9 +17,8 @@ use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use deadpool_postgres::{ManagerConfig, Pool, RecyclingMethod};
 use tokio::sync::Notify;
-use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
 
 use crate::authorize::Authorizer;
@@ -76,23 +75,17 @@ pub struct Relay {
 impl Relay {
     /// Binds the listen address and starts serving and reading changes.
     pub async fn start(config: RelayConfig) -> anyhow::Result<Relay> {
-        let pg_config: tokio_postgres::Config = config
-            .database_url
-            .parse()
-            .context("DATABASE_URL is not a valid connection string")?;
+        let db = crate::db::Database::from_url(&config.database_url)?;
         // The relay's queries are short and run thousands of times a second: compiling them
         // with JIT (which Postgres does whenever an estimate is large, such as for a big chunk of
         // policy checks) costs far more than it saves.
-        let mut pool_config = pg_config.clone();
-        let options = pool_config.get_options().unwrap_or_default().to_owned();
-        pool_config.options(format!("{options} -c jit=off").trim_start());
-        let manager = Manager::from_config(
-            pool_config,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
+        let pool_db = db.with_config(|pool_config| {
+            let options = pool_config.get_options().unwrap_or_default().to_owned();
+            pool_config.options(format!("{options} -c jit=off").trim_start());
+        });
+        let manager = pool_db.manager(ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        });
         let pool = Pool::builder(manager)
             .max_size(config.pool_size)
             .wait_timeout(Some(Duration::from_secs(10)))
@@ -136,7 +129,7 @@ impl Relay {
             metrics: metrics.clone(),
             wake: wake.clone(),
             listening: listening.clone(),
-            pg_config: pg_config.clone(),
+            db: db.clone(),
             poll_interval: config.poll_interval,
             codec,
         };
@@ -166,7 +159,7 @@ impl Relay {
         let interval = config.maintenance_interval;
         let tasks = vec![
             tokio::spawn(listener::run(
-                pg_config.clone(),
+                db.clone(),
                 wake,
                 listening,
                 metrics.clone(),
@@ -182,7 +175,7 @@ impl Relay {
             )),
             tokio::spawn(retention::run(retention_pool, interval, shutdown.clone())),
             tokio::spawn(presence::bus::run(
-                pg_config.clone(),
+                db,
                 presence.clone(),
                 presence_ops,
                 metrics.clone(),

@@ -77,6 +77,13 @@ pub async fn cluster_url(database: &str) -> String {
         .expect("cluster")
 }
 
+/// The data directory of this binary's cluster (to configure it, as tests/tls.rs does).
+pub async fn cluster_data_dir() -> PathBuf {
+    tokio::task::spawn_blocking(|| cluster().data_dir().to_owned())
+        .await
+        .expect("cluster")
+}
+
 /// Stops this binary's cluster (every test in the binary loses its database until it restarts).
 pub async fn stop_cluster() {
     tokio::task::spawn_blocking(|| cluster().stop())
@@ -114,7 +121,9 @@ fn remove_stale_clusters(root: &std::path::Path) {
 }
 
 pub async fn execute(url: &str, sql: &str) {
-    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+    let (client, connection) = pgrelay::db::Database::from_url(url)
+        .expect("a valid url")
+        .connect()
         .await
         .expect("connect");
     let io = tokio::spawn(connection);
@@ -260,8 +269,11 @@ pub async fn kill_sleeping_listen_connection(db: &tokio_postgres::Client) -> i64
     0
 }
 
+/// A connection made the way the relay makes them (so TLS settings in the URL apply).
 pub async fn connect(url: &str) -> tokio_postgres::Client {
-    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+    let (client, connection) = pgrelay::db::Database::from_url(url)
+        .expect("a valid url")
+        .connect()
         .await
         .expect("connect");
     tokio::spawn(connection);
