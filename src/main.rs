@@ -38,7 +38,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the relay. Without DATABASE_URL, starts an embedded Postgres with demo data.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Install or update the trigger library and the example schema in DATABASE_URL.
     Migrate {
         #[arg(long, env = "DATABASE_URL")]
@@ -85,6 +85,16 @@ struct ServeArgs {
     /// reloaded when it changes.
     #[arg(long, env = "PGRELAY_JWT_PUBLIC_KEY_FILE")]
     jwt_public_key_file: Option<PathBuf>,
+    /// JWKS URL of an identity provider (http:// or https://) to verify tokens with: fetched at
+    /// start, again for a token with an unknown kid (at most every 10s), and periodically.
+    #[arg(long, env = "PGRELAY_JWT_JWKS_URL")]
+    jwt_jwks_url: Option<String>,
+    /// How often to fetch the JWKS URL again.
+    #[arg(long, env = "PGRELAY_JWT_JWKS_REFRESH", default_value = "5m", value_parser = parse_duration)]
+    jwt_jwks_refresh: Duration,
+    /// PEM CA certificate(s) to trust for an https JWKS URL instead of the system's CAs.
+    #[arg(long, env = "PGRELAY_JWT_JWKS_CA_FILE")]
+    jwt_jwks_ca_file: Option<PathBuf>,
     /// Where the embedded Postgres keeps its data.
     #[arg(long, env = "PGRELAY_DATA_DIR", default_value = ".pgrelay")]
     data_dir: PathBuf,
@@ -150,7 +160,7 @@ fn main() -> ExitCode {
 
 async fn run(command: Command) -> Result<(), Failure> {
     match command {
-        Command::Serve(args) => serve(args).await,
+        Command::Serve(args) => serve(*args).await,
         Command::Migrate {
             database_url,
             library_only,
@@ -200,8 +210,25 @@ async fn serve(args: ServeArgs) -> Result<(), Failure> {
         Err(err) => tracing::warn!(error = %err, "cannot read or raise the open files limit"),
     }
     let dev_mode = args.database_url.is_none();
+    if args.jwt_public_key_file.is_some() && args.jwt_jwks_url.is_some() {
+        return Err(Failure::Config(anyhow::anyhow!(
+            "set one of PGRELAY_JWT_PUBLIC_KEY_FILE and PGRELAY_JWT_JWKS_URL, not both"
+        )));
+    }
+    let public_keys = args.jwt_public_key_file.is_some() || args.jwt_jwks_url.is_some();
     let verifier = match (&args.jwt_public_key_file, &args.jwt_secret) {
         (Some(path), _) => Verifier::from_key_file(path).map_err(Failure::Config)?,
+        (None, _) if args.jwt_jwks_url.is_some() => {
+            let url = args.jwt_jwks_url.as_deref().unwrap_or_default();
+            let options = pgrelay::jwks::JwksOptions {
+                refresh_every: args.jwt_jwks_refresh,
+                ..Default::default()
+            };
+            let source =
+                pgrelay::jwks::JwksSource::new(url, args.jwt_jwks_ca_file.as_deref(), options)
+                    .map_err(Failure::Config)?;
+            Verifier::from_jwks_url(source).await?
+        }
         (None, Some(secret)) if !secret.is_empty() => Verifier::from_secret(secret.as_bytes()),
         (None, _) if dev_mode => Verifier::from_secret(DEV_SECRET.as_bytes()),
         (None, _) => {
@@ -219,6 +246,15 @@ async fn serve(args: ServeArgs) -> Result<(), Failure> {
         Some(audience) => verifier.with_audience(audience),
         None => verifier,
     };
+    if public_keys && !verifier.checks_issuer_or_audience() {
+        // An identity provider signs tokens for every application of the tenant: without an
+        // audience or issuer check, a token meant for another application gets in here too.
+        tracing::warn!(
+            "tokens are verified with public keys but neither an audience nor an issuer is required: \
+             set PGRELAY_JWT_AUDIENCE and/or PGRELAY_JWT_ISSUER so that tokens issued for other \
+             applications are refused"
+        );
+    }
 
     // Development mode: an embedded database, migrated, with demo data on first start.
     let mut embedded = None;
@@ -249,6 +285,7 @@ async fn serve(args: ServeArgs) -> Result<(), Failure> {
     config.presence.relay_timeout = 3 * args.presence_heartbeat;
     config.allowed_origins = args.allowed_origins;
     let verifier_for_reloads = config.verifier.clone();
+    let verifier_for_jwks = config.verifier.clone();
     let relay = Relay::start(config).await.map_err(Failure::Config)?;
     if let Some(path) = args.jwt_public_key_file.clone() {
         // Rotating keys (a JWKS file, say) needs no restart.
@@ -261,6 +298,11 @@ async fn serve(args: ServeArgs) -> Result<(), Failure> {
             forever,
         ));
     }
+    // Keys from a URL are refreshed until the process ends.
+    tokio::spawn(jwt::refresh_jwks(
+        verifier_for_jwks,
+        tokio_util::sync::CancellationToken::new(),
+    ));
     if embedded.is_some() {
         print_dev_banner(&relay, &database_url)?;
     }

@@ -54,7 +54,7 @@ pub async fn stream(
             "missing token",
         );
     };
-    let principal = match app.verifier.verify(&token) {
+    let principal = match app.verifier.authenticate(&token).await {
         Ok(principal) => Arc::new(principal),
         Err(err) => {
             app.metrics.auth_failures.inc();

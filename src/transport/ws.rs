@@ -58,7 +58,7 @@ pub async fn upgrade(
         );
     }
     let principal = match token_from_request(&headers, params.token) {
-        Some(token) => match app.verifier.verify(&token) {
+        Some(token) => match app.verifier.authenticate(&token).await {
             Ok(principal) => Some(principal),
             Err(err) => {
                 app.metrics.auth_failures.inc();
@@ -256,7 +256,7 @@ impl Session {
         };
         let reference = reference.as_deref();
         match message {
-            ClientMessage::Auth { token } => self.on_auth(&token, reference),
+            ClientMessage::Auth { token } => self.on_auth(&token, reference).await,
             ClientMessage::Ping => {
                 self.reply(ServerMessage::Pong { reference });
                 Flow::Continue
@@ -302,8 +302,8 @@ impl Session {
         }
     }
 
-    fn on_auth(&mut self, token: &str, reference: Option<&str>) -> Flow {
-        let principal = match self.app.verifier.verify(token) {
+    async fn on_auth(&mut self, token: &str, reference: Option<&str>) -> Flow {
+        let principal = match self.app.verifier.authenticate(token).await {
             Ok(principal) => principal,
             Err(err) => {
                 self.app.metrics.auth_failures.inc();
