@@ -114,6 +114,10 @@ struct ServeArgs {
     /// intervals is dropped from presence everywhere.
     #[arg(long, env = "PGRELAY_PRESENCE_HEARTBEAT", default_value = "5s", value_parser = parse_duration)]
     presence_heartbeat: Duration,
+    /// On SIGTERM/SIGINT: how long to keep serving open connections (with /readyz at 503 and new
+    /// connections refused) before closing them with 1001. A second signal ends it early.
+    #[arg(long, env = "PGRELAY_DRAIN_GRACE", default_value = "10s", value_parser = parse_duration)]
+    drain_grace: Duration,
 }
 
 /// A failure and the exit code it maps to.
@@ -308,6 +312,13 @@ async fn serve(args: ServeArgs) -> Result<(), Failure> {
     }
 
     wait_for_signal().await?;
+    tokio::select! {
+        () = relay.drain(args.drain_grace) => {}
+        signalled = wait_for_signal() => {
+            signalled?;
+            tracing::info!("second signal: ending the drain early");
+        }
+    }
     tracing::info!("shutting down");
     relay.shutdown().await;
     drop(embedded);

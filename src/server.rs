@@ -49,9 +49,24 @@ pub struct AppState {
     /// SSE streams opened per user: each open asks the join policy for all its rooms.
     pub sse_opens: Arc<crate::transport::limits::BucketPerUser>,
     pub shutdown: CancellationToken,
+    /// Cancelled when the relay starts draining (see [`Relay::drain`]).
+    pub draining: CancellationToken,
 }
 
 impl AppState {
+    /// While draining, new WebSocket and SSE connections get 503 (with `Retry-After`): the load
+    /// balancer, which sees `/readyz` fail, sends the client's retry to another replica.
+    pub fn refuse_if_draining(&self) -> Option<axum::response::Response> {
+        self.draining.is_cancelled().then(|| {
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                [(header::RETRY_AFTER, "1")],
+                "relay draining: connect to another replica",
+            )
+                .into_response()
+        })
+    }
+
     /// False for a browser request from an origin that is not allowed (requests without an
     /// `Origin` header come from non-browser clients and are not restricted).
     pub fn origin_allowed(&self, headers: &axum::http::HeaderMap) -> bool {
@@ -68,6 +83,7 @@ impl AppState {
 pub struct Relay {
     addr: SocketAddr,
     shutdown: CancellationToken,
+    draining: CancellationToken,
     metrics: Arc<Metrics>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -96,6 +112,7 @@ impl Relay {
 
         let codec = load_codec(&pool).await?;
         let shutdown = CancellationToken::new();
+        let draining = CancellationToken::new();
         let retention_pool = pool.clone();
         let status_pool = pool.clone();
         let metrics = Arc::new(Metrics::default());
@@ -121,6 +138,7 @@ impl Relay {
             connections_per_user: Arc::default(),
             sse_opens: Arc::new(sse_opens),
             shutdown: shutdown.clone(),
+            draining: draining.clone(),
         };
         let reader = Reader {
             pool,
@@ -188,6 +206,7 @@ impl Relay {
         Ok(Relay {
             addr,
             shutdown,
+            draining,
             metrics,
             tasks,
         })
@@ -200,6 +219,15 @@ impl Relay {
     /// Resolves when the relay has been asked to stop.
     pub async fn stopping(&self) {
         self.shutdown.cancelled().await
+    }
+
+    /// The first half of a graceful stop: `/readyz` answers 503 from now on and new connections
+    /// are refused, while the connections already open keep being served for `grace` (time for
+    /// the load balancer to notice). [`Relay::shutdown`] then closes them.
+    pub async fn drain(&self, grace: Duration) {
+        self.draining.cancel();
+        tracing::info!(?grace, "draining: not ready, refusing new connections");
+        tokio::time::sleep(grace).await;
     }
 
     /// Stops accepting, closes every WebSocket with 1001, and waits (boundedly) for them to go.
@@ -249,6 +277,12 @@ async fn load_codec(pool: &Pool) -> anyhow::Result<PositionCodec> {
 
 /// Ready when the LISTEN connection is up and the last outbox read succeeded.
 async fn readyz(State(app): State<AppState>) -> impl IntoResponse {
+    if app.draining.is_cancelled() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: draining".to_string(),
+        );
+    }
     let listening = app.metrics.listener_connected.get() == 1;
     let reading = app.metrics.reader_healthy.get() == 1;
     if listening && reading {

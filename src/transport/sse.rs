@@ -40,6 +40,9 @@ pub async fn stream(
     Query(params): Query<SseParams>,
 ) -> Response {
     use super::refuse;
+    if let Some(refused) = app.refuse_if_draining() {
+        return refused;
+    }
     if !app.origin_allowed(&headers) {
         return refuse(
             StatusCode::FORBIDDEN,

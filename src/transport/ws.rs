@@ -50,6 +50,9 @@ pub async fn upgrade(
     headers: HeaderMap,
     Query(params): Query<WsParams>,
 ) -> Response {
+    if let Some(refused) = app.refuse_if_draining() {
+        return refused;
+    }
     if !app.origin_allowed(&headers) {
         return super::refuse(
             StatusCode::FORBIDDEN,

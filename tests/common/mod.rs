@@ -513,6 +513,18 @@ impl SseClient {
         }
     }
 
+    /// Whether the stream ends (the server closes it) within [`WAIT`], whatever comes before.
+    pub async fn ends(&mut self) -> bool {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            match tokio::time::timeout_at(deadline, self.lines.next_line()).await {
+                Err(_) => return false,
+                Ok(Ok(Some(_))) => continue,
+                Ok(Ok(None) | Err(_)) => return true,
+            }
+        }
+    }
+
     /// The next unnamed message (a change), parsed.
     pub async fn next_event(&mut self) -> (String, Value) {
         loop {
