@@ -60,6 +60,15 @@ enum Command {
         #[arg(long, env = "PGRELAY_JWT_SECRET", hide_env_values = true)]
         jwt_secret: Option<String>,
     },
+    /// Exit 0 if the relay at PGRELAY_BIND answers /healthz (or /readyz with --ready), else 1:
+    /// a container HEALTHCHECK for an image without curl.
+    Health {
+        #[arg(long, env = "PGRELAY_BIND", default_value = "127.0.0.1:8080")]
+        bind: SocketAddr,
+        /// Check /readyz (database reachable, changes flowing) instead of /healthz.
+        #[arg(long)]
+        ready: bool,
+    },
     /// Print changes as the relay sees them, one JSON line each.
     Tail {
         #[arg(long, env = "DATABASE_URL")]
@@ -199,6 +208,10 @@ async fn run(command: Command) -> Result<(), Failure> {
             println!("{}", jwt::mint(secret.as_bytes(), &sub, ttl, &extra)?);
             Ok(())
         }
+        Command::Health { bind, ready } => {
+            let path = if ready { "/readyz" } else { "/healthz" };
+            health(bind, path).map_err(Failure::Runtime)
+        }
         Command::Tail { database_url, room } => tail(&database_url, room.as_deref())
             .await
             .map_err(Failure::Runtime),
@@ -266,6 +279,12 @@ async fn serve(args: ServeArgs) -> Result<(), Failure> {
         Some(url) => {
             check_library(&url).await?;
             url
+        }
+        None if !EmbeddedPostgres::binaries_available() => {
+            return Err(Failure::Config(anyhow::anyhow!(
+                "DATABASE_URL is not set and there are no PostgreSQL server binaries here for an \
+                 embedded development database: set DATABASE_URL (always, in a container)"
+            )))
         }
         None => {
             let data_dir = args.data_dir.clone();
@@ -446,6 +465,36 @@ async fn tail(database_url: &str, room: Option<&str>) -> anyhow::Result<()> {
             anyhow::bail!("the database connection closed");
         }
     }
+}
+
+/// One GET on the loopback interface (a bind address of 0.0.0.0 or :: is reached there).
+fn health(bind: SocketAddr, path: &str) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let mut addr = bind;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(if addr.is_ipv4() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        });
+    }
+    let timeout = Duration::from_secs(3);
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)
+        .with_context(|| format!("connecting to {addr}"))?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream
+        .take(64 * 1024)
+        .read_to_string(&mut response)
+        .with_context(|| format!("reading the answer of {addr}{path}"))?;
+    let status = response.split_whitespace().nth(1).unwrap_or("none");
+    anyhow::ensure!(status == "200", "{addr}{path} answered {status}");
+    Ok(())
 }
 
 fn parse_claim(text: &str) -> Result<(String, Value), String> {
