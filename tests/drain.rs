@@ -24,9 +24,7 @@ async fn sigterm_drains_for_the_grace_period_then_closes_with_1001_and_exits_0()
     .await;
     assert_eq!(sse.status, 200);
 
-    let pid = child.id().expect("pid") as libc::pid_t;
-    // SAFETY: signalling our own child process.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    common::sigterm(&child);
     let signalled = Instant::now();
 
     // At once: not ready, and new connections are turned away.

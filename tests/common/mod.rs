@@ -568,6 +568,14 @@ pub async fn spawn_relay(db_url: &str, extra_args: &[&str]) -> (tokio::process::
     panic!("the relay did not become ready");
 }
 
+/// Sends SIGTERM to a relay started by a test (it drains, then exits).
+#[allow(dead_code)]
+pub fn sigterm(child: &tokio::process::Child) {
+    let pid = child.id().expect("the relay is running") as libc::pid_t;
+    // SAFETY: kill(2) on our own child's pid; no memory is involved.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0, "SIGTERM");
+}
+
 /// A connected, authenticated client of `user` on the relay at `addr`.
 #[allow(dead_code)]
 pub async fn client_at(addr: &str, user: &str) -> WsClient {
