@@ -106,6 +106,12 @@ print(json.dumps({
              "latency_ms": r["latency_ms"]},
 }))
 PY
+    # Where the relays' statements go (the top five by calls).
+    "${PSQL[@]}" -d bench -F ' | ' -c "SELECT calls, round(total_exec_time::numeric, 1) AS ms,
+            left(regexp_replace(query, '\s+', ' ', 'g'), 90)
+        FROM pg_stat_statements
+        WHERE query NOT LIKE 'UPDATE tasks%' AND query NOT LIKE '%pg_stat_%'
+        ORDER BY calls DESC LIMIT 5" | sed "s/^/  relays=$k: /"
     for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
     wait "${PIDS[@]}" 2>/dev/null || true
     PIDS=()
