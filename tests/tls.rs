@@ -214,3 +214,52 @@ async fn verify_ca_accepts_the_right_ca_under_any_name_and_refuses_another() {
     .await;
     assert!(err.contains("not signed by a CA in sslrootcert"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_and_tail_connect_with_the_urls_tls_settings() {
+    use tokio::io::AsyncBufReadExt;
+    let tls = setup().await;
+    let url = format!(
+        "{}?sslmode=verify-full&sslrootcert={}",
+        tls.url.replace("127.0.0.1", "localhost"),
+        tls.ca.display()
+    );
+    let migrated = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgrelay"))
+        .args(["migrate", "--library-only"])
+        .env("DATABASE_URL", &url)
+        .output()
+        .await
+        .expect("run migrate");
+    assert!(
+        migrated.status.success(),
+        "{}",
+        String::from_utf8_lossy(&migrated.stderr)
+    );
+
+    let mut tail = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgrelay"))
+        .args(["tail", "--room", "task:2"])
+        .env("DATABASE_URL", &url)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run tail");
+    let mut lines = tokio::io::BufReader::new(tail.stdout.take().expect("stdout")).lines();
+    // tail starts from "now": keep writing until it prints one.
+    let db = common::connect(&format!("{}?sslmode=require", tls.url)).await;
+    let line = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            db.batch_execute("UPDATE tasks SET title = 'tailed' WHERE id = 2")
+                .await
+                .expect("write");
+            if let Ok(Ok(Some(line))) =
+                tokio::time::timeout(Duration::from_millis(300), lines.next_line()).await
+            {
+                return line;
+            }
+        }
+    })
+    .await
+    .expect("tail printed a change over TLS");
+    assert!(line.contains("\"tailed\""), "{line}");
+}
