@@ -1,6 +1,8 @@
 //! Keys from a JWKS URL: a real HTTP(S) server on 127.0.0.1 that serves a JWKS document the test
 //! rotates, and counts the requests it gets.
 
+mod common;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -284,4 +286,42 @@ async fn public_keys_without_an_audience_or_issuer_check_are_warned_about() {
         "{quiet}"
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_accepts_a_rotated_keys_first_token_on_every_transport() {
+    let server = KeyServer::start(jwks(&[("a", X_A)]), None).await;
+    let options = JwksOptions {
+        min_refetch: Duration::ZERO,
+        ..Default::default()
+    };
+    let v = verifier(&server.url("http", "127.0.0.1"), options).await;
+    let relay = common::TestRelay::start_with(|config| config.verifier = v).await;
+
+    // Each transport meets a kid published after the relay last fetched. (A kid is only a
+    // name: the same key published again under a new kid stands for a new key.)
+    server.publish(jwks(&[("a", X_A), ("b", X_B)]));
+    let url = format!("{}?token={}", relay.ws_url(), token(KEY_B, "b"));
+    let mut client = common::WsClient::connect(&url).await.expect("upgrade");
+    assert_eq!(client.recv().await["type"], "ready", "at the upgrade");
+    assert_eq!(server.requests(), 2);
+
+    server.publish(jwks(&[("a", X_A), ("b", X_B), ("b2", X_B)]));
+    let mut late = common::WsClient::connect(&relay.ws_url())
+        .await
+        .expect("upgrade");
+    late.send(json!({"type": "auth", "token": token(KEY_B, "b2")}))
+        .await;
+    assert_eq!(late.recv().await["type"], "ready", "in an auth message");
+    assert_eq!(server.requests(), 3);
+
+    server.publish(jwks(&[("a", X_A), ("b", X_B), ("b2", X_B), ("a2", X_A)]));
+    let sse = common::SseClient::connect(
+        relay.addr(),
+        &format!("/sse?rooms=task:1&token={}", token(KEY_A, "a2")),
+        None,
+    )
+    .await;
+    assert_eq!(sse.status, 200, "opening an SSE stream");
+    assert_eq!(server.requests(), 4);
 }
