@@ -248,18 +248,22 @@ async fn migrate_and_tail_connect_with_the_urls_tls_settings() {
     // tail starts from "now": keep writing until it prints one.
     let db = common::connect(&format!("{}?sslmode=require", tls.url)).await;
     let line = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            db.batch_execute("UPDATE tasks SET title = 'tailed' WHERE id = 2")
-                .await
-                .expect("write");
+        // A new title each time: an UPDATE that changes nothing is not a change.
+        for i in 0.. {
+            db.batch_execute(&format!(
+                "UPDATE tasks SET title = 'tailed {i}' WHERE id = 2"
+            ))
+            .await
+            .expect("write");
             if let Ok(Ok(Some(line))) =
                 tokio::time::timeout(Duration::from_millis(300), lines.next_line()).await
             {
                 return line;
             }
         }
+        unreachable!("the loop only ends by returning")
     })
     .await
     .expect("tail printed a change over TLS");
-    assert!(line.contains("\"tailed\""), "{line}");
+    assert!(line.contains("\"tailed "), "{line}");
 }
