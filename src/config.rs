@@ -160,6 +160,11 @@ pub struct Settings {
     /// intervals is dropped from presence everywhere.
     #[arg(long, env = "PGRELAY_PRESENCE_HEARTBEAT", default_value = "5s", value_name = "DURATION", value_parser = parse_interval)]
     pub presence_heartbeat: Duration,
+    /// On SIGTERM/SIGINT: how long to keep serving open connections (with /readyz at 503 and new
+    /// connections refused) before closing them with 1001. A second signal ends it early; 0s
+    /// closes at once. (Read by `serve` itself, not part of [`RelayConfig`].)
+    #[arg(long, env = "PGRELAY_DRAIN_GRACE", default_value = "10s", value_name = "DURATION", value_parser = parse_duration)]
+    pub drain_grace: Duration,
     /// A typing indicator not refreshed for this long ends by itself.
     #[arg(long, env = "PGRELAY_TYPING_TIMEOUT", default_value = "5s", value_name = "DURATION", value_parser = parse_interval)]
     pub typing_timeout: Duration,

@@ -37,7 +37,7 @@ pub async fn stream(
     headers: HeaderMap,
     Query(params): Query<SseParams>,
 ) -> Response {
-    let principal = match app.check_request("sse", &headers, params.token) {
+    let principal = match app.check_request("sse", &headers, params.token).await {
         Ok(Some(principal)) => Arc::new(principal),
         Ok(None) => {
             return app.refuse(
