@@ -59,14 +59,22 @@ pub struct BatchRef<'a> {
     pub codec: &'a PositionCodec,
 }
 
+/// How delivering a chunk went, besides succeeding.
+pub struct Delivered {
+    /// Authorizing it ran into the statement timeout (see [`crate::authorize`]): smaller chunks
+    /// would be safer for a while.
+    pub timed_out: bool,
+}
+
 /// Authorizes and queues one chunk of changes (in commit order) to the members of their rooms.
+/// Fails only when the database is unreachable (then nothing of the chunk was delivered).
 pub async fn deliver(
     hub: &Hub,
     authorizer: &Authorizer,
     metrics: &Metrics,
     batch: &BatchRef<'_>,
     changes: &[Change],
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Delivered> {
     // 1. Candidates.
     let mut principals: Vec<Arc<Principal>> = Vec::new();
     let mut principal_of_client: FxHashMap<u64, u32> = FxHashMap::default();
@@ -192,7 +200,9 @@ pub async fn deliver(
         revoke_lost_access(hub, authorizer, metrics, recheck).await;
         metrics.access_recheck_time.add(checking.elapsed());
     }
-    Ok(())
+    Ok(Delivered {
+        timed_out: verdicts.timed_out,
+    })
 }
 
 async fn revoke_lost_access(

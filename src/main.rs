@@ -104,6 +104,10 @@ struct ServeArgs {
     /// intervals is dropped from presence everywhere.
     #[arg(long, env = "PGRELAY_PRESENCE_HEARTBEAT", default_value = "5s", value_parser = parse_duration)]
     presence_heartbeat: Duration,
+    /// Longest any database statement of the relay may run (policies included): a read policy
+    /// that takes longer for a row is denied for that row, a join policy fails that join.
+    #[arg(long, env = "PGRELAY_STATEMENT_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    statement_timeout: Duration,
 }
 
 /// A failure and the exit code it maps to.
@@ -245,6 +249,7 @@ async fn serve(args: ServeArgs) -> Result<(), Failure> {
     let mut config = RelayConfig::new(database_url.clone(), verifier);
     config.bind = args.bind;
     config.poll_interval = args.poll_interval;
+    config.statement_timeout = args.statement_timeout;
     config.presence.heartbeat = args.presence_heartbeat;
     config.presence.relay_timeout = 3 * args.presence_heartbeat;
     config.allowed_origins = args.allowed_origins;

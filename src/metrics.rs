@@ -80,6 +80,7 @@ pub struct Metrics {
     pub policy_answers_remembered: Counter,
     pub policy_answers_asked: Counter,
     pub policy_invalidations: Counter,
+    pub policy_errors: Counter,
     pub joins: Counter,
     pub joins_forbidden: Counter,
     pub auth_failures: Counter,
@@ -240,6 +241,12 @@ impl Metrics {
             "counter",
             "Times a change made a table's remembered policy answers stale.",
             self.policy_invalidations.get(),
+        );
+        metric(
+            "policy_errors_total",
+            "counter",
+            "(change, user) pairs denied because the read policy failed for them (an error or the statement timeout).",
+            self.policy_errors.get(),
         );
         metric(
             "deliveries_denied_total",

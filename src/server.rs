@@ -26,6 +26,7 @@ use crate::authorize::Authorizer;
 use crate::capture::position::PositionCodec;
 use crate::capture::{listener, reader::Reader, retention};
 use crate::config::{Limits, RelayConfig};
+use crate::db::settings;
 use crate::jwt::Verifier;
 use crate::metrics::Metrics;
 use crate::presence::{self, Presence};
@@ -35,7 +36,10 @@ use crate::transport::{sse, ws};
 /// Everything a request handler may need, cloned cheaply into each one.
 #[derive(Clone)]
 pub struct AppState {
+    /// For short statements (policies, join checks): they time out after the statement timeout.
     pub pool: Pool,
+    /// For outbox reads, which stream (replays).
+    pub read_pool: Pool,
     /// Seals the positions clients see.
     pub codec: PositionCodec,
     /// Wakes the reader (a resume waiting for this relay to catch up nudges it).
@@ -80,27 +84,27 @@ impl Relay {
             .database_url
             .parse()
             .context("DATABASE_URL is not a valid connection string")?;
+        anyhow::ensure!(
+            !config.statement_timeout.is_zero(),
+            "the statement timeout must be more than 0"
+        );
         // The relay's queries are short and run thousands of times a second: compiling them
         // with JIT (which Postgres does whenever an estimate is large, such as for a big chunk of
         // policy checks) costs far more than it saves.
-        let mut pool_config = pg_config.clone();
-        let options = pool_config.get_options().unwrap_or_default().to_owned();
-        pool_config.options(format!("{options} -c jit=off").trim_start());
-        let manager = Manager::from_config(
-            pool_config,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        let pool = Pool::builder(manager)
-            .max_size(config.pool_size)
-            .wait_timeout(Some(Duration::from_secs(10)))
-            .create_timeout(Some(Duration::from_secs(10)))
-            .runtime(deadpool_postgres::Runtime::Tokio1)
-            .build()
-            .context("building the connection pool")?;
-
+        let no_jit = settings::with_setting(&pg_config, "jit", "off");
+        let pool = build_pool(
+            settings::with_statement_timeout(&no_jit, config.statement_timeout),
+            config.pool_size,
+        )?;
+        // Outbox reads stream while the relay delivers what they read (see `db::settings`).
+        let read_pool = build_pool(
+            settings::with_statement_timeout(
+                &no_jit,
+                settings::OUTBOX_READ_TIMEOUT.max(config.statement_timeout),
+            ),
+            config.pool_size,
+        )?;
+        let timed = settings::with_statement_timeout(&pg_config, config.statement_timeout);
         let codec = load_codec(&pool).await?;
         let shutdown = CancellationToken::new();
         let retention_pool = pool.clone();
@@ -117,6 +121,7 @@ impl Relay {
         );
         let state = AppState {
             pool: pool.clone(),
+            read_pool: read_pool.clone(),
             codec: codec.clone(),
             wake: wake.clone(),
             hub,
@@ -131,12 +136,14 @@ impl Relay {
         };
         let reader = Reader {
             pool,
+            read_pool,
             hub: state.hub.clone(),
             authorizer: state.authorizer.clone(),
             metrics: metrics.clone(),
             wake: wake.clone(),
             listening: listening.clone(),
-            pg_config: pg_config.clone(),
+            // The barrier waits for writers on purpose, as long as they take.
+            pg_config: settings::with_statement_timeout(&pg_config, Duration::ZERO),
             poll_interval: config.poll_interval,
             codec,
         };
@@ -166,7 +173,7 @@ impl Relay {
         let interval = config.maintenance_interval;
         let tasks = vec![
             tokio::spawn(listener::run(
-                pg_config.clone(),
+                timed.clone(),
                 wake,
                 listening,
                 metrics.clone(),
@@ -182,7 +189,7 @@ impl Relay {
             )),
             tokio::spawn(retention::run(retention_pool, interval, shutdown.clone())),
             tokio::spawn(presence::bus::run(
-                pg_config.clone(),
+                timed,
                 presence.clone(),
                 presence_ops,
                 metrics.clone(),
@@ -236,6 +243,23 @@ fn without_nagle(
             tracing::debug!(error = %err, "cannot set TCP_NODELAY on a connection");
         }
     })
+}
+
+fn build_pool(config: tokio_postgres::Config, size: usize) -> anyhow::Result<Pool> {
+    let manager = Manager::from_config(
+        config,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(size)
+        .wait_timeout(Some(Duration::from_secs(10)))
+        .create_timeout(Some(Duration::from_secs(10)))
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        .build()
+        .context("building the connection pool")
 }
 
 /// The database's position key (see `pgrelay.secrets`).

@@ -101,7 +101,7 @@ pub async fn join(
 
     if let Some(seen) = seen {
         let replay = Replay {
-            pool: app.pool.clone(),
+            pool: app.read_pool.clone(),
             authorizer: app.authorizer.clone(),
             hub: app.hub.clone(),
             client: client.clone(),

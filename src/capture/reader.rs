@@ -32,8 +32,12 @@ use crate::protocol::close;
 use crate::rooms::Hub;
 use crate::transport::client::CloseRequest;
 
-/// Changes handed to one authorization query.
+/// Changes handed to one authorization query, at most. After a chunk's authorization ran into
+/// the statement timeout, chunks are halved (down to [`MIN_CHUNK`]), and doubled again with each
+/// chunk that went fine: a policy that is merely slow for big chunks keeps delivering, in
+/// smaller steps, instead of timing out chunk after chunk.
 const CHUNK: usize = 1000;
+const MIN_CHUNK: usize = 8;
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Once two reads in a row found changes, reads start at most this often (the pause after a read
 /// is what is left of it).
@@ -53,6 +57,8 @@ const SLEEP_RETRY: Duration = Duration::from_millis(100);
 
 pub struct Reader {
     pub pool: Pool,
+    /// For the outbox reads, which stream while the batch is delivered (a longer timeout).
+    pub read_pool: Pool,
     pub hub: Arc<Hub>,
     pub authorizer: Authorizer,
     pub metrics: Arc<Metrics>,
@@ -351,7 +357,7 @@ impl Reader {
     /// Reads and delivers everything committed since the cursor; returns how many changes.
     async fn read(&self, cursor: &mut Cursor) -> anyhow::Result<u64> {
         let reading = Instant::now();
-        let client = self.pool.get().await?;
+        let client = self.read_pool.get().await?;
         let statement = client.prepare_cached(outbox::READ_BATCH).await?;
         let mut batch = Batch::read(
             &client,
@@ -381,7 +387,7 @@ impl Reader {
         let mut read = 0;
         loop {
             let reading = Instant::now();
-            let mut chunk = batch.next_chunk(CHUNK).await?;
+            let mut chunk = batch.next_chunk(cursor.chunk).await?;
             self.metrics.outbox_read_time.add(reading.elapsed());
             if chunk.is_empty() {
                 break;
@@ -402,13 +408,21 @@ impl Reader {
                 codec: &self.codec,
             };
             let delivering = Instant::now();
-            fanout::deliver(&self.hub, &self.authorizer, &self.metrics, &at, &chunk).await?;
+            let delivered =
+                fanout::deliver(&self.hub, &self.authorizer, &self.metrics, &at, &chunk).await?;
             self.metrics.fanout_time.add(delivering.elapsed());
+            cursor.chunk = if delivered.timed_out {
+                (cursor.chunk / 2).max(MIN_CHUNK)
+            } else {
+                (cursor.chunk * 2).min(CHUNK)
+            };
             cursor.delivered_through = chunk.last().map(|c| (c.txn_last, c.id));
         }
         self.metrics.batches_read.inc();
         self.hub.end_batch(batch.upto.clone());
+        let chunk = cursor.chunk;
         *cursor = Cursor::at(batch.upto);
+        cursor.chunk = chunk;
         Ok(read)
     }
 }
@@ -419,6 +433,8 @@ struct Cursor {
     since: Snapshot,
     upto: Option<Snapshot>,
     delivered_through: Option<(i64, i64)>,
+    /// How many changes the next chunk may hold (see [`CHUNK`]).
+    chunk: usize,
 }
 
 impl Cursor {
@@ -427,6 +443,7 @@ impl Cursor {
             since,
             upto: None,
             delivered_through: None,
+            chunk: CHUNK,
         }
     }
 }
