@@ -169,6 +169,14 @@ ALTER TABLE pgrelay.watches ADD COLUMN IF NOT EXISTS policy_columns text[];
 ALTER TABLE pgrelay.watches ADD COLUMN IF NOT EXISTS policy_tables regclass[] NOT NULL DEFAULT '{}';
 -- The table's other columns when watch() ran: removed from a row, they leave its policy key.
 ALTER TABLE pgrelay.watches ADD COLUMN IF NOT EXISTS unkeyed text[];
+-- Events whose row (with its old values) is larger than this many bytes of JSON are delivered
+-- with just the primary key and "truncated": true, and clients refetch the row
+-- (pgrelay.watch(max_event_bytes => ...); see docs/dba.md). The outbox still records the whole
+-- row, and the policy still judges it whole.
+ALTER TABLE pgrelay.watches ADD COLUMN IF NOT EXISTS max_event_bytes int NOT NULL DEFAULT 1048576
+    CHECK (max_event_bytes > 0);
+-- The primary key's columns: what a truncated event keeps (kept up to date by install_capture()).
+ALTER TABLE pgrelay.watches ADD COLUMN IF NOT EXISTS key_columns text[] NOT NULL DEFAULT '{}';
 COMMENT ON TABLE pgrelay.watches IS 'Tables whose changes are captured; edit with pgrelay.watch() / pgrelay.unwatch()';
 
 CREATE TABLE IF NOT EXISTS pgrelay.join_rules (
@@ -252,11 +260,23 @@ $$;
 COMMENT ON FUNCTION pgrelay.outbox_between(pg_snapshot, pg_snapshot) IS
     'The outbox rows between two snapshots, before visibility: index scans whatever the partitions'' size';
 
+-- (Upgrades: a result without max_event_bytes and key_columns cannot be replaced in place. Only
+-- SQL function bodies call it, which Postgres does not track, so dropping it is safe; this runs
+-- in the install's transaction, so no relay sees it missing.)
+DO $$
+BEGIN
+    IF EXISTS (SELECT FROM pg_proc
+               WHERE oid = to_regprocedure('pgrelay.read_batch(pg_snapshot, pg_snapshot)')
+                 AND NOT 'key_columns' = ANY (proargnames)) THEN
+        DROP FUNCTION pgrelay.read_batch(pg_snapshot, pg_snapshot);
+    END IF;
+END $$;
 CREATE OR REPLACE FUNCTION pgrelay.read_batch(since pg_snapshot, upto pg_snapshot)
 RETURNS TABLE (
     id bigint, xid xid8, tbl text, entity text, op text, rooms text[], "row" jsonb, old jsonb,
     ts timestamptz, txn_last bigint,
-    policy_key text, policy_key_old text, knows_old boolean, flush text[]
+    policy_key text, policy_key_old text, knows_old boolean, flush text[],
+    max_event_bytes int, key_columns text[]
 )
 LANGUAGE sql STABLE AS $$
     -- What depends only on the table is computed once per read, one row per watched table, and
@@ -273,6 +293,8 @@ LANGUAGE sql STABLE AS $$
                                      WHERE NOT EXISTS (SELECT FROM pgrelay.watches AS y WHERE y.tbl = d.t))
                     THEN x.policy::oid::text END AS policy,
                x.unkeyed,
+               x.max_event_bytes,
+               x.key_columns,
                -- The tables whose policies read this one.
                coalesce((SELECT array_agg(DISTINCT w.name)
                          FROM pgrelay.watches AS w CROSS JOIN unnest(w.policy_tables) AS d(t)
@@ -302,7 +324,11 @@ LANGUAGE sql STABLE AS $$
            CASE WHEN c.knows_old
                 THEN k.policy || ' ' || ((c."row" - k.unkeyed) || (c.old - k.unkeyed))::text END,
            c.knows_old,
-           coalesce(k.flush, '{}')
+           coalesce(k.flush, '{}'),
+           -- What the relay needs to cut an oversized event down to its key (a table no longer
+           -- watched: the default, and no key columns, so an oversized row becomes {}).
+           coalesce(k.max_event_bytes, 1048576),
+           coalesce(k.key_columns, '{}')
     FROM (
         SELECT o.*, max(o.id) OVER (PARTITION BY o.xid) AS txn_last,
                (o.op = 'UPDATE' AND o.old IS NOT NULL AND o.old <> '{}') AS knows_old
@@ -522,11 +548,19 @@ END $$;
 --               table, the clock, a setting) must not declare them: leave policy_columns NULL and
 --               every change is judged afresh. Example: ARRAY['project_id', 'is_private',
 --               'assignee_id', 'created_by'] and ARRAY['project_members'] for the task policy.
+--   max_event_bytes
+--               an event whose row (with its old values) is larger than this, as JSON, is
+--               delivered with just the primary key columns in `row`, no `old`, and
+--               "truncated": true, so clients refetch it. Default 1 MiB. The relay can deliver
+--               rows of up to 16 MiB whole (raise this for that); the policy always sees the
+--               whole row.
 --
 -- Calling it again replaces the table's settings. Creating the triggers takes a brief lock on the
 -- table, like any CREATE TRIGGER; calling it again with the triggers in place takes none.
 -- (Upgrades: the signature before policy_columns/policy_tables, which would make calls ambiguous.)
 DROP FUNCTION IF EXISTS pgrelay.watch(regclass, text[], regproc, text, text[], text[], boolean, regproc);
+-- (And the signature before max_event_bytes.)
+DROP FUNCTION IF EXISTS pgrelay.watch(regclass, text[], regproc, text, text[], text[], boolean, regproc, text[], regclass[]);
 CREATE OR REPLACE FUNCTION pgrelay.watch(
     tbl        regclass,
     rooms      text[],
@@ -537,7 +571,8 @@ CREATE OR REPLACE FUNCTION pgrelay.watch(
     old_values boolean DEFAULT true,
     room_fn    regproc DEFAULT NULL,
     policy_columns text[]     DEFAULT NULL,
-    policy_tables  regclass[] DEFAULT '{}'
+    policy_tables  regclass[] DEFAULT '{}',
+    max_event_bytes int       DEFAULT 1048576
 ) RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -591,17 +626,21 @@ BEGIN
     -- it, including columns added later (decided when the change is read).
     hidden := coalesce(exclude, '{}');
 
+    IF max_event_bytes IS NULL OR max_event_bytes <= 0 THEN
+        RAISE EXCEPTION 'pgrelay.watch(%): max_event_bytes must be a positive number of bytes', shown_name;
+    END IF;
+
     INSERT INTO pgrelay.watches AS w (tbl, name, entity, rooms, policy, exclude, old_values, room_fn,
-                                      include, policy_columns, policy_tables, unkeyed)
+                                      include, policy_columns, policy_tables, unkeyed, max_event_bytes)
     VALUES (tbl, shown_name, coalesce(entity, regexp_replace(rel.relname, 's$', '')),
             coalesce(rooms, '{}'), fn, hidden, old_values, room_fn::oid::regprocedure, watch.include,
-            watch.policy_columns, coalesce(watch.policy_tables, '{}'), unkeyed)
+            watch.policy_columns, coalesce(watch.policy_tables, '{}'), unkeyed, watch.max_event_bytes)
     ON CONFLICT ON CONSTRAINT watches_pkey DO UPDATE
         SET name = excluded.name, entity = excluded.entity, rooms = excluded.rooms,
             policy = excluded.policy, exclude = excluded.exclude, old_values = excluded.old_values,
             room_fn = excluded.room_fn, include = excluded.include,
             policy_columns = excluded.policy_columns, policy_tables = excluded.policy_tables,
-            unkeyed = excluded.unkeyed;
+            unkeyed = excluded.unkeyed, max_event_bytes = excluded.max_event_bytes;
 
     PERFORM pgrelay.install_capture(tbl);
     PERFORM pgrelay.rebuild_dispatch();
@@ -675,6 +714,15 @@ BEGIN
     IF pk_join IS NULL THEN
         RAISE EXCEPTION 'pgrelay.watch(%): the table needs a primary key', w.name;
     END IF;
+    -- What a truncated event keeps (see watches.max_event_bytes). Set here, which every install
+    -- runs for every watched table, so upgraded installs and changed keys get it too.
+    UPDATE pgrelay.watches AS x
+       SET key_columns = (SELECT array_agg(a.attname::text ORDER BY k.ord)
+                          FROM pg_index i
+                          CROSS JOIN unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+                          JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+                          WHERE i.indrelid = install_capture.tbl AND i.indisprimary)
+     WHERE x.tbl = install_capture.tbl;
 
     -- Rooms, as text[] expressions over the new row n, the old row o, or both (UPDATE). The
     -- templates' rooms plus the room function's answer, NULLs dropped, each room once. This runs

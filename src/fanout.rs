@@ -246,10 +246,16 @@ struct EventFrame<'a> {
     row: &'a RawValue,
     #[serde(skip_serializing_if = "Option::is_none")]
     old: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    truncated: bool,
     ts: &'a str,
 }
 
 /// The `event` message for one room, as a reader with this visibility sees the change.
+///
+/// A change whose row and old values together are longer than its table's `max_event_bytes`
+/// goes out with only the primary key in `row`, no `old`, and `"truncated": true`: the client
+/// refetches the row. (Who may see it was decided on the whole row, in the database.)
 pub fn event_frame(
     room: &str,
     id: &str,
@@ -266,6 +272,13 @@ pub fn event_frame(
         Visibility::Appeared => (Op::Insert, change.row.clone(), None),
         Visibility::Vanished => (Op::Delete, previous_row(change)?, None),
     };
+    let size = row.get().len() + old.map_or(0, |o| o.get().len());
+    let truncated = size > change.max_event_bytes;
+    let (row, old) = if truncated {
+        (key_of(&row, &change.key_columns)?, None)
+    } else {
+        (row, old)
+    };
     let frame = EventFrame {
         kind: "event",
         room,
@@ -275,9 +288,21 @@ pub fn event_frame(
         op: op.as_str(),
         row: &row,
         old,
+        truncated,
         ts: &change.ts,
     };
     Ok(serde_json::to_string(&frame)?.into())
+}
+
+/// Just the key columns of a row (the other values are skipped over, never copied).
+fn key_of(row: &RawValue, key_columns: &[String]) -> anyhow::Result<Box<RawValue>> {
+    let columns: std::collections::BTreeMap<String, &RawValue> = serde_json::from_str(row.get())?;
+    let key: std::collections::BTreeMap<&String, &RawValue> = columns
+        .iter()
+        .filter(|(column, _)| key_columns.contains(column))
+        .map(|(column, value)| (column, *value))
+        .collect();
+    Ok(RawValue::from_string(serde_json::to_string(&key)?)?)
 }
 
 /// The row as it was before an UPDATE: the new row with the changed columns put back.

@@ -47,6 +47,8 @@ pub struct Member {
 struct Pending {
     frames: Vec<Utf8Bytes>,
     bytes: usize,
+    /// One frame larger than the whole budget is held beside the others, as the queue does.
+    oversized: bool,
 }
 
 impl Member {
@@ -61,16 +63,25 @@ impl Member {
         match &mut self.pending {
             None => self.client.send(frame),
             Some(pending) => {
-                // Like the queue itself, an empty buffer always takes one frame.
+                // Like the queue itself, an empty buffer always takes one frame, and one frame
+                // larger than the budget is taken beside the others.
                 let len = frame.as_str().len();
-                if pending.bytes > 0 && pending.bytes + len > self.client.max_queued_bytes() {
+                let max = self.client.max_queued_bytes();
+                let fits = if len > max {
+                    !std::mem::replace(&mut pending.oversized, true)
+                } else {
+                    pending.bytes == 0 || pending.bytes + len <= max
+                };
+                if !fits {
                     self.client.close(crate::transport::client::CloseRequest {
                         code: crate::protocol::close::TOO_SLOW,
                         reason: "too slow to keep up; resume with since",
                     });
                     return false;
                 }
-                pending.bytes += len;
+                if len <= max {
+                    pending.bytes += len;
+                }
                 pending.frames.push(frame);
                 true
             }
@@ -234,6 +245,7 @@ impl Hub {
                 match &mut member.pending {
                     Some(pending) if !pending.frames.is_empty() => {
                         pending.bytes = 0;
+                        pending.oversized = false;
                         std::mem::take(&mut pending.frames)
                     }
                     _ => {

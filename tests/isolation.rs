@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::{TestRelay, WsClient};
-use serde_json::Value;
+use serde_json::{json, Value};
 
 const FENCE: &str = "UPDATE tasks SET priority = coalesce(priority, 0) + 1 WHERE id = 1";
 
@@ -141,4 +141,174 @@ async fn a_join_policy_that_hangs_fails_only_that_join() {
     assert_eq!(outcomes, ["joined", "joined", "internal", "forbidden"]);
     relay.sql(FENCE).await;
     assert_eq!(clients[0].recv_event().await["event"], "task_updated");
+}
+
+/// Project 1's members (alice, bob, carol), each in `project:1`.
+async fn project_members(relay: &TestRelay) -> Vec<WsClient> {
+    let mut members = Vec::new();
+    for user in ["u1", "u2", "u3"] {
+        let mut client = relay.client(user).await;
+        client.join("project:1").await;
+        members.push(client);
+    }
+    members
+}
+
+fn comment(body_bytes: usize) -> String {
+    format!(
+        "INSERT INTO comments (task_id, project_id, author_id, body) \
+         VALUES (1, 1, 'u1', repeat('x', {body_bytes}))"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_larger_than_the_queue_budget_reaches_every_member_without_closing_anyone() {
+    let relay = TestRelay::start_with(|c| c.limits.max_queued_bytes = 64 * 1024).await;
+    let mut members = project_members(&relay).await;
+    // One transaction, so one chunk, queued at once: a small comment, then one larger than the
+    // budget (and below max_event_bytes, so whole).
+    relay
+        .sql(&format!(
+            "BEGIN; {}; {}; COMMIT;",
+            comment(10),
+            comment(100_000)
+        ))
+        .await;
+    relay.sql(FENCE).await;
+    for member in &mut members {
+        let got = member.recv_events(3).await;
+        let bodies: Vec<usize> = got[..2]
+            .iter()
+            .map(|e| e["row"]["body"].as_str().map_or(0, str::len))
+            .collect();
+        assert_eq!(bodies, [10, 100_000], "both, whole");
+        assert!(got[1].get("truncated").is_none(), "{}", got[1]["op"]);
+        assert_eq!(got[2]["event"], "task_updated");
+        member.ping().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sixteen_mib_row_reaches_every_member_over_websocket_and_sse() {
+    let relay = TestRelay::start().await;
+    relay
+        .sql(
+            "SELECT pgrelay.watch('comments', rooms => ARRAY['project:{project_id}', 'task:{task_id}'],
+                                  policy => 'can_read_comment', max_event_bytes => 20 << 20)",
+        )
+        .await;
+    let mut members = project_members(&relay).await;
+    let mut sse = common::SseClient::connect(
+        relay.addr(),
+        &format!("/sse?rooms=project:1&token={}", common::token("u2")),
+        None,
+    )
+    .await;
+    assert_eq!(sse.status, 200);
+    let _ = sse.next().await; // joined
+    const SIXTEEN_MIB: usize = 16 << 20;
+    relay.sql(&comment(SIXTEEN_MIB)).await;
+    relay.sql(FENCE).await;
+    for member in &mut members {
+        let got = member.recv_events(2).await;
+        assert_eq!(
+            got[0]["row"]["body"].as_str().map(str::len),
+            Some(SIXTEEN_MIB)
+        );
+        assert_eq!(got[1]["event"], "task_updated");
+    }
+    let (_, event) = sse.next_event().await;
+    assert_eq!(
+        event["row"]["body"].as_str().map(str::len),
+        Some(SIXTEEN_MIB)
+    );
+    let (_, fence) = sse.next_event().await;
+    assert_eq!(fence["event"], "task_updated");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_over_max_event_bytes_arrives_truncated_to_its_primary_key() {
+    let relay = TestRelay::start().await;
+    let mut members = project_members(&relay).await;
+    // The example schema keeps the default, 1 MiB.
+    relay.sql(&comment(1_500_000)).await;
+    relay
+        .sql("UPDATE comments SET body = body || 'y' WHERE length(body) > 1000000")
+        .await;
+    relay.sql(&comment(20)).await;
+    for member in &mut members {
+        let got = member.recv_events(3).await;
+        let id = got[0]["row"]["id"].clone();
+        assert!(id.is_i64(), "{}", got[0]["row"]);
+        for (event, name) in got[..2].iter().zip(["comment_created", "comment_updated"]) {
+            assert_eq!(event["event"], name);
+            assert_eq!(event["row"], json!({"id": id}), "just the key");
+            assert_eq!(event["truncated"], true);
+            assert!(event.get("old").is_none(), "no old values");
+        }
+        assert_eq!(got[2]["row"]["body"].as_str().map(str::len), Some(20));
+        assert!(got[2].get("truncated").is_none());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_install_from_before_max_event_bytes_is_upgraded() {
+    // What an install looked like before: no max_event_bytes or key columns, read_batch()
+    // without them, watch() without the parameter.
+    let url = common::fresh_database().await;
+    let db = common::connect(&url).await;
+    db.batch_execute(
+        "ALTER TABLE pgrelay.watches DROP COLUMN max_event_bytes, DROP COLUMN key_columns;
+         DROP FUNCTION pgrelay.read_batch(pg_snapshot, pg_snapshot);
+         CREATE FUNCTION pgrelay.read_batch(since pg_snapshot, upto pg_snapshot)
+         RETURNS TABLE (id bigint, xid xid8, tbl text, entity text, op text, rooms text[],
+                        \"row\" jsonb, old jsonb, ts timestamptz, txn_last bigint,
+                        policy_key text, policy_key_old text, knows_old boolean, flush text[])
+         LANGUAGE sql STABLE AS 'SELECT NULL::bigint, NULL::xid8, NULL, NULL, NULL, NULL::text[],
+             NULL::jsonb, NULL::jsonb, NULL::timestamptz, NULL::bigint, NULL, NULL, NULL::boolean,
+             NULL::text[] WHERE false';
+         DROP FUNCTION pgrelay.watch(regclass, text[], regproc, text, text[], text[], boolean,
+                                     regproc, text[], regclass[], int);
+         CREATE FUNCTION pgrelay.watch(tbl regclass, rooms text[], policy regproc DEFAULT NULL,
+             entity text DEFAULT NULL, exclude text[] DEFAULT '{}', include text[] DEFAULT NULL,
+             old_values boolean DEFAULT true, room_fn regproc DEFAULT NULL,
+             policy_columns text[] DEFAULT NULL, policy_tables regclass[] DEFAULT '{}')
+         RETURNS void LANGUAGE sql AS 'SELECT';",
+    )
+    .await
+    .expect("the old layout");
+    db.batch_execute(pgrelay::db::migrate::LIBRARY)
+        .await
+        .expect("upgrade");
+    let keys: Vec<(String, i32, Vec<String>)> = db
+        .query(
+            "SELECT name, max_event_bytes, key_columns FROM pgrelay.watches ORDER BY name",
+            &[],
+        )
+        .await
+        .expect("watches")
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(
+        keys[0],
+        ("comments".to_owned(), 1 << 20, vec!["id".to_owned()])
+    );
+    assert_eq!(
+        keys[1].2,
+        ["project_id", "user_id"],
+        "project_members' key, in order"
+    );
+    db.batch_execute(
+        "SELECT pgrelay.watch('comments', ARRAY['project:{project_id}'], 'can_read_comment',
+                              max_event_bytes => 100)",
+    )
+    .await
+    .expect("watch takes max_event_bytes");
+
+    let relay = TestRelay::start_on(url, |_| {}).await;
+    let mut members = project_members(&relay).await;
+    relay.sql(&comment(200)).await;
+    let event = members[0].recv_event().await;
+    assert_eq!(event["truncated"], true, "{event}");
 }

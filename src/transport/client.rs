@@ -3,7 +3,14 @@
 //! Fan-out must never wait for a slow client, so sending only appends a frame to the client's
 //! queue. The queue is bounded by the bytes it holds, not by a count of frames: a client that
 //! falls that far behind is told to go (close code 4008) and can resume from its last event id,
-//! while everybody else carries on. Frames are shared `Utf8Bytes`, so queuing one event for a
+//! while everybody else carries on.
+//!
+//! One event can be larger than the whole budget (a big row; see `max_event_bytes` in
+//! `docs/dba.md`). Such a frame is not counted against the budget: the queue takes it as long as
+//! no other such frame waits, so one big row reaches every member of its room without closing
+//! anyone, and the frames around it are bounded as usual. A second big frame while the first
+//! still waits means the client does not keep up: 4008. A queue therefore holds at most its
+//! budget plus one frame. Frames are shared `Utf8Bytes`, so queuing one event for a
 //! thousand clients copies no JSON.
 //!
 //! The queue is a `VecDeque` behind a mutex rather than a tokio `mpsc` channel: an unbounded
@@ -34,6 +41,8 @@ pub struct ClientHandle {
     frames: Arc<Frames>,
     queued_bytes: AtomicUsize,
     max_queued_bytes: usize,
+    /// A frame larger than `max_queued_bytes` waits (it is not in `queued_bytes`).
+    oversized: AtomicBool,
     closing: AtomicBool,
     close: watch::Sender<Option<CloseRequest>>,
     drained: tokio::sync::Notify,
@@ -143,6 +152,7 @@ impl ClientHandle {
             frames: frames.clone(),
             queued_bytes: AtomicUsize::new(0),
             max_queued_bytes,
+            oversized: AtomicBool::new(false),
             closing: AtomicBool::new(false),
             close: close_tx,
             drained: tokio::sync::Notify::new(),
@@ -157,8 +167,9 @@ impl ClientHandle {
     }
 
     /// Queues a frame. Returns false, and asks the session to close with 4008, if the frame
-    /// would take the bytes waiting past the budget (an empty queue always takes one frame, so
-    /// a single large event never closes a client that keeps up).
+    /// would take the bytes waiting past the budget (an empty queue always takes one frame, and
+    /// a frame larger than the budget is taken beside the others, so a single large event never
+    /// closes a client that keeps up).
     pub fn send(&self, frame: Utf8Bytes) -> bool {
         self.send_all([frame]) == 1
     }
@@ -176,8 +187,7 @@ impl ClientHandle {
                 }
                 // Checked under the lock the receiver sets it under: nothing is queued after it.
                 if self.frames.receiver_dropped.load(Ordering::Relaxed) {
-                    self.queued_bytes
-                        .fetch_sub(frame.as_str().len(), Ordering::Relaxed);
+                    self.sent_charge(self.charge(std::slice::from_ref(&frame)));
                     break;
                 }
                 queue.push_back(frame);
@@ -196,26 +206,51 @@ impl ClientHandle {
         if self.closing.load(Ordering::Relaxed) {
             return false;
         }
-        let before = self.queued_bytes.fetch_add(len, Ordering::Relaxed);
-        if before > 0 && before + len > self.max_queued_bytes {
-            self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+        let fits = if len > self.max_queued_bytes {
+            !self.oversized.swap(true, Ordering::Relaxed)
+        } else {
+            let before = self.queued_bytes.fetch_add(len, Ordering::Relaxed);
+            let fits = before == 0 || before + len <= self.max_queued_bytes;
+            if !fits {
+                self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+            }
+            fits
+        };
+        if !fits {
             self.close(CloseRequest {
                 code: crate::protocol::close::TOO_SLOW,
                 reason: "too slow to keep up; resume with since",
             });
-            return false;
         }
-        true
+        fits
+    }
+
+    /// What these frames count against the budget; give it back with
+    /// [`ClientHandle::sent_charge`] once they have been handed to the socket.
+    pub fn charge(&self, frames: &[Utf8Bytes]) -> Charge {
+        let mut charge = Charge::default();
+        for frame in frames {
+            let len = frame.as_str().len();
+            if len > self.max_queued_bytes {
+                charge.oversized = true;
+            } else {
+                charge.bytes += len;
+            }
+        }
+        charge
     }
 
     /// Called by the session once a frame has been handed to the socket.
     pub fn sent(&self, frame: &Utf8Bytes) {
-        self.sent_bytes(frame.as_str().len());
+        self.sent_charge(self.charge(std::slice::from_ref(frame)));
     }
 
-    /// Called by the session once frames of `bytes` bytes in all have been handed to the socket.
-    pub fn sent_bytes(&self, bytes: usize) {
-        self.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
+    /// Called by the session once frames have been handed to the socket, with their charge.
+    pub fn sent_charge(&self, charge: Charge) {
+        self.queued_bytes.fetch_sub(charge.bytes, Ordering::Relaxed);
+        if charge.oversized {
+            self.oversized.store(false, Ordering::Relaxed);
+        }
         self.drained.notify_one();
     }
 
@@ -229,7 +264,12 @@ impl ClientHandle {
     pub async fn wait_for_room(&self, len: usize) {
         loop {
             let queued = self.queued_bytes.load(Ordering::Relaxed);
-            if queued == 0 || queued + len <= self.max_queued_bytes || self.is_closing() {
+            let room = if len > self.max_queued_bytes {
+                !self.oversized.load(Ordering::Relaxed)
+            } else {
+                queued == 0 || queued + len <= self.max_queued_bytes
+            };
+            if room || self.is_closing() {
                 return;
             }
             let wait = self.drained.notified();
@@ -249,6 +289,14 @@ impl ClientHandle {
     pub fn is_closing(&self) -> bool {
         self.closing.load(Ordering::Relaxed)
     }
+}
+
+/// What frames count against a client's byte budget (see [`ClientHandle::charge`]).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Charge {
+    bytes: usize,
+    /// One of them was larger than the whole budget.
+    oversized: bool,
 }
 
 impl Drop for ClientHandle {
@@ -294,12 +342,31 @@ mod tests {
         );
         assert_eq!(queue.close.borrow_and_update().map(|r| r.code), Some(4008));
         assert_eq!(client.send_all([Utf8Bytes::from_static("x")]), 0, "closing");
+        let mut taken_frames = Vec::new();
+        queue.frames.take(64, &mut taken_frames);
+        let taken: Vec<&str> = taken_frames.iter().map(|f| f.as_str()).collect();
+        assert_eq!(taken, ["1234", "5678"]);
+        client.sent_charge(client.charge(&taken_frames));
+        assert_eq!(client.queued_bytes.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn one_frame_larger_than_the_budget_waits_beside_the_others() {
+        let (client, mut queue) = ClientHandle::new(10);
+        let big = || Utf8Bytes::from("0123456789abcdef");
+        assert!(client.send(Utf8Bytes::from("small")));
+        assert!(client.send(big()), "taken although the queue is not empty");
+        assert!(
+            client.send(Utf8Bytes::from("after")),
+            "the big frame does not count against the budget"
+        );
+        assert!(!client.is_closing());
         let mut taken = Vec::new();
         queue.frames.take(64, &mut taken);
-        let taken: Vec<&str> = taken.iter().map(|f| f.as_str()).collect();
-        assert_eq!(taken, ["1234", "5678"]);
-        client.sent_bytes(8);
-        assert_eq!(client.queued_bytes.load(Ordering::Relaxed), 0);
+        client.sent_charge(client.charge(&taken));
+        assert!(client.send(big()), "the first big frame is gone");
+        assert!(!client.send(big()), "a second one while the first waits");
+        assert_eq!(queue.close.borrow_and_update().map(|r| r.code), Some(4008));
     }
 
     #[tokio::test]

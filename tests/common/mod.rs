@@ -343,7 +343,13 @@ pub enum Ended {
 
 impl WsClient {
     pub async fn connect(url: &str) -> Result<WsClient, tokio_tungstenite::tungstenite::Error> {
-        let (stream, _) = tokio_tungstenite::connect_async(url).await?;
+        // Browsers take messages of any size; tungstenite's client stops at 16 MiB frames,
+        // below the largest events the relay sends.
+        let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+            .max_frame_size(None)
+            .max_message_size(None);
+        let (stream, _) =
+            tokio_tungstenite::connect_async_with_config(url, Some(config), false).await?;
         Ok(WsClient {
             stream,
             skip_presence: true,
