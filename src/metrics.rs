@@ -95,6 +95,7 @@ pub struct Metrics {
     pub presence_relays: Gauge,
     pub presence_connections: Gauge,
     pub presence_resyncs: Counter,
+    pub presence_bus_rejected: Counter,
 }
 
 impl Metrics {
@@ -331,6 +332,12 @@ impl Metrics {
             "counter",
             "Full presence states requested from another relay after missing its messages.",
             self.presence_resyncs.get(),
+        );
+        metric(
+            "presence_bus_rejected_total",
+            "counter",
+            "Presence bus messages ignored because no relay of this database signed them.",
+            self.presence_bus_rejected.get(),
         );
         out
     }

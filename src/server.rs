@@ -29,7 +29,7 @@ use crate::config::{Limits, RelayConfig};
 use crate::db::settings;
 use crate::jwt::Verifier;
 use crate::metrics::Metrics;
-use crate::presence::{self, Presence};
+use crate::presence::{self, signing::BusKey, Presence};
 use crate::rooms::Hub;
 use crate::transport::{sse, ws};
 
@@ -105,7 +105,8 @@ impl Relay {
             config.pool_size,
         )?;
         let timed = settings::with_statement_timeout(&pg_config, config.statement_timeout);
-        let codec = load_codec(&pool).await?;
+        let secret = load_secret(&pool).await?;
+        let codec = PositionCodec::new(&secret);
         let shutdown = CancellationToken::new();
         let retention_pool = pool.clone();
         let status_pool = pool.clone();
@@ -190,6 +191,7 @@ impl Relay {
             tokio::spawn(retention::run(retention_pool, interval, shutdown.clone())),
             tokio::spawn(presence::bus::run(
                 timed,
+                BusKey::derive(&secret),
                 presence.clone(),
                 presence_ops,
                 metrics.clone(),
@@ -262,8 +264,9 @@ fn build_pool(config: tokio_postgres::Config, size: usize) -> anyhow::Result<Poo
         .context("building the connection pool")
 }
 
-/// The database's position key (see `pgrelay.secrets`).
-async fn load_codec(pool: &Pool) -> anyhow::Result<PositionCodec> {
+/// The database's secret, which seals positions and signs presence messages (see
+/// `pgrelay.secrets`).
+async fn load_secret(pool: &Pool) -> anyhow::Result<[u8; 32]> {
     let client = pool.get().await.context("connecting to the database")?;
     let row = client
         .query_one("SELECT position_key FROM pgrelay.secrets", &[])
@@ -275,7 +278,7 @@ async fn load_codec(pool: &Pool) -> anyhow::Result<PositionCodec> {
     let key: [u8; 32] = key
         .try_into()
         .map_err(|_| anyhow::anyhow!("pgrelay.secrets.position_key must be 32 bytes"))?;
-    Ok(PositionCodec::new(&key))
+    Ok(key)
 }
 
 /// Ready when the LISTEN connection is up and the last outbox read succeeded.

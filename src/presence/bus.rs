@@ -26,6 +26,7 @@ use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, NoTls};
 use tokio_util::sync::CancellationToken;
 
+use super::signing::BusKey;
 use super::Presence;
 use crate::metrics::Metrics;
 use crate::protocol::Room;
@@ -33,7 +34,8 @@ use crate::protocol::Room;
 /// The channel presence travels on (the change path uses `pgrelay`).
 pub const CHANNEL: &str = "pgrelay_presence";
 
-/// The largest message published (Postgres refuses NOTIFY payloads of 8000 bytes or more).
+/// The largest message published (Postgres refuses NOTIFY payloads of 8000 bytes or more; the
+/// signature adds 44).
 pub const MAX_PAYLOAD: usize = 7000;
 
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
@@ -226,6 +228,7 @@ fn coalesce(ops: Vec<Op>) -> Vec<Op> {
 /// Runs the bus until `shutdown`: publishes this relay's ops, applies everyone else's.
 pub async fn run(
     mut config: tokio_postgres::Config,
+    key: BusKey,
     presence: Arc<Presence>,
     mut ops: mpsc::UnboundedReceiver<Op>,
     metrics: Arc<Metrics>,
@@ -248,6 +251,7 @@ pub async fn run(
                 backoff = MIN_BACKOFF;
                 let session = Session {
                     client,
+                    key: &key,
                     presence: &presence,
                     outbox: &mut outbox,
                     metrics: &metrics,
@@ -274,6 +278,7 @@ pub async fn run(
 
 struct Session<'a> {
     client: tokio_postgres::Client,
+    key: &'a BusKey,
     presence: &'a Presence,
     outbox: &'a mut Outbox,
     metrics: &'a Metrics,
@@ -378,7 +383,13 @@ impl Session<'_> {
 
     /// Applies a message from the bus; asks for a relay's full state if we missed some of it.
     fn receive(&mut self, payload: &str, payloads: &mut Vec<String>) {
-        let envelope: Envelope = match serde_json::from_str(payload) {
+        let Some(message) = self.key.open(payload) else {
+            // Not from a relay of this database (see `signing`).
+            self.metrics.presence_bus_rejected.inc();
+            tracing::debug!("presence bus: ignoring a message without a valid signature");
+            return;
+        };
+        let envelope: Envelope = match serde_json::from_str(message) {
             Ok(envelope) => envelope,
             Err(err) => {
                 tracing::warn!(error = %err, "presence bus: ignoring a malformed message");
@@ -393,6 +404,7 @@ impl Session<'_> {
 
     /// Sends payloads in one transaction: in order, and all or none.
     async fn publish(&self, payloads: Vec<String>) -> anyhow::Result<()> {
+        let payloads: Vec<String> = payloads.iter().map(|p| self.key.sign(p)).collect();
         self.client
             .execute(
                 "SELECT pg_notify($1, payload) FROM unnest($2::text[]) AS payload",

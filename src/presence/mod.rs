@@ -20,6 +20,7 @@
 //! in that relay's sequence numbers, or a relay it has never heard of) asks it for its full state.
 
 pub mod bus;
+pub mod signing;
 mod typing;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -380,6 +381,15 @@ impl Presence {
         }
         let now = Instant::now();
         let mut state = self.lock();
+        // A relay publishes in order, from one connection: a number below the next one
+        // expected is a message heard before, replayed by someone else. It changes nothing.
+        if state
+            .relays
+            .get(&envelope.node)
+            .is_some_and(|relay| envelope.seq < relay.next_seq)
+        {
+            return None;
+        }
         let mut diffs = Diffs::default();
         if envelope.bye {
             forget_relay(&mut state, &envelope.node, &mut diffs);
