@@ -96,6 +96,8 @@ pub struct Metrics {
     pub presence_connections: Gauge,
     pub presence_resyncs: Counter,
     pub presence_bus_rejected: Counter,
+    /// Set from the presence view's own count (see `Presence::size`).
+    pub presence_entries_dropped: Gauge,
 }
 
 impl Metrics {
@@ -338,6 +340,12 @@ impl Metrics {
             "counter",
             "Presence bus messages ignored because no relay of this database signed them.",
             self.presence_bus_rejected.get(),
+        );
+        metric(
+            "presence_entries_dropped_total",
+            "counter",
+            "Connections of other relays not shown in presence because the view held PGRELAY_PRESENCE_MAX_REMOTE_ENTRIES.",
+            self.presence_entries_dropped.get(),
         );
         out
     }

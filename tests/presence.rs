@@ -468,3 +468,29 @@ async fn a_relay_id_seen_in_conn_id_cannot_be_used_to_erase_that_relays_users() 
     assert!(a.metric("presence_bus_rejected_total").await >= 3);
     drop(bob);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_whose_presence_grew_large_never_closes_a_new_joiner() {
+    let relay = TestRelay::start_with(|c| c.limits.max_queued_bytes = 16 * 1024).await;
+    // Twenty connections with a 1 KB meta each: more presence than a joiner's send budget.
+    let mut crowd = Vec::new();
+    for i in 0..20 {
+        let mut client = relay.client(if i % 2 == 0 { "u1" } else { "u2" }).await;
+        client.join("project:1").await;
+        let meta = json!({"bio": "x".repeat(1000)});
+        client
+            .send(json!({"type": "presence", "room": "project:1", "meta": meta}))
+            .await;
+        client.ping().await;
+        crowd.push(client);
+    }
+    let mut carol = relay.client("u3").await;
+    carol.join("project:1").await;
+    let state = carol.presence_state.take().expect("presence_state");
+    assert_eq!(state["truncated"], true, "{state}");
+    assert_eq!(state["connections"], 21);
+    carol.ping().await;
+    for client in &mut crowd {
+        client.ping().await;
+    }
+}

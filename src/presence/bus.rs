@@ -342,6 +342,11 @@ impl Session<'_> {
 
         let every = self.presence.timings().heartbeat;
         let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        // Full states go out at most once per resync interval, however many relays ask (or
+        // however often one does): each is as many NOTIFYs as this relay has connections.
+        let resync = self.presence.timings().resync_interval;
+        let mut last_sync = tokio::time::Instant::now();
+        let mut sync_due: Option<tokio::time::Instant> = None;
         loop {
             let mut payloads = Vec::new();
             tokio::select! {
@@ -360,6 +365,11 @@ impl Session<'_> {
                     }
                 }
                 () = self.presence.sync_wanted.notified() => {
+                    sync_due.get_or_insert(last_sync + resync);
+                }
+                () = tokio::time::sleep_until(sync_due.unwrap_or_else(tokio::time::Instant::now)), if sync_due.is_some() => {
+                    sync_due = None;
+                    last_sync = tokio::time::Instant::now();
                     payloads.extend(self.outbox.pack(self.presence.local_entries(), true));
                 }
                 op = ops.recv() => {

@@ -39,13 +39,22 @@ use typing::Typing;
 /// The largest meta a connection may set (serialized), so that any presence op fits one NOTIFY.
 pub const MAX_META_BYTES: usize = 1024;
 
-/// How often a relay says it is alive, how long its silence is tolerated, and how long a typing
-/// indicator lasts without a refresh.
+/// How often a relay says it is alive, how long its silence is tolerated, how long a typing
+/// indicator lasts without a refresh; and the limits on what presence costs a relay and its
+/// clients, whatever other relays or large rooms send its way.
 #[derive(Clone, Debug)]
 pub struct PresenceTimings {
     pub heartbeat: Duration,
     pub relay_timeout: Duration,
     pub typing_timeout: Duration,
+    /// A `presence_state` lists a room's connections up to about this many bytes (and at most a
+    /// quarter of the joiner's send budget); beyond, it says `"truncated": true`. So a room
+    /// whose presence grew large never closes a new joiner as too slow.
+    pub max_state_bytes: usize,
+    /// Connections of other relays held in the view, all rooms together; more are not shown.
+    pub max_remote_entries: usize,
+    /// This relay sends its full state at most this often, however often it is asked.
+    pub resync_interval: Duration,
 }
 
 impl Default for PresenceTimings {
@@ -54,6 +63,9 @@ impl Default for PresenceTimings {
             heartbeat: Duration::from_secs(5),
             relay_timeout: Duration::from_secs(15),
             typing_timeout: Duration::from_secs(5),
+            max_state_bytes: 64 * 1024,
+            max_remote_entries: 200_000,
+            resync_interval: Duration::from_secs(1),
         }
     }
 }
@@ -86,6 +98,10 @@ struct State {
     rooms: HashMap<Room, RoomPresence>,
     relays: HashMap<String, RelayState>,
     typing: Typing,
+    /// Entries of other relays, all rooms together (bounded by `max_remote_entries`).
+    remote_entries: usize,
+    /// Joins of other relays not shown because of that bound.
+    dropped_entries: u64,
 }
 
 #[derive(Default)]
@@ -253,7 +269,11 @@ impl Presence {
             ));
         }
         if let Some(presence) = state.rooms.get(room) {
-            client.send(presence_state(room, presence).into());
+            let limit = self
+                .timings
+                .max_state_bytes
+                .min(client.max_queued_bytes() / 4);
+            client.send(presence_state(room, presence, limit).into());
         }
         // Who is typing right now.
         let typing_now: Vec<String> = state.typing.typing_in(room).cloned().collect();
@@ -499,6 +519,17 @@ impl Presence {
                     user,
                     meta: stored_meta(&key, meta),
                 };
+                let known = state
+                    .rooms
+                    .get(&room)
+                    .is_some_and(|p| p.entries.contains_key(&key));
+                if !known {
+                    if state.remote_entries >= self.timings.max_remote_entries {
+                        state.dropped_entries += 1;
+                        return;
+                    }
+                    state.remote_entries += 1;
+                }
                 let presence = state.rooms.entry(room.clone()).or_default();
                 let previous = presence.entries.insert(key.clone(), entry.clone());
                 if previous.as_ref() != Some(&entry) {
@@ -542,20 +573,23 @@ impl Presence {
         finish(&mut state, diffs);
     }
 
-    /// How many other relays the view knows, and how many connections it holds (all relays).
-    pub fn size(&self) -> (usize, usize) {
+    /// How many other relays the view knows, how many connections it holds (all relays), and
+    /// how many joins of other relays it did not show (see `max_remote_entries`).
+    pub fn size(&self) -> (usize, usize, u64) {
         let state = self.lock();
         let connections = state.rooms.values().map(|p| p.entries.len()).sum();
-        (state.relays.len(), connections)
+        (state.relays.len(), connections, state.dropped_entries)
     }
 }
 
+/// Removes an entry of another relay.
 fn remove_entry(state: &mut State, room: &Room, key: &ConnectionKey, diffs: &mut Diffs) {
     if let Some(entry) = state
         .rooms
         .get_mut(room)
         .and_then(|p| p.entries.remove(key))
     {
+        state.remote_entries -= 1;
         diffs.leave(room, key, &entry);
     }
 }
@@ -571,6 +605,7 @@ fn forget_relay(state: &mut State, node: &str, diffs: &mut Diffs) {
             .collect();
         for key in gone {
             if let Some(entry) = presence.entries.remove(&key) {
+                state.remote_entries -= 1;
                 diffs.leave(room, &key, &entry);
             }
         }
@@ -640,12 +675,34 @@ fn typing_message(room: &Room, user: &str, typing: bool) -> String {
     json!({"type": "typing", "room": room.as_str(), "user": user, "typing": typing}).to_string()
 }
 
-fn presence_state(room: &Room, presence: &RoomPresence) -> String {
+/// The room's presence for a joiner, listing connections up to `limit` bytes of metas. Beyond
+/// that it says `"truncated": true` and how many connections there are in all: the diffs that
+/// follow still apply (a leave of someone not listed changes nothing).
+fn presence_state(room: &Room, presence: &RoomPresence, limit: usize) -> String {
     let mut users = Map::new();
+    let mut bytes = 0;
+    let mut truncated = false;
     for (key, entry) in &presence.entries {
-        push(&mut users, key, entry);
+        let meta = rendered_meta(key, entry);
+        // The meta, the user's name and the quotes and commas around them.
+        bytes += serde_json::to_string(&meta).map_or(0, |m| m.len()) + entry.user.len() + 6;
+        if bytes > limit {
+            truncated = true;
+            break;
+        }
+        if let Value::Array(metas) = users
+            .entry(entry.user.clone())
+            .or_insert_with(|| Value::Array(Vec::new()))
+        {
+            metas.push(meta);
+        }
     }
-    json!({"type": "presence_state", "room": room.as_str(), "users": users}).to_string()
+    let mut state = json!({"type": "presence_state", "room": room.as_str(), "users": users});
+    if truncated {
+        state["truncated"] = Value::Bool(true);
+        state["connections"] = presence.entries.len().into();
+    }
+    state.to_string()
 }
 
 /// Runs [`Presence::sweep`] ten times a second until `shutdown`, and updates the gauges.
@@ -659,9 +716,10 @@ pub async fn sweep(
         tokio::select! {
             _ = every.tick() => {
                 presence.sweep();
-                let (relays, connections) = presence.size();
+                let (relays, connections, dropped) = presence.size();
                 metrics.presence_relays.set(relays as u64);
                 metrics.presence_connections.set(connections as u64);
+                metrics.presence_entries_dropped.set(dropped);
             }
             () = shutdown.cancelled() => return,
         }
@@ -688,6 +746,63 @@ mod tests {
             want: None,
             bye: false,
         }
+    }
+
+    fn remote_join(connection: u64) -> Op {
+        Op::Join {
+            room: "task:1".into(),
+            connection,
+            user: format!("u{connection}"),
+            meta: json!({"status": "x".repeat(100)}),
+        }
+    }
+
+    #[test]
+    fn other_relays_entries_are_bounded_and_replayed_messages_change_nothing() {
+        let (presence, _published) = Presence::new(PresenceTimings {
+            max_remote_entries: 2,
+            ..Default::default()
+        });
+        let ops = (1..=3).map(remote_join).collect();
+        presence.apply(from_relay("other", 1, ops));
+        assert_eq!(presence.size(), (1, 2, 1), "two shown, one dropped");
+        // A leave makes room again.
+        let leave = Op::Leave {
+            room: "task:1".into(),
+            connection: 1,
+        };
+        presence.apply(from_relay("other", 2, vec![leave]));
+        presence.apply(from_relay("other", 3, vec![remote_join(3)]));
+        assert_eq!(presence.size(), (1, 2, 1));
+        // The relay's first message, heard again, does not bring connection 1 back.
+        presence.apply(from_relay("other", 1, vec![remote_join(1)]));
+        let bye = Envelope {
+            bye: true,
+            ..from_relay("other", 2, Vec::new())
+        };
+        presence.apply(bye);
+        assert_eq!(presence.size(), (1, 2, 1), "nor does an old message end it");
+    }
+
+    #[test]
+    fn a_large_rooms_presence_state_is_cut_to_the_joiners_budget() {
+        let (presence, _published) = Presence::new(Default::default());
+        let room = Room::parse("task:1").expect("room");
+        let ops = (1..=100).map(remote_join).collect();
+        presence.apply(from_relay("other", 1, ops));
+        let (client, mut queue) = ClientHandle::websocket(16 * 1024);
+        let client = Arc::new(client);
+        presence.joined(&room, &client, "u1");
+        let frame = queue.frames.try_recv().expect("presence_state");
+        assert!(
+            frame.as_str().len() <= 4 * 1024 + 200,
+            "{} bytes",
+            frame.as_str().len()
+        );
+        let state: Value = serde_json::from_str(frame.as_str()).expect("json");
+        assert_eq!(state["truncated"], true);
+        assert_eq!(state["connections"], 101);
+        assert!(!client.is_closing());
     }
 
     /// Metas are kept without their conn_id (it costs a map per membership) and shown with it:
