@@ -27,12 +27,12 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
-use crate::protocol::Room;
-use crate::transport::client::ClientHandle;
+use crate::protocol::{Frame, Room, ServerMessage};
+use crate::queue::ClientHandle;
 use bus::{Envelope, Op};
 use typing::Typing;
 
@@ -273,12 +273,12 @@ impl Presence {
                 .timings
                 .max_state_bytes
                 .min(client.max_queued_bytes() / 4);
-            client.send(presence_state(room, presence, limit).into());
+            client.send(presence_state(room, presence, limit));
         }
         // Who is typing right now.
         let typing_now: Vec<String> = state.typing.typing_in(room).cloned().collect();
         for typist in typing_now.iter().filter(|u| u.as_str() != user) {
-            client.send(typing_message(room, typist, true).into());
+            client.send(typing_message(room, typist, true));
         }
     }
 
@@ -645,14 +645,12 @@ fn send_diffs(rooms: &HashMap<Room, RoomPresence>, diffs: Diffs, except: Option<
         if presence.audience.is_empty() {
             continue;
         }
-        let frame: axum::extract::ws::Utf8Bytes = json!({
-            "type": "presence_diff",
-            "room": room.as_str(),
-            "joins": joins,
-            "leaves": leaves,
-        })
-        .to_string()
-        .into();
+        let frame = ServerMessage::PresenceDiff {
+            room: room.as_str(),
+            joins: &joins,
+            leaves: &leaves,
+        }
+        .to_frame();
         for (id, watcher) in &presence.audience {
             if Some(*id) != except {
                 watcher.client.send(frame.clone());
@@ -665,20 +663,25 @@ fn tell_typing(rooms: &HashMap<Room, RoomPresence>, room: &Room, user: &str, typ
     let Some(presence) = rooms.get(room) else {
         return;
     };
-    let frame: axum::extract::ws::Utf8Bytes = typing_message(room, user, typing).into();
+    let frame = typing_message(room, user, typing);
     for watcher in presence.audience.values().filter(|w| w.user != user) {
         watcher.client.send(frame.clone());
     }
 }
 
-fn typing_message(room: &Room, user: &str, typing: bool) -> String {
-    json!({"type": "typing", "room": room.as_str(), "user": user, "typing": typing}).to_string()
+fn typing_message(room: &Room, user: &str, typing: bool) -> Frame {
+    ServerMessage::Typing {
+        room: room.as_str(),
+        user,
+        typing,
+    }
+    .to_frame()
 }
 
 /// The room's presence for a joiner, listing connections up to `limit` bytes of metas. Beyond
 /// that it says `"truncated": true` and how many connections there are in all: the diffs that
 /// follow still apply (a leave of someone not listed changes nothing).
-fn presence_state(room: &Room, presence: &RoomPresence, limit: usize) -> String {
+fn presence_state(room: &Room, presence: &RoomPresence, limit: usize) -> Frame {
     let mut users = Map::new();
     let mut bytes = 0;
     let mut truncated = false;
@@ -697,12 +700,13 @@ fn presence_state(room: &Room, presence: &RoomPresence, limit: usize) -> String 
             metas.push(meta);
         }
     }
-    let mut state = json!({"type": "presence_state", "room": room.as_str(), "users": users});
-    if truncated {
-        state["truncated"] = Value::Bool(true);
-        state["connections"] = presence.entries.len().into();
+    ServerMessage::PresenceState {
+        room: room.as_str(),
+        users: &users,
+        connections: truncated.then_some(presence.entries.len()),
+        truncated,
     }
-    state.to_string()
+    .to_frame()
 }
 
 /// Runs [`Presence::sweep`] ten times a second until `shutdown`, and updates the gauges.
@@ -729,7 +733,8 @@ pub async fn sweep(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::transport::client::ClientQueue;
+    use crate::queue::ClientQueue;
+    use serde_json::json;
 
     fn frames(queue: &mut ClientQueue) -> Vec<Value> {
         std::iter::from_fn(|| queue.frames.try_recv())

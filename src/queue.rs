@@ -3,15 +3,15 @@
 //! Fan-out must never wait for a slow client, so sending only appends a frame to the client's
 //! queue. The queue is bounded by the bytes it holds, not by a count of frames: a client that
 //! falls that far behind is told to go (close code 4008) and can resume from its last event id,
-//! while everybody else carries on.
+//! while everybody else carries on. A [`Frame`] shares its text, so queuing one event for a
+//! thousand clients copies no JSON.
 //!
 //! One event can be larger than the whole budget (a big row; see `max_event_bytes` in
 //! `docs/dba.md`). Such a frame is not counted against the budget: the queue takes it as long as
 //! no other such frame waits, so one big row reaches every member of its room without closing
 //! anyone, and the frames around it are bounded as usual. A second big frame while the first
 //! still waits means the client does not keep up: 4008. A queue therefore holds at most its
-//! budget plus one frame. Frames are shared `Utf8Bytes`, so queuing one event for a
-//! thousand clients copies no JSON.
+//! budget plus one frame.
 //!
 //! The queue is a `VecDeque` behind a mutex rather than a tokio `mpsc` channel: an unbounded
 //! channel allocates a 32-slot block and a cache-padded header up front (about 1.6 KiB per
@@ -22,8 +22,9 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use axum::extract::ws::Utf8Bytes;
 use tokio::sync::{watch, Notify};
+
+use crate::protocol::Frame;
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -39,10 +40,11 @@ pub struct ClientHandle {
     /// Whether the transport shows presence and typing (WebSocket does, SSE does not).
     pub sees_presence: bool,
     frames: Arc<Frames>,
+    /// The bytes of the frames waiting, but for one larger than the budget ...
     queued_bytes: AtomicUsize,
-    max_queued_bytes: usize,
-    /// A frame larger than `max_queued_bytes` waits (it is not in `queued_bytes`).
+    /// ... which is counted here.
     oversized: AtomicBool,
+    max_queued_bytes: usize,
     closing: AtomicBool,
     close: watch::Sender<Option<CloseRequest>>,
     drained: tokio::sync::Notify,
@@ -58,7 +60,7 @@ pub struct ClientQueue {
 /// takes them).
 #[derive(Default)]
 struct Frames {
-    queue: Mutex<VecDeque<Utf8Bytes>>,
+    queue: Mutex<VecDeque<Frame>>,
     /// A frame was queued, or the handle is gone.
     arrived: Notify,
     handle_dropped: AtomicBool,
@@ -67,12 +69,12 @@ struct Frames {
 }
 
 impl Frames {
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Utf8Bytes>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Frame>> {
         // Pushing and popping cannot leave the deque inconsistent: keep going after a panic.
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn pop(&self) -> Option<Utf8Bytes> {
+    fn pop(&self) -> Option<Frame> {
         let mut queue = self.lock();
         let frame = queue.pop_front();
         give_back_if_drained(&mut queue);
@@ -81,7 +83,7 @@ impl Frames {
 }
 
 /// An idle connection should not keep the capacity a burst needed.
-fn give_back_if_drained(queue: &mut VecDeque<Utf8Bytes>) {
+fn give_back_if_drained(queue: &mut VecDeque<Frame>) {
     if queue.is_empty() && queue.capacity() > IDLE_QUEUE_CAPACITY {
         queue.shrink_to_fit();
     }
@@ -94,12 +96,12 @@ pub struct FrameReceiver {
 
 impl FrameReceiver {
     /// The next frame if one is waiting.
-    pub fn try_recv(&mut self) -> Option<Utf8Bytes> {
+    pub fn try_recv(&mut self) -> Option<Frame> {
         self.frames.pop()
     }
 
     /// Moves up to `max` waiting frames, in order, onto `into`, under one lock.
-    pub fn take(&mut self, max: usize, into: &mut Vec<Utf8Bytes>) {
+    pub fn take(&mut self, max: usize, into: &mut Vec<Frame>) {
         let mut queue = self.frames.lock();
         let n = max.min(queue.len());
         into.extend(queue.drain(..n));
@@ -108,7 +110,7 @@ impl FrameReceiver {
 
     /// The next frame, waiting for one; `None` once the handle is dropped and the queue is
     /// empty. Cancel-safe: a frame is only taken when it is returned.
-    pub async fn recv(&mut self) -> Option<Utf8Bytes> {
+    pub async fn recv(&mut self) -> Option<Frame> {
         let frames = &*self.frames;
         loop {
             // Registered before looking, so a frame queued in between still wakes us.
@@ -132,7 +134,7 @@ impl Drop for FrameReceiver {
     }
 }
 
-/// What a drained queue may keep (frames are 32 bytes each).
+/// What a drained queue may keep (frames are 48 bytes each).
 const IDLE_QUEUE_CAPACITY: usize = 4;
 
 impl ClientHandle {
@@ -151,8 +153,8 @@ impl ClientHandle {
             sees_presence: false,
             frames: frames.clone(),
             queued_bytes: AtomicUsize::new(0),
-            max_queued_bytes,
             oversized: AtomicBool::new(false),
+            max_queued_bytes,
             closing: AtomicBool::new(false),
             close: close_tx,
             drained: tokio::sync::Notify::new(),
@@ -167,22 +169,20 @@ impl ClientHandle {
     }
 
     /// Queues a frame. Returns false, and asks the session to close with 4008, if the frame
-    /// would take the bytes waiting past the budget (an empty queue always takes one frame, and
-    /// a frame larger than the budget is taken beside the others, so a single large event never
-    /// closes a client that keeps up).
-    pub fn send(&self, frame: Utf8Bytes) -> bool {
+    /// would take the bytes waiting past the budget (see [`ClientHandle::fits`]).
+    pub fn send(&self, frame: Frame) -> bool {
         self.send_all([frame]) == 1
     }
 
     /// Queues frames in order, as [`ClientHandle::send`] would one by one, but takes the queue's
     /// lock and wakes the session once: the fan-out hands each client all its frames of a chunk
     /// together. Returns how many were queued; fewer than given means the client is closing.
-    pub fn send_all(&self, frames: impl IntoIterator<Item = Utf8Bytes>) -> usize {
+    pub fn send_all(&self, frames: impl IntoIterator<Item = Frame>) -> usize {
         let mut queued = 0;
         {
             let mut queue = self.frames.lock();
             for frame in frames {
-                if !self.admit(frame.as_str().len()) {
+                if !self.admit(frame.len()) {
                     break;
                 }
                 // Checked under the lock the receiver sets it under: nothing is queued after it.
@@ -210,38 +210,56 @@ impl ClientHandle {
             !self.oversized.swap(true, Ordering::Relaxed)
         } else {
             let before = self.queued_bytes.fetch_add(len, Ordering::Relaxed);
-            let fits = before == 0 || before + len <= self.max_queued_bytes;
+            let fits = self.fits(Charge::bytes(before), len);
             if !fits {
                 self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
             }
             fits
         };
         if !fits {
-            self.close(CloseRequest {
-                code: crate::protocol::close::TOO_SLOW,
-                reason: "too slow to keep up; resume with since",
-            });
+            self.close_too_slow();
         }
         fits
     }
 
-    /// What these frames count against the budget; give it back with
+    /// The byte budget: a frame of `len` bytes fits behind what is `held` if the bytes stay
+    /// within it, and an empty queue always takes one frame. A frame larger than the whole
+    /// budget fits beside the others unless another such frame is held. So a single large
+    /// event never closes a client that keeps up. Frames held back for a client (see
+    /// [`crate::rooms`]) count the same way.
+    pub fn fits(&self, held: Charge, len: usize) -> bool {
+        if len > self.max_queued_bytes {
+            !held.oversized
+        } else {
+            held.bytes == 0 || held.bytes + len <= self.max_queued_bytes
+        }
+    }
+
+    /// What these frames count against the budget (see [`ClientHandle::fits`]); given back with
     /// [`ClientHandle::sent_charge`] once they have been handed to the socket.
-    pub fn charge(&self, frames: &[Utf8Bytes]) -> Charge {
+    pub fn charge(&self, frames: &[Frame]) -> Charge {
         let mut charge = Charge::default();
         for frame in frames {
-            let len = frame.as_str().len();
-            if len > self.max_queued_bytes {
-                charge.oversized = true;
-            } else {
-                charge.bytes += len;
-            }
+            charge.add(frame.len(), self.max_queued_bytes);
         }
         charge
     }
 
+    pub fn max_queued_bytes(&self) -> usize {
+        self.max_queued_bytes
+    }
+
+    /// Closes a client that fell further behind than its budget (4008): it resumes from its
+    /// last event.
+    pub fn close_too_slow(&self) -> bool {
+        self.close(CloseRequest {
+            code: crate::protocol::close::TOO_SLOW,
+            reason: "too slow to keep up; resume with since",
+        })
+    }
+
     /// Called by the session once a frame has been handed to the socket.
-    pub fn sent(&self, frame: &Utf8Bytes) {
+    pub fn sent(&self, frame: &Frame) {
         self.sent_charge(self.charge(std::slice::from_ref(frame)));
     }
 
@@ -254,22 +272,16 @@ impl ClientHandle {
         self.drained.notify_one();
     }
 
-    pub fn max_queued_bytes(&self) -> usize {
-        self.max_queued_bytes
-    }
-
     /// Waits until a frame of `len` bytes can be queued without going over the byte budget (the
     /// queue is empty, or the frame fits), or the client is closing. Replays pace themselves
     /// with this, so replaying to a slow reader never closes it.
     pub async fn wait_for_room(&self, len: usize) {
         loop {
-            let queued = self.queued_bytes.load(Ordering::Relaxed);
-            let room = if len > self.max_queued_bytes {
-                !self.oversized.load(Ordering::Relaxed)
-            } else {
-                queued == 0 || queued + len <= self.max_queued_bytes
+            let held = Charge {
+                bytes: self.queued_bytes.load(Ordering::Relaxed),
+                oversized: self.oversized.load(Ordering::Relaxed),
             };
-            if room || self.is_closing() {
+            if self.fits(held, len) || self.is_closing() {
                 return;
             }
             let wait = self.drained.notified();
@@ -291,12 +303,30 @@ impl ClientHandle {
     }
 }
 
-/// What frames count against a client's byte budget (see [`ClientHandle::charge`]).
-#[derive(Debug, Default, Clone, Copy)]
+/// What frames count against a client's byte budget: their bytes, but for one frame larger than
+/// the whole budget, which counts apart (see [`ClientHandle::fits`]).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Charge {
-    bytes: usize,
-    /// One of them was larger than the whole budget.
-    oversized: bool,
+    pub bytes: usize,
+    pub oversized: bool,
+}
+
+impl Charge {
+    fn bytes(bytes: usize) -> Charge {
+        Charge {
+            bytes,
+            oversized: false,
+        }
+    }
+
+    /// Counts one more frame of `len` bytes against a budget of `max`.
+    pub fn add(&mut self, len: usize, max: usize) {
+        if len > max {
+            self.oversized = true;
+        } else {
+            self.bytes += len;
+        }
+    }
 }
 
 impl Drop for ClientHandle {
@@ -313,14 +343,11 @@ mod tests {
     #[test]
     fn a_full_queue_closes_the_client_with_4008_and_drops_the_frame() {
         let (client, mut queue) = ClientHandle::new(10);
-        assert!(client.send(Utf8Bytes::from("123456")));
-        assert!(
-            !client.send(Utf8Bytes::from("123456")),
-            "over the byte budget"
-        );
+        assert!(client.send(Frame::from("123456")));
+        assert!(!client.send(Frame::from("123456")), "over the byte budget");
         assert_eq!(queue.close.borrow_and_update().map(|r| r.code), Some(4008));
         assert!(
-            !client.send(Utf8Bytes::from("1")),
+            !client.send(Frame::from("1")),
             "a closing client takes nothing more"
         );
         let first = queue.frames.try_recv().expect("the first frame was queued");
@@ -334,14 +361,14 @@ mod tests {
     #[test]
     fn frames_queued_together_stop_at_the_budget_and_are_taken_in_order() {
         let (client, mut queue) = ClientHandle::new(10);
-        let frames = ["1234", "5678", "90ab", "cd"].map(Utf8Bytes::from_static);
+        let frames = ["1234", "5678", "90ab", "cd"].map(Frame::from);
         assert_eq!(
             client.send_all(frames),
             2,
             "the third frame would pass 10 bytes"
         );
         assert_eq!(queue.close.borrow_and_update().map(|r| r.code), Some(4008));
-        assert_eq!(client.send_all([Utf8Bytes::from_static("x")]), 0, "closing");
+        assert_eq!(client.send_all([Frame::from("x")]), 0, "closing");
         let mut taken_frames = Vec::new();
         queue.frames.take(64, &mut taken_frames);
         let taken: Vec<&str> = taken_frames.iter().map(|f| f.as_str()).collect();
@@ -353,11 +380,11 @@ mod tests {
     #[test]
     fn one_frame_larger_than_the_budget_waits_beside_the_others() {
         let (client, mut queue) = ClientHandle::new(10);
-        let big = || Utf8Bytes::from("0123456789abcdef");
-        assert!(client.send(Utf8Bytes::from("small")));
+        let big = || Frame::from("0123456789abcdef");
+        assert!(client.send(Frame::from("small")));
         assert!(client.send(big()), "taken although the queue is not empty");
         assert!(
-            client.send(Utf8Bytes::from("after")),
+            client.send(Frame::from("after")),
             "the big frame does not count against the budget"
         );
         assert!(!client.is_closing());
@@ -380,7 +407,7 @@ mod tests {
             got
         });
         for n in 0..100 {
-            assert!(client.send(Utf8Bytes::from(n.to_string())));
+            assert!(client.send(Frame::from(n.to_string().as_str())));
             if n % 10 == 0 {
                 tokio::task::yield_now().await;
             }
@@ -398,7 +425,7 @@ mod tests {
     fn a_drained_queue_gives_its_memory_back() {
         let (client, mut queue) = ClientHandle::new(1 << 20);
         for _ in 0..100 {
-            client.send(Utf8Bytes::from_static("x"));
+            client.send(Frame::from("x"));
         }
         while queue.frames.try_recv().is_some() {}
         assert!(client.frames.lock().capacity() <= IDLE_QUEUE_CAPACITY);
