@@ -637,6 +637,11 @@ fn finish(state: &mut State, diffs: Diffs) {
         .retain(|_, p| !p.entries.is_empty() || !p.audience.is_empty());
 }
 
+/// A `presence_diff` lists at most about this many bytes of metas; a bigger change (a relay
+/// with thousands of connections in a room went away) is sent as several diffs, its leaves
+/// before its joins, so that no single diff closes a member as too slow.
+const MAX_DIFF_BYTES: usize = 32 * 1024;
+
 fn send_diffs(rooms: &HashMap<Room, RoomPresence>, diffs: Diffs, except: Option<u64>) {
     for (room, Diff { joins, leaves }) in diffs.0 {
         let Some(presence) = rooms.get(&room) else {
@@ -645,18 +650,56 @@ fn send_diffs(rooms: &HashMap<Room, RoomPresence>, diffs: Diffs, except: Option<
         if presence.audience.is_empty() {
             continue;
         }
-        let frame = ServerMessage::PresenceDiff {
-            room: room.as_str(),
-            joins: &joins,
-            leaves: &leaves,
-        }
-        .to_frame();
-        for (id, watcher) in &presence.audience {
-            if Some(*id) != except {
-                watcher.client.send(frame.clone());
+        let empty = Map::new();
+        let leaves = split_metas(leaves);
+        let joins = split_metas(joins);
+        // Usually one diff, leaves and joins together; a big one in parts, leaves first.
+        let parts: Vec<(&Metas, &Metas)> =
+            if let ([leaves], [joins]) = (leaves.as_slice(), joins.as_slice()) {
+                vec![(joins, leaves)]
+            } else {
+                let leaving = leaves.iter().filter(|p| !p.is_empty());
+                let joining = joins.iter().filter(|p| !p.is_empty());
+                leaving
+                    .map(|part| (&empty, part))
+                    .chain(joining.map(|part| (part, &empty)))
+                    .collect()
+            };
+        for (joins, leaves) in parts {
+            let frame = ServerMessage::PresenceDiff {
+                room: room.as_str(),
+                joins,
+                leaves,
+            }
+            .to_frame();
+            for (id, watcher) in &presence.audience {
+                if Some(*id) != except {
+                    watcher.client.send(frame.clone());
+                }
             }
         }
     }
+}
+
+/// Each user's metas, as in `presence_state` and `presence_diff`.
+type Metas = Map<String, Value>;
+
+/// Metas by user, in parts of at most about [`MAX_DIFF_BYTES`] (a user's metas stay together).
+fn split_metas(users: Map<String, Value>) -> Vec<Map<String, Value>> {
+    let mut parts = vec![Map::new()];
+    let mut bytes = 0;
+    for (user, metas) in users {
+        let size = user.len() + serde_json::to_string(&metas).map_or(0, |m| m.len());
+        if bytes > 0 && bytes + size > MAX_DIFF_BYTES {
+            parts.push(Map::new());
+            bytes = 0;
+        }
+        bytes += size;
+        if let Some(part) = parts.last_mut() {
+            part.insert(user, metas);
+        }
+    }
+    parts
 }
 
 fn tell_typing(rooms: &HashMap<Room, RoomPresence>, room: &Room, user: &str, typing: bool) {
@@ -787,6 +830,31 @@ mod tests {
         };
         presence.apply(bye);
         assert_eq!(presence.size(), (1, 2, 1), "nor does an old message end it");
+    }
+
+    #[test]
+    fn a_relay_leaving_with_many_connections_is_told_in_bounded_diffs() {
+        let (presence, _published) = Presence::new(Default::default());
+        let room = Room::parse("task:1").expect("room");
+        let (client, mut queue) = ClientHandle::websocket(1 << 20);
+        let client = Arc::new(client);
+        presence.joined(&room, &client, "u0");
+        let ops = (1..=1000).map(remote_join).collect();
+        presence.apply(from_relay("other", 1, ops));
+        let _ = frames(&mut queue);
+        presence.apply(Envelope {
+            bye: true,
+            ..from_relay("other", 2, Vec::new())
+        });
+        let diffs = frames(&mut queue);
+        assert!(diffs.len() > 1, "in parts");
+        let mut gone = 0;
+        for diff in &diffs {
+            assert!(diff.to_string().len() <= MAX_DIFF_BYTES + 1024);
+            assert_eq!(diff["joins"], json!({}));
+            gone += diff["leaves"].as_object().map_or(0, |l| l.len());
+        }
+        assert_eq!(gone, 1000, "every connection left");
     }
 
     #[test]
