@@ -500,7 +500,7 @@ impl Questions {
 /// SQLSTATE (a policy's RAISE, a bad cast, `stack depth limit exceeded`, a statement timeout, a
 /// missing function), is about the query: it is narrowed to the pairs that cause it and those
 /// are denied, so that no row or user can stop delivery to the others.
-pub fn is_connection_failure(err: &anyhow::Error) -> bool {
+fn is_connection_failure(err: &anyhow::Error) -> bool {
     if err.downcast_ref::<Unreachable>().is_some() {
         return true;
     }
