@@ -37,6 +37,10 @@ pub struct RelayConfig {
     /// Browser origins allowed to connect (`Origin` header); empty = any.
     pub allowed_origins: Vec<String>,
     pub presence: crate::presence::PresenceTimings,
+    /// Longest a database statement of the relay may run (`statement_timeout` on its
+    /// connections). A policy that runs longer for some row is denied for that row, and nothing
+    /// else waits for it; see [`crate::authorize`].
+    pub statement_timeout: Duration,
 }
 
 /// Per-connection limits.
@@ -99,6 +103,7 @@ impl RelayConfig {
             limits: Limits::default(),
             allowed_origins: Vec::new(),
             presence: Default::default(),
+            statement_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -116,6 +121,10 @@ pub struct Settings {
     /// Read the outbox at least this often even without a notification.
     #[arg(long, env = "PGRELAY_POLL_INTERVAL", default_value = "1s", value_name = "DURATION", value_parser = parse_interval)]
     pub poll_interval: Duration,
+    /// Longest any database statement of the relay may run (policies included): a read policy
+    /// that takes longer for a row is denied for that row, a join policy fails that join.
+    #[arg(long, env = "PGRELAY_STATEMENT_TIMEOUT", default_value = "5s", value_name = "DURATION", value_parser = parse_interval)]
+    pub statement_timeout: Duration,
     /// How often to run outbox retention (pgrelay.maintain()) and report this relay's status.
     #[arg(long, env = "PGRELAY_MAINTENANCE_INTERVAL", default_value = "10s", value_name = "DURATION", value_parser = parse_interval)]
     pub maintenance_interval: Duration,
@@ -168,6 +177,16 @@ pub struct Settings {
     /// A typing indicator not refreshed for this long ends by itself.
     #[arg(long, env = "PGRELAY_TYPING_TIMEOUT", default_value = "5s", value_name = "DURATION", value_parser = parse_interval)]
     pub typing_timeout: Duration,
+    /// A `presence_state` lists a room's connections up to this many bytes, then says
+    /// `"truncated": true`.
+    #[arg(long, env = "PGRELAY_PRESENCE_MAX_STATE_BYTES", default_value = "64KiB", value_name = "SIZE", value_parser = parse_size)]
+    pub presence_max_state_bytes: usize,
+    /// Connections of other relays held in this relay's presence view (all rooms).
+    #[arg(long, env = "PGRELAY_PRESENCE_MAX_REMOTE_ENTRIES", default_value = "200000", value_name = "N", value_parser = parse_count::<usize>)]
+    pub presence_max_remote_entries: usize,
+    /// This relay sends its full presence state to the others at most this often.
+    #[arg(long, env = "PGRELAY_PRESENCE_RESYNC_INTERVAL", default_value = "1s", value_name = "DURATION", value_parser = parse_interval)]
+    pub presence_resync_interval: Duration,
     /// Largest presence `meta` a connection may set, as JSON (at most 4KiB: every presence
     /// change must fit one NOTIFY).
     #[arg(long, env = "PGRELAY_MAX_PRESENCE_META", default_value = "1KiB", value_name = "SIZE", value_parser = parse_size)]
@@ -228,6 +247,7 @@ impl Settings {
         config.pool_timeout = self.pool_timeout;
         config.poll_interval = self.poll_interval;
         config.maintenance_interval = self.maintenance_interval;
+        config.statement_timeout = self.statement_timeout;
         let limits = &mut config.limits;
         limits.max_queued_bytes = self.queue_budget;
         limits.max_message_bytes = self.max_message_size;
@@ -246,6 +266,9 @@ impl Settings {
         presence.relay_timeout = 3 * self.presence_heartbeat;
         presence.typing_timeout = self.typing_timeout;
         presence.max_meta_bytes = self.max_presence_meta;
+        presence.max_state_bytes = self.presence_max_state_bytes;
+        presence.max_remote_entries = self.presence_max_remote_entries;
+        presence.resync_interval = self.presence_resync_interval;
         Ok(())
     }
 }
@@ -384,6 +407,7 @@ mod tests {
         assert_eq!(applied.pool_timeout, coded.pool_timeout);
         assert_eq!(applied.poll_interval, coded.poll_interval);
         assert_eq!(applied.maintenance_interval, coded.maintenance_interval);
+        assert_eq!(applied.statement_timeout, coded.statement_timeout);
     }
 
     #[test]

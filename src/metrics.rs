@@ -341,6 +341,9 @@ metrics! {
     policy_answers_asked: Counter,
     /// Times a change made a table's remembered policy answers stale.
     policy_invalidations: Counter,
+    /// (change, user) pairs denied because the read policy failed for them (an error or the
+    /// statement timeout); the relay logs each with table, op, change and user.
+    policy_errors: Counter,
     /// Successful joins.
     joins: Counter,
     /// Joins refused by the join policy.
@@ -369,6 +372,11 @@ metrics! {
     presence_connections: Gauge,
     /// Full presence states requested from another relay after missing its messages.
     presence_resyncs: Counter,
+    /// Presence bus messages ignored because no relay of this database signed them.
+    presence_bus_rejected: Counter,
+    /// Connections of other relays not shown in presence, so far, because the view held
+    /// PGRELAY_PRESENCE_MAX_REMOTE_ENTRIES.
+    presence_entries_dropped: Gauge,
 }
 
 #[cfg(test)]
@@ -405,6 +413,7 @@ mod tests {
             "policy_answers_remembered_total",
             "policy_answers_asked_total",
             "policy_invalidations_total",
+            "policy_errors_total",
             "deliveries_denied_total",
             "joins_total",
             "joins_forbidden_total",
@@ -421,6 +430,8 @@ mod tests {
             "presence_resyncs_total",
             "outbox_backlog_changes",
             "outbox_lag_seconds",
+            "presence_bus_rejected_total",
+            "presence_entries_dropped",
         ] {
             let name = format!("pgrelay_{name}");
             assert!(text.contains(&format!("\n{name} ")), "{name} is exported");
@@ -445,7 +456,7 @@ mod tests {
             "\npgrelay_build_info{{version=\"{}\"}} 1\n",
             env!("CARGO_PKG_VERSION")
         )));
-        assert_eq!(text.matches("# TYPE").count(), 44, "one each");
+        assert_eq!(text.matches("# TYPE").count(), 47, "one each");
     }
 
     #[test]

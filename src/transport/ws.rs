@@ -489,14 +489,14 @@ async fn write_batch(
 ) -> Result<(), axum::Error> {
     let mut frames = vec![first];
     queue.frames.take(63, &mut frames);
-    let bytes = frames.iter().map(Frame::len).sum();
+    let charge = client.charge(&frames);
     let mut written = Vec::new();
     for frame in frames {
         written.extend(frame.outbox_time());
         sink.feed(Message::Text(frame.into_text())).await?;
     }
     sink.flush().await?;
-    client.sent_bytes(bytes);
+    client.sent_charge(charge);
     let now = SystemTime::now();
     for time in written {
         // A clock that went backwards (or another host's) gives no measurement, not a wrong one.
