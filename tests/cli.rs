@@ -1,4 +1,4 @@
-//! The `pgrelay` command line (contract §1): what it prints and how it exits.
+//! The `pgrelay` command line (README.md, Commands): what it prints and how it exits.
 
 mod common;
 

@@ -1,4 +1,4 @@
-//! Presence and typing across relay processes (contract §4; docs/protocol.md).
+//! Presence and typing across relay processes (docs/protocol.md).
 //!
 //! Demo data: alice (u1) owns project 1, bob (u2) is a member, carol (u3) a viewer; dave (u4) has
 //! no access. Every test runs two relays on one database, as behind a load balancer.

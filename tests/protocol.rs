@@ -1,5 +1,5 @@
 //! The WebSocket protocol at its edges: authentication, bad input, limits, shutdown.
-//! Every bad input gets the contract's error or close code, and nothing else is affected.
+//! Every bad input gets the documented error or close code, and nothing else is affected.
 
 mod common;
 
