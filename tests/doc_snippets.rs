@@ -51,12 +51,11 @@ fn sql_snippets(markdown: &str) -> Vec<Snippet> {
                     snippets.push(done);
                 }
             }
-            Some(block) => {
-                if block.line > 0 {
-                    block.sql.push_str(line);
-                    block.sql.push('\n');
-                }
+            Some(block) if block.line > 0 => {
+                block.sql.push_str(line);
+                block.sql.push('\n');
             }
+            Some(_) => {}
         }
     }
     assert!(open.is_none(), "a code block is never closed");

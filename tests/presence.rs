@@ -420,7 +420,7 @@ async fn a_dropped_bus_connection_resyncs_without_ghosts_or_gaps() {
     // Both relays lose their bus connections; meanwhile bob leaves and carol arrives on b.
     a.sql(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-          WHERE application_name = 'pgrelay presence'",
+          WHERE datname = current_database() AND application_name = 'pgrelay presence'",
     )
     .await;
     bob.send(json!({"type": "leave", "room": "project:1"}))

@@ -400,6 +400,18 @@ impl WsClient {
         reply
     }
 
+    /// Joins with `since` and returns the `joined` reply (replayed events follow it).
+    pub async fn join_since(&mut self, room: &str, since: &str) -> Value {
+        self.send(json!({"type": "join", "room": room, "since": since}))
+            .await;
+        let joined = self.recv().await;
+        assert_eq!(
+            joined["type"], "joined",
+            "joining {room} since {since}: {joined}"
+        );
+        joined
+    }
+
     /// Round trip proving the connection still works and everything before it has been read.
     pub async fn ping(&mut self) {
         self.send(json!({"type": "ping", "ref": "sync"})).await;
