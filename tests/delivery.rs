@@ -724,19 +724,11 @@ async fn a_remembered_answer_is_forgotten_when_a_table_the_policy_reads_changes(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answers_of_a_policy_reading_an_unwatched_table_are_never_remembered() {
     let relay = TestRelay::start().await;
-    relay
-        .sql(
-            "CREATE TABLE readers (user_id text PRIMARY KEY);
-             INSERT INTO readers VALUES ('u1'), ('u2');
-             CREATE TABLE notes (id int PRIMARY KEY, body text);
-             CREATE FUNCTION can_read_note(u text, c jsonb, r jsonb) RETURNS boolean
-                 LANGUAGE sql STABLE AS $$ SELECT EXISTS (SELECT FROM readers WHERE user_id = u) $$;
-             SELECT pgrelay.watch('notes', ARRAY['board:1'], 'can_read_note',
-                                  policy_columns => ARRAY['id'], policy_tables => ARRAY['readers'::regclass]);
-             CREATE FUNCTION can_join_board(u text, c jsonb, k text) RETURNS boolean LANGUAGE sql AS 'SELECT true';
-             SELECT pgrelay.allow_join('board', 'can_join_board');",
-        )
-        .await;
+    common::notes_board(
+        &relay,
+        ", policy_columns => ARRAY['id'], policy_tables => ARRAY['readers'::regclass]",
+    )
+    .await;
     let mut alice = relay.client("u1").await;
     let mut bob = relay.client("u2").await;
     for client in [&mut alice, &mut bob] {

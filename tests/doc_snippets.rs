@@ -16,51 +16,8 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
+use common::sql_snippets;
 use tokio::io::AsyncWriteExt;
-
-/// One ```sql block: the line of its first statement line in the file, and its text.
-struct Snippet {
-    line: usize,
-    sql: String,
-}
-
-fn sql_snippets(markdown: &str) -> Vec<Snippet> {
-    let mut snippets = Vec::new();
-    let mut open: Option<Snippet> = None;
-    for (index, line) in markdown.lines().enumerate() {
-        let fence = line.trim_start();
-        match open.as_mut() {
-            None if fence.starts_with("```") => {
-                if fence.trim_end() == "```sql" {
-                    open = Some(Snippet {
-                        line: index + 2,
-                        sql: String::new(),
-                    });
-                } else {
-                    // Another kind of block: skip to its end, so that its content is not read.
-                    open = Some(Snippet {
-                        line: 0,
-                        sql: String::new(),
-                    });
-                }
-            }
-            None => {}
-            Some(_) if fence.trim_end() == "```" => {
-                let done = open.take().expect("open block");
-                if done.line > 0 {
-                    snippets.push(done);
-                }
-            }
-            Some(block) if block.line > 0 => {
-                block.sql.push_str(line);
-                block.sql.push('\n');
-            }
-            Some(_) => {}
-        }
-    }
-    assert!(open.is_none(), "a code block is never closed");
-    snippets
-}
 
 fn documents() -> Vec<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));

@@ -5,46 +5,17 @@ mod common;
 
 use std::time::Duration;
 
-use common::{close_code, token, TestRelay, WsClient, SECRET};
-use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+use common::{
+    close_code, expiring_at, iso, now, now_exact, signed, token, TestRelay, WsClient, SECRET,
+};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::{self, Message};
 
-fn signed(claims: Value, secret: &[u8]) -> String {
-    encode(
-        &Header::new(Algorithm::HS256),
-        &claims,
-        &EncodingKey::from_secret(secret),
-    )
-    .expect("sign")
-}
-
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_secs()
-}
-
-/// Seconds since the epoch, with the fraction: to compare with a token's `exp`.
-fn now_exact() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_secs_f64()
-}
-
-/// A token of `user` that expires at `exp` (seconds since the epoch).
-fn expiring_at(user: &str, exp: u64) -> String {
-    signed(json!({"sub": user, "exp": exp}), SECRET)
-}
-
-/// `exp` as `ready.expires_at` shows it.
-fn iso(exp: u64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(exp as i64)
-        .expect("timestamp")
-        .format(&time::format_description::well_known::Rfc3339)
-        .expect("format")
+/// A WebSocket connection with `token` in the URL (its `ready` not read yet).
+async fn connect_with(relay: &TestRelay, token: &str) -> WsClient {
+    WsClient::connect(&format!("{}?token={token}", relay.ws_url()))
+        .await
+        .expect("connect")
 }
 
 /// Tokens that must be refused, and why.
@@ -182,21 +153,39 @@ async fn no_auth_in_time_and_an_expiring_token_close_with_4001() {
     );
 
     let exp = now() + 2;
-    let short = expiring_at("u1", exp);
-    let mut client = WsClient::connect(&format!("{}?token={short}", relay.ws_url()))
-        .await
-        .expect("connect");
+    let mut client = connect_with(&relay, &expiring_at("u1", exp)).await;
     assert_eq!(client.recv().await["type"], "ready");
     client.join("project:1").await;
     assert_eq!(client.closed().await, close_code(4001));
-    let closed_at = now_exact();
-    // `exp` is a whole second; the relay closes within the second after it.
-    assert!(
-        closed_at >= exp as f64,
-        "closed {:.2} s before the token expired",
-        exp as f64 - closed_at
+    common::assert_ended_at_expiry(exp);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_extends_the_session_past_the_first_tokens_expiry() {
+    let relay = TestRelay::start().await;
+    let first_exp = now() + 2;
+    let mut client = connect_with(&relay, &expiring_at("u1", first_exp)).await;
+    assert_eq!(client.recv().await["expires_at"], iso(first_exp));
+    client.join("project:1").await;
+    let later_exp = first_exp + 60;
+    client
+        .send(json!({"type": "auth", "token": expiring_at("u1", later_exp)}))
+        .await;
+    assert_eq!(client.recv().await["expires_at"], iso(later_exp));
+
+    // Well past the first token's expiry, the session is open and still receives changes.
+    let past = first_exp as f64 + 1.5 - now_exact();
+    client
+        .expect_nothing(Duration::from_secs_f64(past.max(0.0)))
+        .await;
+    relay
+        .sql("UPDATE tasks SET title = 'after the first exp' WHERE id = 1")
+        .await;
+    assert_eq!(
+        client.recv_event().await["row"]["title"],
+        "after the first exp"
     );
-    assert!(closed_at <= exp as f64 + 1.5, "closed at expiry, not later");
+    assert_eq!(relay.metric("connections").await, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -320,14 +309,7 @@ async fn a_client_that_stops_reading_is_closed_with_4008_and_others_carry_on() {
     let big = "x".repeat(200_000);
     for i in 0.. {
         assert!(i < 400, "the stalled client was never closed");
-        relay
-            .db
-            .execute(
-                "UPDATE tasks SET description = $1 || $2 WHERE id = 1",
-                &[&big, &i.to_string()],
-            )
-            .await
-            .expect("update");
+        relay.describe_task_1(&big, i).await;
         let event = reader.recv_event().await;
         assert!(event["row"]["description"]
             .as_str()
@@ -345,13 +327,7 @@ async fn a_client_that_stops_reading_is_closed_with_4008_and_others_carry_on() {
 async fn a_client_that_never_reads_is_still_closed_when_its_token_expires() {
     let relay = TestRelay::start().await;
     let exp = now() + 3;
-    let mut stalled = WsClient::connect(&format!(
-        "{}?token={}",
-        relay.ws_url(),
-        expiring_at("u1", exp)
-    ))
-    .await
-    .expect("connect");
+    let mut stalled = connect_with(&relay, &expiring_at("u1", exp)).await;
     stalled
         .send(json!({"type": "join", "room": "project:1"}))
         .await;
