@@ -25,7 +25,7 @@ fn assert_is_fence(event: &Value) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn task_changes_have_the_contract_shape_and_reach_both_rooms() {
+async fn task_changes_have_the_documented_shape_and_reach_both_rooms() {
     let relay = TestRelay::start().await;
     let mut alice = relay.client("u1").await;
     let joined = alice.join("project:1").await;

@@ -321,6 +321,11 @@ async fn a_client_that_stops_reading_is_closed_with_4008_and_others_carry_on() {
     }
     // ... and the client, reading now, finds the 4008 close after what the socket held.
     assert_eq!(stalled.closed().await, close_code(4008));
+    assert_eq!(
+        relay.metric("slow_consumer_disconnects_total").await,
+        1,
+        "only the stalled client"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
