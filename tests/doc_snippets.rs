@@ -4,8 +4,8 @@
 //! `ON_ERROR_STOP`, as a DBA would paste it) against a throwaway database with the trigger
 //! library, the example schema and the demo data installed. The blocks of one file run in the
 //! order they appear, in one database of their own, so a block may build on the ones before it,
-//! as a reader following the page does. A failure names the file and the line of the snippet
-//! that failed, with psql's message.
+//! as a reader following the page does. A failure names the file and line psql stopped at (the
+//! end of the failing statement), with psql's message.
 //!
 //! Blocks that are not meant to run (query output, sketches of a message, psql sessions with
 //! their results) are fenced ```` ```text ```` (or `json`, `sh`) instead: only `sql` blocks are
