@@ -38,7 +38,16 @@ pub async fn stream(
     Query(params): Query<SseParams>,
 ) -> Response {
     let principal = match app.check_request("sse", &headers, params.token).await {
-        Ok(Some(principal)) => Arc::new(principal),
+        Ok(Some(principal)) => {
+            // The user and the expiry, never the token or its claims.
+            tracing::debug!(
+                user = %principal.user,
+                expires_at = principal.expires_at,
+                transport = "sse",
+                "authenticated"
+            );
+            Arc::new(principal)
+        }
         Ok(None) => {
             return app.refuse(
                 "sse",

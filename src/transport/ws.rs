@@ -320,6 +320,13 @@ impl Session {
         principal: Principal,
         reference: Option<&str>,
     ) -> Result<(), CloseRequest> {
+        // The user and the expiry, never the token or its claims.
+        tracing::debug!(
+            user = %principal.user,
+            expires_at = principal.expires_at,
+            transport = "ws",
+            "authenticated"
+        );
         if self.principal.is_none() {
             let max = self.app.limits.max_connections_per_user;
             if !self.app.connections_per_user.acquire(&principal.user, max) {
