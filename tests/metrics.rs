@@ -60,7 +60,10 @@ async fn traffic_moves_the_histograms_and_counts_closes_and_errors_by_label() {
         .await;
     assert_eq!(again.recv().await["type"], "joined");
     let replayed = again.recv_event().await;
-    assert_eq!(replayed["id"], event["id"], "the missed change is replayed");
+    assert_eq!(
+        replayed["row"], event["row"],
+        "the missed change is replayed"
+    );
     wait_for(&relay, "pgrelay_replay_seconds_count", 1.0).await;
 
     // Errors: a forbidden join and a message that is not JSON.
