@@ -356,12 +356,70 @@ COMMENT ON FUNCTION pgrelay.changes_between(pg_snapshot, pg_snapshot) IS
 
 -- A resume token for the calling transaction's snapshot. An API that reads its data and this
 -- position in one transaction can hand both to a client; joining a room with `since` = the position
--- yields exactly the changes the data does not contain yet. The format is the relay's: the snapshot
--- with URL-safe separators ('.' between its parts, '_' inside the in-progress list).
+-- yields exactly the changes the data does not contain yet.
+--
+-- The token is sealed exactly as the relay seals the positions it hands out (the relay's source,
+-- src/capture/seal.rs, explains the construction): encrypted and authenticated with the key in
+-- pgrelay.secrets, so it tells the client nothing and the relay accepts only tokens made here or by
+-- a relay. A plain snapshot sent by a client is refused. The sealed bytes are the snapshot in the
+-- relay's binary form: a 0 tag, then LEB128 varints of xmin, xmax - xmin, the number of
+-- in-progress transactions and each one's distance from xmin.
+--
+-- It needs pgcrypto (HMAC-SHA256 and AES-CBC), available on every managed Postgres we know of
+-- (RDS, Cloud SQL, Azure, Supabase). Installed here if missing, in the install's default schema;
+-- if it is installed already, wherever it is (pgrelay.position() calls it schema-qualified).
+CREATE EXTENSION IF NOT EXISTS pgcrypto;
+
+-- One LEB128 varint (the relay's encoding): 7 bits a byte, low bits first.
+CREATE OR REPLACE FUNCTION pgrelay.varint(v bigint) RETURNS bytea
+LANGUAGE plpgsql IMMUTABLE STRICT AS $$
+DECLARE
+    out bytea := '';
+BEGIN
+    IF v < 0 THEN
+        RAISE EXCEPTION 'pgrelay.varint: % is negative', v;
+    END IF;
+    WHILE v >= 128 LOOP
+        out := out || set_byte('\x00'::bytea, 0, ((v & 127) | 128)::int);
+        v := v >> 7;
+    END LOOP;
+    RETURN out || set_byte('\x00'::bytea, 0, v::int);
+END $$;
+
+-- SECURITY DEFINER: the calling roles (the application's) may not read pgrelay.secrets; only this
+-- function and the relay's role do. Its search_path is pinned, and pgcrypto is called by its
+-- schema-qualified name, so no role can slip in functions of its own. Generated, to find pgcrypto.
+DO $install$
+DECLARE
+    crypto text := (SELECT n.nspname FROM pg_extension AS e
+                    JOIN pg_namespace AS n ON n.oid = e.extnamespace WHERE e.extname = 'pgcrypto');
+BEGIN
+    EXECUTE format($f$
 CREATE OR REPLACE FUNCTION pgrelay.position() RETURNS text
-LANGUAGE sql STABLE AS $$
-    SELECT translate(pg_current_snapshot()::text, ':,', '._')
-$$;
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $body$
+DECLARE
+    snap  pg_snapshot := pg_current_snapshot();
+    xmin  bigint := pg_snapshot_xmin(snap)::text::bigint;
+    k     bytea := (SELECT position_key FROM pgrelay.secrets);
+    plain bytea;
+    iv    bytea;
+    body  bytea;
+BEGIN
+    plain := '\x00'::bytea || pgrelay.varint(xmin)
+             || pgrelay.varint(pg_snapshot_xmax(snap)::text::bigint - xmin)
+             || pgrelay.varint((SELECT count(*) FROM pg_snapshot_xip(snap)))
+             || coalesce((SELECT string_agg(pgrelay.varint(x::text::bigint - xmin), ''::bytea ORDER BY x)
+                          FROM pg_snapshot_xip(snap) AS x), ''::bytea);
+    -- The derived keys, the synthetic IV, CBC, then the tag over IV and ciphertext.
+    iv := substring(%1$I.hmac(plain, %1$I.hmac('pgrelay position iv'::bytea, k, 'sha256'), 'sha256') FROM 1 FOR 16);
+    body := iv || %1$I.encrypt_iv(plain, %1$I.hmac('pgrelay position enc'::bytea, k, 'sha256'), iv, 'aes-cbc/pad:pkcs');
+    body := body || substring(%1$I.hmac(body, %1$I.hmac('pgrelay position mac'::bytea, k, 'sha256'), 'sha256') FROM 1 FOR 16);
+    -- base64url without padding (encode() also breaks lines every 76 characters).
+    RETURN 'q' || translate(encode(body, 'base64'), E'+/=\n', '-_');
+END
+$body$
+$f$, crypto);
+END $install$;
 COMMENT ON FUNCTION pgrelay.position() IS 'Resume position for this transaction''s snapshot (join with since = it)';
 
 -- ---------------------------------------------------------------------------------------------
