@@ -14,6 +14,8 @@ pub struct RelayConfig {
     /// How often to run outbox retention (`pgrelay.maintain()`).
     pub maintenance_interval: Duration,
     pub pool_size: usize,
+    /// How often every room membership is re-checked against its join policy.
+    pub recheck_interval: Duration,
     pub limits: Limits,
     /// Browser origins allowed to connect (`Origin` header); empty = any.
     pub allowed_origins: Vec<String>,
@@ -73,6 +75,7 @@ impl RelayConfig {
             poll_interval: Duration::from_secs(1),
             maintenance_interval: Duration::from_secs(10),
             pool_size: 16,
+            recheck_interval: Duration::from_secs(30),
             limits: Limits::default(),
             allowed_origins: Vec::new(),
             presence: Default::default(),

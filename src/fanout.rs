@@ -21,12 +21,12 @@ use axum::extract::ws::Utf8Bytes;
 use serde::Serialize;
 use serde_json::value::RawValue;
 
-use crate::authorize::{AccessCheck, Authorizer, Verdict};
+use crate::authorize::{Authorizer, Verdict};
 use crate::capture::outbox::{Change, Op};
 use crate::capture::position::{Position, PositionCodec, Snapshot};
 use crate::jwt::Principal;
 use crate::metrics::Metrics;
-use crate::rooms::Hub;
+use crate::rooms::{Hub, Membership};
 use crate::transport::client::ClientHandle;
 
 /// How a change looks to one reader.
@@ -184,44 +184,37 @@ pub async fn deliver(
     }
     metrics.events_delivered.add(delivered);
 
-    // 4. Revoke: members who were denied a change, or saw a row leave their view, may have lost
-    // access to the room. Ask the join policy once for all of them; those refused leave the room.
-    if !recheck.is_empty() {
-        let checking = std::time::Instant::now();
-        metrics.access_rechecks.add(recheck.len() as u64);
-        revoke_lost_access(hub, authorizer, metrics, recheck).await;
-        metrics.access_recheck_time.add(checking.elapsed());
-    }
-    Ok(())
-}
-
-async fn revoke_lost_access(
-    hub: &Hub,
-    authorizer: &Authorizer,
-    metrics: &Metrics,
-    recheck: HashMap<(String, u64, u64), Arc<Principal>>,
-) {
-    let (memberships, checks): (Vec<u64>, Vec<AccessCheck>) = recheck
+    // 4. Revoke (see `crate::recheck`): members who were denied a change, or saw a row leave
+    // their view, may have lost access to the room; so may every member of the rooms whose join
+    // policy reads a table that changed, and everyone after an invalidation. Asked once the
+    // chunk is delivered, so a removed member still gets the change that removed it (when it may
+    // read it) and then `left`; presence and typing end with it.
+    let mut memberships: Vec<Membership> = recheck
         .into_iter()
-        .map(|((room, client, join_id), principal)| (join_id, (room, client, principal)))
-        .unzip();
-    let allowed = match authorizer.still_allowed(&checks).await {
-        Ok(allowed) => allowed,
-        Err(err) => {
-            // Nothing leaks meanwhile: every event is authorized on its own. Retried next time.
-            tracing::warn!(error = %format!("{err:#}"), "re-checking room access failed");
-            return;
-        }
-    };
-    for (((room, client, _), allowed), join_id) in checks.iter().zip(allowed).zip(memberships) {
-        let Some(room) = crate::protocol::Room::parse(room) else {
-            continue;
-        };
-        // Only the membership that was checked: the client may have left and joined again since.
-        if !allowed && hub.revoke(&room, *client, join_id) {
-            metrics.revocations.inc();
-        }
+        .filter_map(|((room, client, join_id), principal)| {
+            Some(Membership {
+                room: crate::protocol::Room::parse(&room)?,
+                client,
+                join_id,
+                principal,
+            })
+        })
+        .collect();
+    let everyone = changes.iter().any(|c| c.control);
+    let mut kinds: Vec<&str> = changes
+        .iter()
+        .flat_map(|c| c.policy.recheck.iter().map(String::as_str))
+        .collect();
+    kinds.sort_unstable();
+    kinds.dedup();
+    if everyone || !kinds.is_empty() {
+        let named = |m: &Membership| (m.room.clone(), m.client, m.join_id);
+        let already: std::collections::HashSet<_> = memberships.iter().map(named).collect();
+        let more = hub.memberships(|room| everyone || kinds.contains(&room.kind()));
+        memberships.extend(more.into_iter().filter(|m| !already.contains(&named(m))));
     }
+    crate::recheck::recheck_or_log(hub, authorizer, metrics, &memberships, "after a change").await;
+    Ok(())
 }
 
 #[derive(Serialize)]

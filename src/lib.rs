@@ -7,7 +7,8 @@
 //!    snapshots, so changes come out exactly once and in commit order.
 //! 2. [`authorize`]: SQL policy functions decide, in one batched query, which of the users in a
 //!    change's rooms may read it.
-//! 3. [`fanout`] and [`rooms`]: who is in which room, and the frames each of them receives.
+//! 3. [`fanout`] and [`rooms`]: who is in which room, and the frames each of them receives;
+//!    [`recheck`] removes members who lost access to a room.
 //! 4. [`transport`]: WebSocket sessions, each with a send queue bounded in bytes.
 //!
 //! [`resume`] gives a returning client what it missed; [`subscribe`] is the join both transports use.
@@ -24,6 +25,7 @@ pub mod jwt;
 pub mod metrics;
 pub mod presence;
 pub mod protocol;
+pub mod recheck;
 pub mod resume;
 pub mod rooms;
 pub mod server;

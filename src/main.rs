@@ -104,6 +104,10 @@ struct ServeArgs {
     /// intervals is dropped from presence everywhere.
     #[arg(long, env = "PGRELAY_PRESENCE_HEARTBEAT", default_value = "5s", value_parser = parse_duration)]
     presence_heartbeat: Duration,
+    /// How often every room membership is put to its join policy again (what the outbox cannot
+    /// show: changes made with triggers disabled, a policy replaced without the event trigger).
+    #[arg(long, env = "PGRELAY_RECHECK_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    recheck_interval: Duration,
 }
 
 /// A failure and the exit code it maps to.
@@ -245,6 +249,7 @@ async fn serve(args: ServeArgs) -> Result<(), Failure> {
     let mut config = RelayConfig::new(database_url.clone(), verifier);
     config.bind = args.bind;
     config.poll_interval = args.poll_interval;
+    config.recheck_interval = args.recheck_interval;
     config.presence.heartbeat = args.presence_heartbeat;
     config.presence.relay_timeout = 3 * args.presence_heartbeat;
     config.allowed_origins = args.allowed_origins;

@@ -155,6 +155,11 @@ impl Room {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The part before the first colon (`project` for `project:42`): which join policy decides.
+    pub fn kind(&self) -> &str {
+        self.0.split_once(':').map_or(&*self.0, |(kind, _)| kind)
+    }
 }
 
 /// Error codes of `error` messages (contract §4).

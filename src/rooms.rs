@@ -102,6 +102,16 @@ pub struct State {
     last_join: u64,
 }
 
+/// One client's membership of one room, as the access re-checks see it ([`crate::recheck`]).
+#[derive(Clone)]
+pub struct Membership {
+    pub room: Room,
+    pub client: u64,
+    /// Which membership: a revocation must not end a later one of the same client and room.
+    pub join_id: u64,
+    pub principal: Arc<Principal>,
+}
+
 /// Why a join could not be registered (yet).
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum NotReady {
@@ -316,6 +326,43 @@ impl Hub {
                     .is_some_and(|m| m.contains_key(&client_id))
             })
             .cloned()
+            .collect()
+    }
+
+    /// The memberships of the rooms `wanted` names (all of them: live, replaying, and those that
+    /// joined while a batch was in flight).
+    pub fn memberships(&self, wanted: impl Fn(&Room) -> bool) -> Vec<Membership> {
+        let state = self.lock();
+        state
+            .rooms
+            .iter()
+            .filter(|(room, _)| wanted(room))
+            .flat_map(|(room, members)| {
+                members.values().map(move |m| Membership {
+                    room: room.clone(),
+                    client: m.client.id,
+                    join_id: m.join_id,
+                    principal: m.principal.clone(),
+                })
+            })
+            .collect()
+    }
+
+    /// One client's memberships.
+    pub fn memberships_of(&self, client_id: u64) -> Vec<Membership> {
+        let state = self.lock();
+        state
+            .rooms
+            .iter()
+            .filter_map(|(room, members)| {
+                let m = members.get(&client_id)?;
+                Some(Membership {
+                    room: room.clone(),
+                    client: client_id,
+                    join_id: m.join_id,
+                    principal: m.principal.clone(),
+                })
+            })
             .collect()
     }
 

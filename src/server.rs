@@ -129,6 +129,8 @@ impl Relay {
             sse_opens: Arc::new(sse_opens),
             shutdown: shutdown.clone(),
         };
+        let recheck_hub = state.hub.clone();
+        let recheck_authorizer = state.authorizer.clone();
         let reader = Reader {
             pool,
             hub: state.hub.clone(),
@@ -189,6 +191,13 @@ impl Relay {
                 shutdown.clone(),
             )),
             tokio::spawn(presence::sweep(presence, metrics.clone(), shutdown.clone())),
+            tokio::spawn(crate::recheck::periodically(
+                recheck_hub,
+                recheck_authorizer,
+                metrics.clone(),
+                config.recheck_interval.max(Duration::from_millis(10)),
+                shutdown.clone(),
+            )),
             tokio::spawn(serve),
         ];
         tracing::info!(%addr, "pgrelay listening");

@@ -38,6 +38,7 @@ use crate::capture::outbox::Change;
 use crate::jwt::Principal;
 use crate::metrics::Metrics;
 use crate::protocol::Room;
+use crate::rooms::Membership;
 use cache::VerdictCache;
 
 /// What one user may see of one change.
@@ -87,9 +88,6 @@ FROM (
 ) AS answers
 WHERE sees_new OR sees_old
 "#;
-
-/// A membership to re-check: room, client id, and the user it belongs to.
-pub type AccessCheck = (String, u64, Arc<Principal>);
 
 #[derive(Clone)]
 pub struct Authorizer {
@@ -150,9 +148,12 @@ impl Authorizer {
             .map_err(|_| anyhow::anyhow!("the join check was dropped"))?
     }
 
-    /// For each (room, client, principal): may the user still join the room? One query for all.
-    pub async fn still_allowed(&self, checks: &[AccessCheck]) -> anyhow::Result<Vec<bool>> {
-        let asks: Vec<(&str, &Principal)> = checks.iter().map(|c| (c.0.as_str(), &*c.2)).collect();
+    /// For each membership: may its user still join the room? One query for all.
+    pub async fn still_allowed(&self, checks: &[Membership]) -> anyhow::Result<Vec<bool>> {
+        let asks: Vec<(&str, &Principal)> = checks
+            .iter()
+            .map(|c| (c.room.as_str(), &*c.principal))
+            .collect();
         join_answers(&self.pool, &asks).await
     }
 

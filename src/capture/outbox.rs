@@ -39,6 +39,10 @@ pub struct Change {
     pub ts: String,
     /// What authorization needs besides the row (see [`crate::authorize`]).
     pub policy: PolicyInputs,
+    /// Not a row change but an invalidation (a `TRUNCATE`, a replaced function; see
+    /// "Invalidations" in `sql/pgrelay.sql`): delivered to nobody, it makes the relay forget every
+    /// remembered answer and re-check every room.
+    pub control: bool,
 }
 
 /// How a change's policy answers may be remembered (`pgrelay.read_batch` computes these from the full
@@ -53,6 +57,8 @@ pub struct PolicyInputs {
     pub knows_old: bool,
     /// Tables whose remembered answers this change may have made wrong.
     pub invalidates: Vec<String>,
+    /// Kinds of rooms whose join policy reads this change's table: their members are re-checked.
+    pub recheck: Vec<String>,
 }
 
 impl PolicyInputs {
@@ -79,6 +85,7 @@ impl Change {
             old: None,
             ts: String::new(),
             policy,
+            control: false,
         }
     }
 }
@@ -119,7 +126,7 @@ impl Op {
 pub const READ_BATCH: &str = r#"
 SELECT s.upto::text, (SELECT horizon FROM pgrelay.retention)::text, c.id, c.xid::text, c.txn_last, c.tbl, c.entity, c.op, c.rooms,
        c."row"::text, c.old::text, to_json(c.ts) #>> '{}',
-       c.policy_key, c.policy_key_old, c.knows_old, c.flush
+       c.policy_key, c.policy_key_old, c.knows_old, c.flush, c.recheck, c.control
 FROM (SELECT coalesce($2::text::pg_snapshot, pg_current_snapshot()) AS upto) AS s
 LEFT JOIN LATERAL (
     SELECT * FROM pgrelay.read_batch($1::text::pg_snapshot, s.upto) AS b
@@ -234,7 +241,9 @@ fn change_from_row(row: &tokio_postgres::Row) -> anyhow::Result<Option<Change>> 
             key_old: row.try_get(13)?,
             knows_old: row.try_get(14)?,
             invalidates: row.try_get(15)?,
+            recheck: row.try_get(16)?,
         },
+        control: row.try_get(17)?,
     }))
 }
 

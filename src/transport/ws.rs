@@ -353,6 +353,9 @@ impl Session {
             }
         }
         let principal = Arc::new(principal);
+        let claims_changed = self.principal.as_ref().is_some_and(|before| {
+            crate::recheck::claims_changed(&before.claims, &principal.claims)
+        });
         self.deadline = Instant::now() + principal.remaining();
         self.reply(ServerMessage::Ready {
             user: &principal.user,
@@ -363,6 +366,23 @@ impl Session {
             .hub
             .update_principal(self.client.id, &self.rooms, &principal);
         self.principal = Some(principal);
+        if claims_changed {
+            // Other claims may mean other rooms: ask again about every room of this connection
+            // (events are judged with the new claims from now on anyway).
+            let app = self.app.clone();
+            let client = self.client.id;
+            tokio::spawn(async move {
+                let mine = app.hub.memberships_of(client);
+                crate::recheck::recheck_or_log(
+                    &app.hub,
+                    &app.authorizer,
+                    &app.metrics,
+                    &mine,
+                    "refresh",
+                )
+                .await;
+            });
+        }
         None
     }
 
