@@ -10,7 +10,8 @@
 --   1. pgrelay.watch('tasks', ...) installs three statement-level triggers on `tasks`. Each one runs
 --      once per INSERT/UPDATE/DELETE statement, however many rows the statement touched, and copies
 --      the touched rows into the outbox `pgrelay.changes` inside the writing transaction. The change
---      therefore commits, or rolls back, together with the data.
+--      therefore commits, or rolls back, together with the data. (A fourth, AFTER TRUNCATE,
+--      records an invalidation: see "Invalidations".)
 --   2. If a relay is asleep, the trigger then sends `NOTIFY pgrelay` with an empty payload (see
 --      "Waking relays" below: a relay that is busy reading needs no wake-up, and a NOTIFY costs
 --      the commit a cluster-wide lock). It is only a wake-up: Postgres folds identical
