@@ -381,8 +381,14 @@ async fn tail(database_url: &str, room: Option<&str>) -> anyhow::Result<()> {
                     upto: batch.upto.clone(),
                     change_id: change.id,
                 };
+                // An invalidation (a TRUNCATE, a replaced function) is no row change.
+                let op = if change.control {
+                    "INVALIDATE"
+                } else {
+                    change.op.as_str()
+                };
                 let line = serde_json::json!({
-                    "id": id.to_string(), "table": change.table, "op": change.op.as_str(),
+                    "id": id.to_string(), "table": change.table, "op": op,
                     "entity": change.entity, "rooms": change.rooms, "row": change.row,
                     "old": change.old, "ts": change.ts,
                 });
