@@ -189,15 +189,16 @@ async fn a_removed_member_leaves_at_the_change_with_its_presence_and_typing() {
     assert_eq!(events[0]["event"], "project_member_deleted");
 
     // The others see bob go, and stop seeing him type.
-    until(&mut alice, |m| {
+    let (_, seen) = until(&mut alice, |m| {
         m["type"] == "presence_diff" && has_user(m, "leaves", "u2")
     })
     .await;
-    let (stopped, _) = until(&mut alice, |m| m["type"] == "typing").await;
-    assert_eq!(
-        stopped,
-        json!({"type": "typing", "room": "project:1", "user": "u2", "typing": false})
-    );
+    let stopped = json!({"type": "typing", "room": "project:1", "user": "u2", "typing": false});
+    // (On a slow machine the indicator may have run out on its own before.)
+    if !seen.contains(&stopped) {
+        let (typing, _) = until(&mut alice, |m| m["type"] == "typing").await;
+        assert_eq!(typing, stopped);
+    }
 
     // Nothing of the room reaches bob any more.
     alice
