@@ -60,7 +60,7 @@ pub async fn recheck(
         anyhow::Ok(())
     }
     .await;
-    metrics.access_recheck_time.add(started.elapsed());
+    metrics.access_recheck_seconds.add(started.elapsed());
     outcome.map(|()| revoked)
 }
 
