@@ -20,6 +20,10 @@ pub struct RelayConfig {
     /// Browser origins allowed to connect (`Origin` header); empty = any.
     pub allowed_origins: Vec<String>,
     pub presence: crate::presence::PresenceTimings,
+    /// Longest a database statement of the relay may run (`statement_timeout` on its
+    /// connections). A policy that runs longer for some row is denied for that row, and nothing
+    /// else waits for it; see [`crate::authorize`].
+    pub statement_timeout: Duration,
 }
 
 /// Per-connection limits.
@@ -79,6 +83,7 @@ impl RelayConfig {
             limits: Limits::default(),
             allowed_origins: Vec::new(),
             presence: Default::default(),
+            statement_timeout: Duration::from_secs(5),
         }
     }
 }
