@@ -29,4 +29,5 @@ pub mod rooms;
 pub mod server;
 pub mod status;
 pub mod subscribe;
+pub mod sync;
 pub mod transport;

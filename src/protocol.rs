@@ -29,6 +29,11 @@ pub enum ClientMessage {
         typing: bool,
     },
     Ping,
+    /// Answered with `synced` once the room's stream has reached `position` ([`crate::sync`]).
+    Sync {
+        room: Room,
+        position: String,
+    },
 }
 
 /// A client message that could not be understood, with the `ref` to answer it with.
@@ -84,6 +89,12 @@ pub fn parse(text: &str) -> Result<(ClientMessage, Option<String>), BadMessage> 
             })
         }),
         "ping" => Ok(ClientMessage::Ping),
+        "sync" => serde_json::from_value::<SyncFields>(fields).and_then(|f| {
+            Ok(ClientMessage::Sync {
+                room: room_or_err(f.room)?,
+                position: f.position,
+            })
+        }),
         other => return Err(bad(reference, format!("unknown message type {other:?}"))),
     };
     parsed
@@ -124,6 +135,11 @@ struct RoomFields {
 struct PresenceFields {
     room: String,
     meta: Map<String, Value>,
+}
+#[derive(Deserialize)]
+struct SyncFields {
+    room: String,
+    position: String,
 }
 #[derive(Deserialize)]
 struct TypingFields {
@@ -206,6 +222,12 @@ pub enum ServerMessage<'a> {
         reference: Option<&'a str>,
     },
     Pong {
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        reference: Option<&'a str>,
+    },
+    Synced {
+        room: &'a str,
+        position: &'a str,
         #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
         reference: Option<&'a str>,
     },

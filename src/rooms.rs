@@ -95,11 +95,13 @@ impl Default for Hub {
 pub struct State {
     pub rooms: HashMap<Room, HashMap<u64, Member>>,
     /// End of the last fully delivered batch; `None` until the reader has started.
-    delivered: Option<Snapshot>,
+    pub(crate) delivered: Option<Snapshot>,
     /// The batch being delivered now: its number and end.
     in_flight: Option<(u64, Snapshot)>,
     last_batch: u64,
     last_join: u64,
+    /// `sync` requests waiting for a batch to cover their position.
+    pub(crate) syncs: Vec<crate::sync::Waiting>,
 }
 
 /// Why a join could not be registered (yet).
@@ -159,6 +161,7 @@ impl Hub {
     pub fn end_batch(&self, upto: Snapshot) {
         let mut state = self.lock();
         state.in_flight = None;
+        crate::sync::batch_delivered(&mut state, &upto);
         state.delivered = Some(upto);
     }
 
