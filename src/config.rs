@@ -18,6 +18,8 @@ pub struct RelayConfig {
     /// Browser origins allowed to connect (`Origin` header); empty = any.
     pub allowed_origins: Vec<String>,
     pub presence: crate::presence::PresenceTimings,
+    /// Development mode only: serve the live board and its demo endpoints ([`crate::demo`]).
+    pub demo: Option<crate::demo::Demo>,
 }
 
 /// Per-connection limits.
@@ -76,6 +78,7 @@ impl RelayConfig {
             limits: Limits::default(),
             allowed_origins: Vec::new(),
             presence: Default::default(),
+            demo: None,
         }
     }
 }

@@ -19,6 +19,7 @@ pub mod authorize;
 pub mod capture;
 pub mod config;
 pub mod db;
+pub mod demo;
 pub mod fanout;
 pub mod jwt;
 pub mod metrics;

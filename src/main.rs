@@ -60,6 +60,9 @@ enum Command {
         #[arg(long, env = "PGRELAY_JWT_SECRET", hide_env_values = true)]
         jwt_secret: Option<String>,
     },
+    /// The development board's helpers.
+    #[command(subcommand)]
+    Demo(DemoCommand),
     /// Print changes as the relay sees them, one JSON line each.
     Tail {
         #[arg(long, env = "DATABASE_URL")]
@@ -67,6 +70,22 @@ enum Command {
         /// Only changes published to this room.
         #[arg(long)]
         room: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum DemoCommand {
+    /// Write realistic activity (tasks moving, created, commented) to the demo schema with SQL.
+    Simulate {
+        /// The database (`pgrelay serve` in development mode prints it).
+        #[arg(long, env = "DATABASE_URL")]
+        database_url: String,
+        /// Changes per second.
+        #[arg(long, default_value_t = 2.0)]
+        rate: f64,
+        /// Stop after this long (default: until Ctrl-C).
+        #[arg(long, value_parser = parse_duration)]
+        duration: Option<Duration>,
     },
 }
 
@@ -185,6 +204,13 @@ async fn run(command: Command) -> Result<(), Failure> {
             println!("{}", jwt::mint(secret.as_bytes(), &sub, ttl, &extra)?);
             Ok(())
         }
+        Command::Demo(DemoCommand::Simulate {
+            database_url,
+            rate,
+            duration,
+        }) => pgrelay::demo::simulate::run(&database_url, rate, duration)
+            .await
+            .map_err(Failure::Runtime),
         Command::Tail { database_url, room } => tail(&database_url, room.as_deref())
             .await
             .map_err(Failure::Runtime),
@@ -248,6 +274,12 @@ async fn serve(args: ServeArgs) -> Result<(), Failure> {
     config.presence.heartbeat = args.presence_heartbeat;
     config.presence.relay_timeout = 3 * args.presence_heartbeat;
     config.allowed_origins = args.allowed_origins;
+    if embedded.is_some() {
+        // The board and its demo endpoints: development mode only, never with a real database.
+        config.demo = Some(pgrelay::demo::Demo {
+            secret: DEV_SECRET.as_bytes().to_vec(),
+        });
+    }
     let verifier_for_reloads = config.verifier.clone();
     let relay = Relay::start(config).await.map_err(Failure::Config)?;
     if let Some(path) = args.jwt_public_key_file.clone() {
@@ -291,16 +323,13 @@ async fn check_library(url: &str) -> Result<(), Failure> {
 fn print_dev_banner(relay: &Relay, database_url: &str) -> anyhow::Result<()> {
     let addr = relay.local_addr();
     println!("pgrelay is running (development mode, embedded Postgres)\n");
+    println!("  Live board  http://{addr}/");
     println!("  WebSocket   ws://{addr}/ws?token=<token>");
     println!("  Health      http://{addr}/readyz   Metrics http://{addr}/metrics");
-    println!("  Database    psql {database_url}\n");
+    println!("  Database    psql {database_url}");
+    println!("  Activity    DATABASE_URL={database_url} pgrelay demo simulate\n");
     println!("Dev tokens (valid 24h):");
-    for (user, name, note) in [
-        ("u1", "alice", "owner of project 1"),
-        ("u2", "bob", "member of project 1"),
-        ("u3", "carol", "viewer of project 1, owner of project 2"),
-        ("u4", "dave", "in no project"),
-    ] {
+    for (user, name, note) in pgrelay::demo::USERS {
         let token = jwt::mint(
             DEV_SECRET.as_bytes(),
             user,

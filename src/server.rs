@@ -101,6 +101,7 @@ impl Relay {
             .build()
             .context("building the connection pool")?;
 
+        let demo = config.demo.clone();
         let codec = load_codec(&pool).await?;
         let shutdown = CancellationToken::new();
         let retention_pool = pool.clone();
@@ -151,8 +152,12 @@ impl Relay {
             .route("/sse", get(sse::stream))
             .route("/healthz", get(|| async { "ok" }))
             .route("/readyz", get(readyz))
-            .route("/metrics", get(metrics_text))
-            .with_state(state);
+            .route("/metrics", get(metrics_text));
+        let app = match demo {
+            Some(demo) => app.merge(crate::demo::routes(demo)),
+            None => app,
+        }
+        .with_state(state);
 
         let graceful = shutdown.clone();
         let serve = async move {

@@ -925,7 +925,7 @@ export class PgrelayClient {
   private scheduleReconnect(minDelay: number, immediate = false): void {
     if (this.closed) return;
     if (this.retryTimer) clearTimeout(this.retryTimer);
-    if (this._status !== "offline") this.setStatus("reconnecting");
+    if (this._status !== "offline") this.setStatus(this.everOpen ? "reconnecting" : "connecting");
     const delay = immediate ? 0 : Math.max(minDelay, backoffDelay(this.attempt, this.opts.backoff));
     this.attempt += 1;
     this.retryTimer = setTimeout(() => {
@@ -1101,7 +1101,12 @@ export class PgrelayClient {
     void (async () => {
       let response: Response;
       try {
-        response = await this.fetchFn!(url, { headers: { accept: "text/event-stream" }, cache: "no-store", signal: controller.signal });
+        const headers: Record<string, string> = { accept: "text/event-stream" };
+        // Last-Event-ID too where it costs no CORS preflight (same origin, or not a browser):
+        // relays that predate the `since` parameter resume from it.
+        const loc = (globalThis as { location?: { origin?: string } }).location;
+        if (since && (!loc?.origin || new URL(url).origin === loc.origin)) headers["last-event-id"] = since;
+        response = await this.fetchFn!(url, { headers, cache: "no-store", signal: controller.signal });
       } catch {
         return finish(true);
       }
