@@ -79,6 +79,7 @@ async function load(project) {
   const response = await fetch(`${api}/demo/board?${q}`, { cache: "no-store" });
   const data = await response.json();
   board.names = data.names;
+  $("#me").textContent = `signed in as ${data.names[board.user] ?? board.user}`;
   board.tasks = new Map(data.tasks.map((t) => [t.id, t]));
   board.comments = new Map(data.comments.map((c) => [c.id, c]));
   renderProjects(data.projects, data.project);
@@ -131,7 +132,7 @@ function card(task, fresh) {
   li.querySelector(".title").textContent = task.title;
   const comments = [...board.comments.values()].filter((c) => c.task_id === task.id).length;
   li.querySelector(".meta").textContent =
-    `#${task.id} · ${board.names[task.assignee_id] ?? "unassigned"}${comments ? ` · ${comments} 💬` : ""}`;
+    `#${task.id} · ${board.names[task.assignee_id] ?? "unassigned"}${comments ? ` · ${comments} comment${comments > 1 ? "s" : ""}` : ""}`;
   li.onclick = () => openTask(task.id);
   if (fresh) setTimeout(() => li.classList.remove("fresh"), 1200);
   return li;
