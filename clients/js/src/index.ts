@@ -175,7 +175,7 @@ export interface ClientOptions {
   joinRate?: { perSecond: number; burst: number };
   /** Over SSE (which cannot ask the relay), `caughtUp` resolves after this long, ms. Default 1 500. */
   sseCaughtUpDelay?: number;
-  /** Start connecting at once (default true); else on the first `join` or `connect()`. */
+  /** Start connecting at once (default: in a browser); else on the first `join` or `connect()`. */
   autoConnect?: boolean;
 }
 
@@ -287,6 +287,8 @@ class RoomState {
   /** The `since` the pending join was sent with. */
   sentSince: string | undefined;
   joinRef: string | null = null;
+  /** The relay refused the position: the next `joined` must tell the app to refetch. */
+  resyncPending = false;
   emitter = new Emitter();
   others = new Map<string, ReturnType<typeof setTimeout>>();
   typingSince = 0;
@@ -422,7 +424,8 @@ export class PgrelayClient {
       pongTimeout: options.pongTimeout ?? 5_000,
       joinRate: options.joinRate ?? { perSecond: 8, burst: 16 },
       sseCaughtUpDelay: options.sseCaughtUpDelay ?? 1_500,
-      autoConnect: options.autoConnect ?? true,
+      // Not on a server (SSR): there, only an explicit connect() or join() connects.
+      autoConnect: options.autoConnect ?? typeof document !== "undefined",
     };
     this.WS = options.WebSocket ?? (globalThis as { WebSocket?: WebSocketConstructor }).WebSocket;
     const f = options.fetch ?? globalThis.fetch;
@@ -731,7 +734,8 @@ export class PgrelayClient {
     state.joined = true;
     state.joinRef = null;
     state.emitter.emit("joined", message);
-    if (message.recovered === false) state.emitter.emit("resync", message);
+    if (message.recovered === false || state.resyncPending) state.emitter.emit("resync", message);
+    state.resyncPending = false;
     if (!state.readySettled) state.resolveReady();
     this.sendPresence(state);
     if (this.conn?.transport === "websocket") for (const ref of state.syncs.keys()) this.sendSync(state, ref);
@@ -789,6 +793,7 @@ export class PgrelayClient {
       } else if (code === "bad_request" && join.sentSince !== undefined) {
         // A position this relay cannot use (another database): start over, and say so.
         join.position = null;
+        join.resyncPending = true;
         this.scheduleJoin(join, true);
       } else {
         this.failRoom(join, new PgrelayError(code, text), true);

@@ -71,7 +71,6 @@ export function useRoom(name: string | null, handlers: RoomHandlers = {}): Room 
     handle.on("event", (e: EventMessage) => latest.current.onEvent?.(e));
     handle.on("resync", (j: JoinedMessage) => latest.current.onResync?.(j));
     handle.on("error", (err: Error) => latest.current.onError?.(err));
-    handle.ready.catch((err: Error) => latest.current.onError?.(err));
     setRoom(handle);
     return () => {
       setTimeout(() => handle.leave(), 0);

@@ -164,6 +164,8 @@ class RoomState {
         this.failed = null;
         this.readySettled = false;
         this.joinRef = null;
+        /** The relay refused the position: the next `joined` must tell the app to refetch. */
+        this.resyncPending = false;
         this.emitter = new Emitter();
         this.others = new Map();
         this.typingSince = 0;
@@ -283,7 +285,8 @@ export class PgrelayClient {
             pongTimeout: options.pongTimeout ?? 5000,
             joinRate: options.joinRate ?? { perSecond: 8, burst: 16 },
             sseCaughtUpDelay: options.sseCaughtUpDelay ?? 1500,
-            autoConnect: options.autoConnect ?? true,
+            // Not on a server (SSR): there, only an explicit connect() or join() connects.
+            autoConnect: options.autoConnect ?? typeof document !== "undefined",
         };
         this.WS = options.WebSocket ?? globalThis.WebSocket;
         const f = options.fetch ?? globalThis.fetch;
@@ -609,8 +612,9 @@ export class PgrelayClient {
         state.joined = true;
         state.joinRef = null;
         state.emitter.emit("joined", message);
-        if (message.recovered === false)
+        if (message.recovered === false || state.resyncPending)
             state.emitter.emit("resync", message);
+        state.resyncPending = false;
         if (!state.readySettled)
             state.resolveReady();
         this.sendPresence(state);
@@ -677,6 +681,7 @@ export class PgrelayClient {
             else if (code === "bad_request" && join.sentSince !== undefined) {
                 // A position this relay cannot use (another database): start over, and say so.
                 join.position = null;
+                join.resyncPending = true;
                 this.scheduleJoin(join, true);
             }
             else {

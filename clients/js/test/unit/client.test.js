@@ -110,6 +110,7 @@ test("4001 fetches a new token; an expired token is never sent", async () => {
   const c = createClient("http://relay.test", {
     WebSocket: FakeSocket,
     transports: ["websocket"],
+    autoConnect: true,
     backoff: { base: 10, max: 20 },
     // The first token handed out is already expired: the client asks again instead of sending it.
     token: () => (++calls === 1 ? jwt(Date.now() - 5_000) : jwt(Date.now() + 3_600_000, `u${calls}`)),
@@ -137,6 +138,7 @@ test("the token is refreshed in band ahead of expires_at", async () => {
     const c = createClient("http://relay.test", {
       WebSocket: FakeSocket,
       transports: ["websocket"],
+      autoConnect: true,
       token: () => {
         calls++;
         return jwt(Date.now() + 30_000);
@@ -171,6 +173,7 @@ test("a ping left unanswered means a half-open socket: reconnect", async () => {
       WebSocket: FakeSocket,
       transports: ["websocket"],
       token: () => jwt(Date.now() + 3_600_000),
+      autoConnect: true,
       pingInterval: 1_000,
       pongTimeout: 500,
     });
@@ -206,7 +209,7 @@ test("presence and typing: reduced from state + diffs; typing refreshes and stop
   mock.timers.enable({ apis: ["setTimeout", "setInterval", "Date"], now: 1_000_000 });
   try {
     FakeSocket.reset();
-    const c = createClient("http://relay.test", { WebSocket: FakeSocket, transports: ["websocket"], token: () => jwt(Date.now() + 3_600_000) });
+    const c = createClient("http://relay.test", { WebSocket: FakeSocket, transports: ["websocket"], autoConnect: true, token: () => jwt(Date.now() + 3_600_000) });
     await tick();
     const socket = FakeSocket.last;
     socket.accept();
@@ -259,5 +262,32 @@ test("caughtUp sends sync and resolves on synced; waits for the room to be joine
   const ref = socket.sentOf("sync")[1].ref;
   socket.receive({ type: "error", code: "bad_request", message: "not a valid position", ref });
   await assert.rejects(bad, (e) => e.code === "bad_request");
+  c.close();
+});
+
+test("a position the relay refuses: join afresh and tell the app to refetch", async () => {
+  const { c, socket } = await connected();
+  const room = c.join("project:1", { since: "FROM-ANOTHER-DB" });
+  let resynced = 0;
+  room.on("resync", () => resynced++);
+  const first = socket.sentOf("join")[0];
+  socket.receive({ type: "error", code: "bad_request", message: "`since`: not a valid position", ref: first.ref });
+  const second = socket.sentOf("join")[1];
+  assert.equal(second.since, undefined, "joined again without since");
+  socket.receive({ type: "joined", room: "project:1", position: "NOW", ref: second.ref });
+  await room.ready;
+  assert.equal(resynced, 1);
+  assert.equal(room.position, "NOW");
+  c.close();
+});
+
+test("outside a browser the client connects only when asked", async () => {
+  FakeSocket.reset();
+  const c = createClient("http://relay.test", { WebSocket: FakeSocket, token: () => jwt(Date.now() + 3_600_000) });
+  await tick();
+  assert.equal(FakeSocket.all.length, 0, "no socket before join()");
+  c.join("project:1");
+  await tick();
+  assert.equal(FakeSocket.all.length, 1);
   c.close();
 });

@@ -17,7 +17,7 @@ test("patchList: INSERT adds, UPDATE merges in place, DELETE removes", () => {
 
 test("events patch the cached list, unknown queries are invalidated, resync invalidates all", async () => {
   FakeSocket.reset();
-  const client = createClient("http://relay.test", { WebSocket: FakeSocket, transports: ["websocket"], token: () => jwt(Date.now() + 3_600_000) });
+  const client = createClient("http://relay.test", { WebSocket: FakeSocket, transports: ["websocket"], autoConnect: true, token: () => jwt(Date.now() + 3_600_000) });
   await tick();
   const socket = FakeSocket.last;
   socket.accept();
