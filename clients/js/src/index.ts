@@ -412,6 +412,8 @@ export class PgrelayClient {
   private streamRooms = "";
   private reopenTimer: ReturnType<typeof setTimeout> | null = null;
   private everOpen = false;
+  /** Authenticated on the current connection (the status may say `offline` meanwhile). */
+  private isOpen = false;
 
   constructor(url: string, options: ClientOptions) {
     this.opts = {
@@ -889,6 +891,7 @@ export class PgrelayClient {
 
   private connected(): void {
     this.everOpen = true;
+    this.isOpen = true;
     this.attempt = 0;
     this.lostFired = false;
     if (this.lostTimer) clearTimeout(this.lostTimer);
@@ -907,6 +910,7 @@ export class PgrelayClient {
   }
 
   private disconnected(): void {
+    this.isOpen = false;
     this.stopPings();
     if (this.refreshTimer) clearTimeout(this.refreshTimer);
     this.refreshTimer = null;
@@ -1002,7 +1006,7 @@ export class PgrelayClient {
   /** Pings now; no answer within `pongTimeout` means the socket is half-open: reconnect. */
   checkLiveness(): void {
     const conn = this.conn;
-    if (!conn || conn.transport !== "websocket" || this._status !== "open" || this.pongTimer) return;
+    if (!conn || conn.transport !== "websocket" || !this.isOpen || this.pongTimer) return;
     const ref = this.nextRef("p");
     this.pendingPing = ref;
     conn.send({ type: "ping", ref });
@@ -1023,7 +1027,7 @@ export class PgrelayClient {
     if (typeof w.addEventListener !== "function" || !w.document) return;
     const wake = () => {
       if (this.closed) return;
-      if (this._status === "open") {
+      if (this.isOpen) {
         this.checkLiveness();
         if (this.token && !tokenUsable(this.token, Date.now() + 5_000)) void this.refresh();
       } else if (this.retryTimer) {
@@ -1032,7 +1036,7 @@ export class PgrelayClient {
       }
     };
     const online = () => {
-      if (this._status === "offline") this.setStatus("reconnecting");
+      if (this._status === "offline") this.setStatus(this.isOpen ? "open" : "reconnecting");
       wake();
     };
     const offline = () => {

@@ -275,6 +275,8 @@ export class PgrelayClient {
         this.streamRooms = "";
         this.reopenTimer = null;
         this.everOpen = false;
+        /** Authenticated on the current connection (the status may say `offline` meanwhile). */
+        this.isOpen = false;
         this.opts = {
             token: options.token,
             transports: options.transports ?? ["websocket", "sse"],
@@ -781,6 +783,7 @@ export class PgrelayClient {
     // ---- connection lifecycle ----
     connected() {
         this.everOpen = true;
+        this.isOpen = true;
         this.attempt = 0;
         this.lostFired = false;
         if (this.lostTimer)
@@ -801,6 +804,7 @@ export class PgrelayClient {
         return [...this.rooms.values()].filter((s) => !s.failed).map((s) => s.name).join(",");
     }
     disconnected() {
+        this.isOpen = false;
         this.stopPings();
         if (this.refreshTimer)
             clearTimeout(this.refreshTimer);
@@ -904,7 +908,7 @@ export class PgrelayClient {
     /** Pings now; no answer within `pongTimeout` means the socket is half-open: reconnect. */
     checkLiveness() {
         const conn = this.conn;
-        if (!conn || conn.transport !== "websocket" || this._status !== "open" || this.pongTimer)
+        if (!conn || conn.transport !== "websocket" || !this.isOpen || this.pongTimer)
             return;
         const ref = this.nextRef("p");
         this.pendingPing = ref;
@@ -924,7 +928,7 @@ export class PgrelayClient {
         const wake = () => {
             if (this.closed)
                 return;
-            if (this._status === "open") {
+            if (this.isOpen) {
                 this.checkLiveness();
                 if (this.token && !tokenUsable(this.token, Date.now() + 5000))
                     void this.refresh();
@@ -936,7 +940,7 @@ export class PgrelayClient {
         };
         const online = () => {
             if (this._status === "offline")
-                this.setStatus("reconnecting");
+                this.setStatus(this.isOpen ? "open" : "reconnecting");
             wake();
         };
         const offline = () => {

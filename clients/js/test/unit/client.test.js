@@ -291,3 +291,39 @@ test("outside a browser the client connects only when asked", async () => {
   assert.equal(FakeSocket.all.length, 1);
   c.close();
 });
+
+test("visibilitychange and online check the socket at once; offline shows offline", async () => {
+  const target = new EventTarget();
+  const doc = new EventTarget();
+  doc.visibilityState = "hidden";
+  Object.assign(globalThis, {
+    addEventListener: target.addEventListener.bind(target),
+    removeEventListener: target.removeEventListener.bind(target),
+    document: doc,
+  });
+  try {
+    const { c, socket } = await connected({ pingInterval: 60_000, pongTimeout: 30 });
+    try {
+      doc.visibilityState = "visible";
+      doc.dispatchEvent(new Event("visibilitychange"));
+      assert.equal(socket.sentOf("ping").length, 1, "a tab coming back pings at once");
+      socket.receive({ type: "pong", ref: socket.sentOf("ping")[0].ref });
+      target.dispatchEvent(new Event("offline"));
+      assert.equal(c.status, "offline");
+      assert.equal(socket.sentOf("ping").length, 2, "going offline checks the socket");
+      socket.receive({ type: "pong", ref: socket.sentOf("ping")[1].ref });
+      target.dispatchEvent(new Event("online"));
+      assert.equal(c.status, "open", "the socket survived the outage");
+      assert.equal(socket.sentOf("ping").length, 3, "coming online checks again");
+      await new Promise((r) => setTimeout(r, 60)); // no pong this time: the socket was half-open
+      assert.ok(socket.closedWith, "closed the dead socket");
+      assert.notEqual(FakeSocket.last, socket, "and opened a new one");
+    } finally {
+      c.close();
+    }
+  } finally {
+    delete globalThis.addEventListener;
+    delete globalThis.removeEventListener;
+    delete globalThis.document;
+  }
+});
