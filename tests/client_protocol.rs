@@ -304,3 +304,76 @@ fn validate(root: &Value, schema: &Value, value: &Value) -> Result<(), String> {
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn the_board_and_its_demo_endpoints_exist_only_in_development_mode() {
+    let relay = TestRelay::start().await;
+    for path in ["/", "/board.js", "/demo/users", "/demo/board?token=x"] {
+        let (status, _) = http_get(&format!("http://{}{path}", relay.addr())).await;
+        assert_eq!(status, 404, "{path} on a relay with a real database");
+    }
+    let demo = TestRelay::start_with(|config| {
+        config.demo = Some(pgrelay::demo::Demo {
+            secret: SECRET.to_vec(),
+        })
+    })
+    .await;
+    let (status, page) = http_get(&format!("http://{}/", demo.addr())).await;
+    assert_eq!(status, 200);
+    assert!(page.contains("board.js"), "the board's page");
+    let (status, body) = http_get(&format!("http://{}/demo/users", demo.addr())).await;
+    assert_eq!(status, 200);
+    let users: Value = serde_json::from_str(&body).expect("JSON");
+    let bob = users["users"][1]["token"].as_str().expect("bob's token");
+    let (status, body) = http_get(&format!("http://{}/demo/board?token={bob}", demo.addr())).await;
+    assert_eq!(status, 200, "{body}");
+    let board: Value = serde_json::from_str(&body).expect("JSON");
+    let ids: Vec<i64> = board["tasks"]
+        .as_array()
+        .expect("tasks")
+        .iter()
+        .filter_map(|t| t["id"].as_i64())
+        .collect();
+    assert_eq!(
+        ids,
+        [1, 2],
+        "bob's tasks of project 1, without alice's private one"
+    );
+    assert!(board["position"].is_string());
+}
+
+#[tokio::test]
+async fn demo_simulate_writes_changes_the_relay_delivers() {
+    let relay = TestRelay::start().await;
+    let mut carol = relay.client("u3").await;
+    carol.join("project:2").await;
+    carol.join("project:1").await;
+    let before: i64 = relay
+        .db
+        .query_one("SELECT count(*) FROM pgrelay.changes", &[])
+        .await
+        .expect("count")
+        .get(0);
+    for _ in 0..20 {
+        pgrelay::demo::simulate::step(&relay.db)
+            .await
+            .expect("a simulated step");
+    }
+    let after: i64 = relay
+        .db
+        .query_one("SELECT count(*) FROM pgrelay.changes", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert!(
+        after >= before + 20,
+        "every step wrote ({before} -> {after})"
+    );
+    let event = carol.recv_event().await;
+    assert!(
+        ["task_", "comment_"]
+            .iter()
+            .any(|p| event["event"].as_str().is_some_and(|e| e.starts_with(p))),
+        "{event}"
+    );
+}

@@ -34,7 +34,6 @@ const COMMENTS: [&str; 8] = [
     "Moving this to next week.",
     "Who owns this?",
 ];
-const STATUSES: [&str; 3] = ["todo", "doing", "done"];
 /// A project with more tasks than this has its oldest done task deleted.
 const MAX_TASKS: i64 = 12;
 
@@ -71,7 +70,7 @@ pub async fn run(database_url: &str, rate: f64, duration: Option<Duration>) -> a
 /// One realistic change; returns what it did.
 pub async fn step(client: &Client) -> anyhow::Result<String> {
     // The random choices are made before any await: the generator is not Send.
-    let (project, roll, title, comment, private, status_pick) = {
+    let (project, roll, title, comment, private) = {
         let mut rng = rand::rng();
         (
             rng.random_range(1..=2i64),
@@ -79,7 +78,6 @@ pub async fn step(client: &Client) -> anyhow::Result<String> {
             *TITLES.choose(&mut rng).unwrap_or(&TITLES[0]),
             *COMMENTS.choose(&mut rng).unwrap_or(&COMMENTS[0]),
             rng.random_bool(0.2),
-            rng.random_range(0..STATUSES.len()),
         )
     };
     let count: i64 = client
@@ -101,16 +99,23 @@ pub async fn step(client: &Client) -> anyhow::Result<String> {
     }
     match roll {
         0..=49 => {
-            let status = STATUSES[status_pick];
+            // Work flows forward (todo → doing → done), and now and then a done task reopens.
             let moved = client
-                .execute(
-                    "UPDATE tasks SET status = $2, updated_at = now() WHERE id = (
-                       SELECT id FROM tasks WHERE project_id = $1 AND status <> $2
-                        ORDER BY random() LIMIT 1)",
-                    &[&project, &status],
+                .query_opt(
+                    "UPDATE tasks SET updated_at = now(), status = CASE status
+                        WHEN 'todo' THEN 'doing' WHEN 'doing' THEN 'done' ELSE 'todo' END
+                      WHERE id = (SELECT id FROM tasks WHERE project_id = $1 ORDER BY random() LIMIT 1)
+                      RETURNING id, status",
+                    &[&project],
                 )
                 .await?;
-            Ok(format!("project {project}: moved {moved} task to {status}"))
+            Ok(match moved {
+                Some(row) => {
+                    let (id, status): (i64, String) = (row.try_get(0)?, row.try_get(1)?);
+                    format!("project {project}: moved task {id} to {status}")
+                }
+                None => format!("project {project}: no task to move"),
+            })
         }
         50..=69 => {
             let row = client
