@@ -26,8 +26,8 @@ use crate::capture::position::{Position, PositionCodec, Seen, Snapshot};
 use crate::fanout::{event_frame, Visibility};
 use crate::jwt::Principal;
 use crate::protocol::Room;
+use crate::queue::ClientHandle;
 use crate::rooms::Hub;
-use crate::transport::client::ClientHandle;
 
 /// What a position means here and now.
 #[derive(Debug)]
@@ -143,12 +143,10 @@ impl Replay {
             !batch.incomplete(),
             "the position fell out of retention during the replay"
         );
-        loop {
-            let mut chunk = batch.next_chunk(500).await?;
-            if chunk.is_empty() {
-                return Ok(());
-            }
-            chunk.retain(|c| !self.seen.contains(c.xid, (c.txn_last, c.id)));
+        while let Some(chunk) = batch
+            .next_kept(500, |c| !self.seen.contains(c.xid, (c.txn_last, c.id)))
+            .await?
+        {
             let pairs: Vec<(u32, u32)> = (0..chunk.len() as u32).map(|i| (i, 0)).collect();
             let verdicts = self
                 .authorizer
@@ -186,5 +184,6 @@ impl Replay {
                 }
             }
         }
+        Ok(())
     }
 }
