@@ -280,6 +280,7 @@ impl ServerMessage<'_> {
             ServerMessage::PresenceState { .. } => (Kind::PresenceState, None),
             ServerMessage::PresenceDiff { .. } => (Kind::PresenceDiff, None),
             ServerMessage::Typing { .. } => (Kind::Typing, None),
+            ServerMessage::Synced { .. } => (Kind::Synced, None),
         };
         Frame {
             text: text.into(),
@@ -369,6 +370,7 @@ pub enum Kind {
     PresenceState,
     PresenceDiff,
     Typing,
+    Synced,
 }
 
 impl Kind {
@@ -383,6 +385,7 @@ impl Kind {
             Kind::PresenceState => "presence_state",
             Kind::PresenceDiff => "presence_diff",
             Kind::Typing => "typing",
+            Kind::Synced => "synced",
         }
     }
 }

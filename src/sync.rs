@@ -11,11 +11,13 @@
 //! Nothing is sent periodically: a waiting request costs one entry until the next batch ends,
 //! which is at most the reader's poll interval away (and the request wakes the reader).
 
+use std::collections::HashMap;
+
 use crate::capture::position::{Position, Snapshot};
-use crate::protocol::{Room, ServerMessage};
-use crate::rooms::{Hub, State};
-use crate::server::AppState;
-use crate::transport::client::ClientHandle;
+use crate::protocol::{Frame, Room, ServerMessage};
+use crate::queue::ClientHandle;
+use crate::rooms::Member;
+use crate::subscribe::Subscriptions;
 
 /// Requests one connection may have waiting at once (each is answered within one batch).
 const MAX_WAITING_PER_CLIENT: usize = 64;
@@ -26,7 +28,7 @@ pub struct Waiting {
     join_id: u64,
     room: Room,
     target: Snapshot,
-    reply: String,
+    reply: Frame,
 }
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -41,7 +43,7 @@ pub enum SyncError {
 
 /// Handles a client's `sync`: queues `synced` now, or when the batch that covers the position ends.
 pub fn request(
-    app: &AppState,
+    app: &Subscriptions,
     client: &ClientHandle,
     room: &Room,
     position: &str,
@@ -57,8 +59,8 @@ pub fn request(
         position,
         reference,
     }
-    .to_json();
-    let waiting = answer_or_wait(&app.hub, client, room, target, reply)?;
+    .to_frame();
+    let waiting = app.hub.sync(room, client.id, target, reply)?;
     if waiting {
         // Do not leave it to the poll interval: the next read covers any position issued so far.
         app.wake.notify_one();
@@ -66,36 +68,33 @@ pub fn request(
     Ok(())
 }
 
-/// Queues the reply at once if the delivered batches cover `target`, else keeps it waiting;
-/// returns whether it waits.
-fn answer_or_wait(
-    hub: &Hub,
-    client: &ClientHandle,
-    room: &Room,
+/// The members of each room, as the hub keeps them.
+pub type Members = HashMap<Room, HashMap<u64, Member>>;
+
+/// Under the hub lock ([`crate::rooms::Hub::sync`]): queues the reply at once if the delivered
+/// batches cover `target`, else keeps it waiting; returns whether it waits.
+pub fn answer_or_wait(
+    rooms: &mut Members,
+    delivered: Option<&Snapshot>,
+    syncs: &mut Vec<Waiting>,
+    (room, client_id): (&Room, u64),
     target: Snapshot,
-    reply: String,
+    reply: Frame,
 ) -> Result<bool, SyncError> {
-    let mut state = hub.lock();
-    let State {
-        rooms,
-        delivered,
-        syncs,
-        ..
-    } = &mut *state;
     let member = rooms
         .get_mut(room)
-        .and_then(|members| members.get_mut(&client.id))
+        .and_then(|members| members.get_mut(&client_id))
         .ok_or(SyncError::NotJoined)?;
-    if delivered.as_ref().is_some_and(|d| d.covers(&target)) {
+    if delivered.is_some_and(|d| d.covers(&target)) {
         // Through the member: while it replays missed changes, the reply waits behind them.
-        member.deliver(reply.into());
+        member.deliver(reply);
         return Ok(false);
     }
-    if syncs.iter().filter(|w| w.client_id == client.id).count() >= MAX_WAITING_PER_CLIENT {
+    if syncs.iter().filter(|w| w.client_id == client_id).count() >= MAX_WAITING_PER_CLIENT {
         return Err(SyncError::TooMany);
     }
     syncs.push(Waiting {
-        client_id: client.id,
+        client_id,
         join_id: member.join_id,
         room: room.clone(),
         target,
@@ -104,14 +103,13 @@ fn answer_or_wait(
     Ok(true)
 }
 
-/// Called under the hub lock when a batch ending at `upto` has been delivered: answers every
-/// request it covers, after the batch's frames. Requests of members that left are dropped.
-pub fn batch_delivered(state: &mut State, upto: &Snapshot) {
-    let State { rooms, syncs, .. } = state;
+/// Under the hub lock, when a batch ending at `upto` has been delivered: answers every request
+/// it covers, after the batch's frames. Requests of members that left are dropped.
+pub fn batch_delivered(rooms: &mut Members, syncs: &mut Vec<Waiting>, upto: &Snapshot) {
     if syncs.is_empty() {
         return;
     }
-    syncs.retain_mut(|waiting| {
+    syncs.retain(|waiting| {
         if !upto.covers(&waiting.target) {
             return true;
         }
@@ -120,7 +118,7 @@ pub fn batch_delivered(state: &mut State, upto: &Snapshot) {
             .and_then(|members| members.get_mut(&waiting.client_id))
             .filter(|member| member.join_id == waiting.join_id);
         if let Some(member) = member {
-            member.deliver(std::mem::take(&mut waiting.reply).into());
+            member.deliver(waiting.reply.clone());
         }
         false
     });
@@ -132,6 +130,7 @@ mod tests {
 
     use super::*;
     use crate::jwt::Principal;
+    use crate::rooms::Hub;
 
     fn snapshot(text: &str) -> Snapshot {
         Snapshot::from_pg(text).expect("snapshot")
@@ -157,18 +156,32 @@ mod tests {
             |_, _| "joined".into(),
         )
         .expect("join");
-        assert_eq!(queue.frames.try_recv().as_deref(), Some("joined"));
+        assert_eq!(
+            queue
+                .frames
+                .try_recv()
+                .map(|f| f.as_str().to_owned())
+                .as_deref(),
+            Some("joined")
+        );
 
         // Covered already: answered at once.
         assert_eq!(
-            answer_or_wait(&hub, &client, &room, snapshot("9:9:"), "old".into()),
+            hub.sync(&room, client.id, snapshot("9:9:"), "old".into()),
             Ok(false)
         );
-        assert_eq!(queue.frames.try_recv().as_deref(), Some("old"));
+        assert_eq!(
+            queue
+                .frames
+                .try_recv()
+                .map(|f| f.as_str().to_owned())
+                .as_deref(),
+            Some("old")
+        );
 
         // Transaction 12 is not visible yet: waits for a batch whose end covers it.
         assert_eq!(
-            answer_or_wait(&hub, &client, &room, snapshot("13:13:"), "new".into()),
+            hub.sync(&room, client.id, snapshot("13:13:"), "new".into()),
             Ok(true)
         );
         hub.begin_batch(&snapshot("12:12:"));
@@ -180,16 +193,27 @@ mod tests {
         hub.begin_batch(&snapshot("14:14:"));
         client.send("event".into());
         hub.end_batch(snapshot("14:14:"));
-        assert_eq!(queue.frames.try_recv().as_deref(), Some("event"));
         assert_eq!(
-            queue.frames.try_recv().as_deref(),
+            queue
+                .frames
+                .try_recv()
+                .map(|f| f.as_str().to_owned())
+                .as_deref(),
+            Some("event")
+        );
+        assert_eq!(
+            queue
+                .frames
+                .try_recv()
+                .map(|f| f.as_str().to_owned())
+                .as_deref(),
             Some("new"),
             "after the batch's frames"
         );
 
         let other = Room::parse("project:2").expect("room");
         assert_eq!(
-            answer_or_wait(&hub, &client, &other, snapshot("1:1:"), "x".into()),
+            hub.sync(&other, client.id, snapshot("1:1:"), "x".into()),
             Err(SyncError::NotJoined)
         );
     }

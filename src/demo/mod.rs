@@ -141,7 +141,7 @@ async fn read_board(
     principal: &crate::jwt::Principal,
     project: Option<i64>,
 ) -> anyhow::Result<Value> {
-    let mut client = app.pool.get().await?;
+    let mut client = app.subscriptions.pool.get().await?;
     let tx = client
         .build_transaction()
         .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)

@@ -262,9 +262,13 @@ impl Session {
                 Flow::Continue
             }
             ClientMessage::Sync { room, position } => {
-                if let Err(err) =
-                    crate::sync::request(&self.app, &self.client, &room, &position, reference)
-                {
+                if let Err(err) = crate::sync::request(
+                    &self.app.subscriptions,
+                    &self.client,
+                    &room,
+                    &position,
+                    reference,
+                ) {
                     let code = match err {
                         crate::sync::SyncError::BadPosition => ErrorCode::BadRequest,
                         crate::sync::SyncError::NotJoined => ErrorCode::NotJoined,
