@@ -168,6 +168,29 @@ test("caughtUp resolves after the write arrived, and when it is invisible to the
   client.close();
 });
 
+test("thirty rooms rejoin after a relay restart, paced under the relay's join rate", async () => {
+  const { rows } = await dev.db.query(
+    "INSERT INTO tasks (project_id, title, created_by) SELECT 1, 'bulk ' || n, 'u1' FROM generate_series(1, 30) n RETURNING id::int",
+  );
+  const relay = await relayOn(dev.dbUrl);
+  const client = clientOf("u1", relay.url);
+  const rooms = rows.map((r) => client.join(`task:${r.id}`));
+  await Promise.all(rooms.map((r) => r.ready));
+  await relay.kill();
+  await until(() => client.status === "reconnecting", "reconnecting");
+  const last = rows.at(-1).id;
+  await dev.db.query("UPDATE tasks SET title = 'changed while down' WHERE id = $1", [last]);
+  await relay.start();
+  const seen = [];
+  rooms.at(-1).on("event", (e) => seen.push(e.row.title));
+  await until(() => seen.length === 1, "the missed change in the last of thirty rooms", 20_000);
+  assert.equal(seen[0], "changed while down");
+  const limited = frames.filter((f) => f.type === "error" && f.code === "rate_limited");
+  assert.equal(limited.length, 0, "no join was refused for going too fast (relay: 10/s, burst 20)");
+  client.close();
+  await relay.stop();
+});
+
 test("every frame the clients received matches docs/protocol.schema.json", () => {
   const schema = JSON.parse(readFileSync(join(ROOT, "docs/protocol.schema.json"), "utf8"));
   const ajv = new Ajv2020({ strict: false });
