@@ -16,7 +16,7 @@ use pgrelay::capture::position::Position;
 use pgrelay::capture::{listener, wakeup};
 use pgrelay::config::parse_duration;
 use pgrelay::config::RelayConfig;
-use pgrelay::db::{embedded::EmbeddedPostgres, migrate};
+use pgrelay::db::{embedded::EmbeddedPostgres, migrate, Database};
 use pgrelay::jwt::{self, Verifier};
 use pgrelay::server::Relay;
 use serde_json::{Map, Value};
@@ -38,7 +38,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the relay. Without DATABASE_URL, starts an embedded Postgres with demo data.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Install or update the trigger library and the example schema in DATABASE_URL.
     Migrate {
         #[arg(long, env = "DATABASE_URL")]
@@ -63,6 +63,15 @@ enum Command {
     /// The development board's helpers.
     #[command(subcommand)]
     Demo(DemoCommand),
+    /// Exit 0 if the relay at PGRELAY_BIND answers /healthz (or /readyz with --ready), else 1:
+    /// a container HEALTHCHECK for an image without curl.
+    Health {
+        #[arg(long, env = "PGRELAY_BIND", default_value = "127.0.0.1:8080")]
+        bind: SocketAddr,
+        /// Check /readyz (database reachable, changes flowing) instead of /healthz.
+        #[arg(long)]
+        ready: bool,
+    },
     /// Print changes as the relay sees them, one JSON line each.
     Tail {
         #[arg(long, env = "DATABASE_URL")]
@@ -104,6 +113,16 @@ struct ServeArgs {
     /// reloaded when it changes.
     #[arg(long, env = "PGRELAY_JWT_PUBLIC_KEY_FILE")]
     jwt_public_key_file: Option<PathBuf>,
+    /// JWKS URL of an identity provider (http:// or https://) to verify tokens with: fetched at
+    /// start, again for a token with an unknown kid (at most every 10s), and periodically.
+    #[arg(long, env = "PGRELAY_JWT_JWKS_URL")]
+    jwt_jwks_url: Option<String>,
+    /// How often to fetch the JWKS URL again.
+    #[arg(long, env = "PGRELAY_JWT_JWKS_REFRESH", default_value = "5m", value_parser = parse_duration)]
+    jwt_jwks_refresh: Duration,
+    /// PEM CA certificate(s) to trust for an https JWKS URL instead of the system's CAs.
+    #[arg(long, env = "PGRELAY_JWT_JWKS_CA_FILE")]
+    jwt_jwks_ca_file: Option<PathBuf>,
     /// Where the embedded Postgres keeps its data.
     #[arg(long, env = "PGRELAY_DATA_DIR", default_value = ".pgrelay")]
     data_dir: PathBuf,
@@ -123,6 +142,10 @@ struct ServeArgs {
     /// intervals is dropped from presence everywhere.
     #[arg(long, env = "PGRELAY_PRESENCE_HEARTBEAT", default_value = "5s", value_parser = parse_duration)]
     presence_heartbeat: Duration,
+    /// On SIGTERM/SIGINT: how long to keep serving open connections (with /readyz at 503 and new
+    /// connections refused) before closing them with 1001. A second signal ends it early.
+    #[arg(long, env = "PGRELAY_DRAIN_GRACE", default_value = "10s", value_parser = parse_duration)]
+    drain_grace: Duration,
 }
 
 /// A failure and the exit code it maps to.
@@ -169,7 +192,7 @@ fn main() -> ExitCode {
 
 async fn run(command: Command) -> Result<(), Failure> {
     match command {
-        Command::Serve(args) => serve(args).await,
+        Command::Serve(args) => serve(*args).await,
         Command::Migrate {
             database_url,
             library_only,
@@ -211,6 +234,10 @@ async fn run(command: Command) -> Result<(), Failure> {
         }) => pgrelay::demo::simulate::run(&database_url, rate, duration)
             .await
             .map_err(Failure::Runtime),
+        Command::Health { bind, ready } => {
+            let path = if ready { "/readyz" } else { "/healthz" };
+            health(bind, path).map_err(Failure::Runtime)
+        }
         Command::Tail { database_url, room } => tail(&database_url, room.as_deref())
             .await
             .map_err(Failure::Runtime),
@@ -226,8 +253,25 @@ async fn serve(args: ServeArgs) -> Result<(), Failure> {
         Err(err) => tracing::warn!(error = %err, "cannot read or raise the open files limit"),
     }
     let dev_mode = args.database_url.is_none();
+    if args.jwt_public_key_file.is_some() && args.jwt_jwks_url.is_some() {
+        return Err(Failure::Config(anyhow::anyhow!(
+            "set one of PGRELAY_JWT_PUBLIC_KEY_FILE and PGRELAY_JWT_JWKS_URL, not both"
+        )));
+    }
+    let public_keys = args.jwt_public_key_file.is_some() || args.jwt_jwks_url.is_some();
     let verifier = match (&args.jwt_public_key_file, &args.jwt_secret) {
         (Some(path), _) => Verifier::from_key_file(path).map_err(Failure::Config)?,
+        (None, _) if args.jwt_jwks_url.is_some() => {
+            let url = args.jwt_jwks_url.as_deref().unwrap_or_default();
+            let options = pgrelay::jwks::JwksOptions {
+                refresh_every: args.jwt_jwks_refresh,
+                ..Default::default()
+            };
+            let source =
+                pgrelay::jwks::JwksSource::new(url, args.jwt_jwks_ca_file.as_deref(), options)
+                    .map_err(Failure::Config)?;
+            Verifier::from_jwks_url(source).await?
+        }
         (None, Some(secret)) if !secret.is_empty() => Verifier::from_secret(secret.as_bytes()),
         (None, _) if dev_mode => Verifier::from_secret(DEV_SECRET.as_bytes()),
         (None, _) => {
@@ -245,6 +289,15 @@ async fn serve(args: ServeArgs) -> Result<(), Failure> {
         Some(audience) => verifier.with_audience(audience),
         None => verifier,
     };
+    if public_keys && !verifier.checks_issuer_or_audience() {
+        // An identity provider signs tokens for every application of the tenant: without an
+        // audience or issuer check, a token meant for another application gets in here too.
+        tracing::warn!(
+            "tokens are verified with public keys but neither an audience nor an issuer is required: \
+             set PGRELAY_JWT_AUDIENCE and/or PGRELAY_JWT_ISSUER so that tokens issued for other \
+             applications are refused"
+        );
+    }
 
     // Development mode: an embedded database, migrated, with demo data on first start.
     let mut embedded = None;
@@ -252,6 +305,12 @@ async fn serve(args: ServeArgs) -> Result<(), Failure> {
         Some(url) => {
             check_library(&url).await?;
             url
+        }
+        None if !EmbeddedPostgres::binaries_available() => {
+            return Err(Failure::Config(anyhow::anyhow!(
+                "DATABASE_URL is not set and there are no PostgreSQL server binaries here for an \
+                 embedded development database: set DATABASE_URL (always, in a container)"
+            )))
         }
         None => {
             let data_dir = args.data_dir.clone();
@@ -281,6 +340,7 @@ async fn serve(args: ServeArgs) -> Result<(), Failure> {
         });
     }
     let verifier_for_reloads = config.verifier.clone();
+    let verifier_for_jwks = config.verifier.clone();
     let relay = Relay::start(config).await.map_err(Failure::Config)?;
     if let Some(path) = args.jwt_public_key_file.clone() {
         // Rotating keys (a JWKS file, say) needs no restart.
@@ -293,11 +353,23 @@ async fn serve(args: ServeArgs) -> Result<(), Failure> {
             forever,
         ));
     }
+    // Keys from a URL are refreshed until the process ends.
+    tokio::spawn(jwt::refresh_jwks(
+        verifier_for_jwks,
+        tokio_util::sync::CancellationToken::new(),
+    ));
     if embedded.is_some() {
         print_dev_banner(&relay, &database_url)?;
     }
 
     wait_for_signal().await?;
+    tokio::select! {
+        () = relay.drain(args.drain_grace) => {}
+        signalled = wait_for_signal() => {
+            signalled?;
+            tracing::info!("second signal: ending the drain early");
+        }
+    }
     tracing::info!("shutting down");
     relay.shutdown().await;
     drop(embedded);
@@ -305,9 +377,8 @@ async fn serve(args: ServeArgs) -> Result<(), Failure> {
 }
 
 async fn check_library(url: &str) -> Result<(), Failure> {
-    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .context("connecting to DATABASE_URL")?;
+    let db = Database::from_url(url).map_err(Failure::Config)?;
+    let (client, connection) = db.connect().await.context("connecting to DATABASE_URL")?;
     let io = tokio::spawn(connection);
     let installed = migrate::library_installed(&client).await?;
     drop(client);
@@ -353,7 +424,8 @@ async fn wait_for_signal() -> anyhow::Result<()> {
 
 /// `pgrelay tail`: reads the outbox like the relay does (no authorization: it is a DBA's tool).
 async fn tail(database_url: &str, room: Option<&str>) -> anyhow::Result<()> {
-    let (client, mut connection) = tokio_postgres::connect(database_url, tokio_postgres::NoTls)
+    let (client, mut connection) = Database::from_url(database_url)?
+        .connect()
         .await
         .context("connecting to DATABASE_URL")?;
     let wake = Arc::new(tokio::sync::Notify::new());
@@ -412,6 +484,36 @@ async fn tail(database_url: &str, room: Option<&str>) -> anyhow::Result<()> {
             anyhow::bail!("the database connection closed");
         }
     }
+}
+
+/// One GET on the loopback interface (a bind address of 0.0.0.0 or :: is reached there).
+fn health(bind: SocketAddr, path: &str) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let mut addr = bind;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(if addr.is_ipv4() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        });
+    }
+    let timeout = Duration::from_secs(3);
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)
+        .with_context(|| format!("connecting to {addr}"))?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream
+        .take(64 * 1024)
+        .read_to_string(&mut response)
+        .with_context(|| format!("reading the answer of {addr}{path}"))?;
+    let status = response.split_whitespace().nth(1).unwrap_or("none");
+    anyhow::ensure!(status == "200", "{addr}{path} answered {status}");
+    Ok(())
 }
 
 fn parse_claim(text: &str) -> Result<(String, Value), String> {

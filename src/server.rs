@@ -17,9 +17,8 @@ use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use deadpool_postgres::{ManagerConfig, Pool, RecyclingMethod};
 use tokio::sync::Notify;
-use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
 
 use crate::authorize::Authorizer;
@@ -39,6 +38,7 @@ pub use crate::transport::AppState;
 pub struct Relay {
     addr: SocketAddr,
     shutdown: CancellationToken,
+    draining: CancellationToken,
     metrics: Arc<Metrics>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -46,23 +46,17 @@ pub struct Relay {
 impl Relay {
     /// Binds the listen address and starts serving and reading changes.
     pub async fn start(config: RelayConfig) -> anyhow::Result<Relay> {
-        let pg_config: tokio_postgres::Config = config
-            .database_url
-            .parse()
-            .context("DATABASE_URL is not a valid connection string")?;
+        let db = crate::db::Database::from_url(&config.database_url)?;
         // The relay's queries are short and run thousands of times a second: compiling them
         // with JIT (which Postgres does whenever an estimate is large, such as for a big chunk of
         // policy checks) costs far more than it saves.
-        let mut pool_config = pg_config.clone();
-        let options = pool_config.get_options().unwrap_or_default().to_owned();
-        pool_config.options(format!("{options} -c jit=off").trim_start());
-        let manager = Manager::from_config(
-            pool_config,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
+        let pool_db = db.with_config(|pool_config| {
+            let options = pool_config.get_options().unwrap_or_default().to_owned();
+            pool_config.options(format!("{options} -c jit=off").trim_start());
+        });
+        let manager = pool_db.manager(ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        });
         let pool = Pool::builder(manager)
             .max_size(config.pool_size)
             .wait_timeout(Some(Duration::from_secs(10)))
@@ -74,6 +68,7 @@ impl Relay {
         let demo = config.demo.clone();
         let codec = load_codec(&pool).await?;
         let shutdown = CancellationToken::new();
+        let draining = CancellationToken::new();
         let retention_pool = pool.clone();
         let status_pool = pool.clone();
         let metrics = Arc::new(Metrics::default());
@@ -104,6 +99,7 @@ impl Relay {
             connections_per_user: Arc::default(),
             sse_opens: Arc::new(sse_opens),
             shutdown: shutdown.clone(),
+            draining: draining.clone(),
         };
         let reader = Reader {
             pool,
@@ -116,7 +112,7 @@ impl Relay {
             metrics: metrics.clone(),
             wake: wake.clone(),
             listening: listening.clone(),
-            pg_config: pg_config.clone(),
+            db: db.clone(),
             poll_interval: config.poll_interval,
         };
 
@@ -149,7 +145,7 @@ impl Relay {
         let interval = config.maintenance_interval;
         let tasks = vec![
             tokio::spawn(listener::run(
-                pg_config.clone(),
+                db.clone(),
                 wake,
                 listening,
                 metrics.clone(),
@@ -165,7 +161,7 @@ impl Relay {
             )),
             tokio::spawn(retention::run(retention_pool, interval, shutdown.clone())),
             tokio::spawn(presence::bus::run(
-                pg_config.clone(),
+                db,
                 presence.clone(),
                 presence_ops,
                 metrics.clone(),
@@ -178,6 +174,7 @@ impl Relay {
         Ok(Relay {
             addr,
             shutdown,
+            draining,
             metrics,
             tasks,
         })
@@ -190,6 +187,15 @@ impl Relay {
     /// Resolves when the relay has been asked to stop.
     pub async fn stopping(&self) {
         self.shutdown.cancelled().await
+    }
+
+    /// The first half of a graceful stop: `/readyz` answers 503 from now on and new connections
+    /// are refused, while the connections already open keep being served for `grace` (time for
+    /// the load balancer to notice). [`Relay::shutdown`] then closes them.
+    pub async fn drain(&self, grace: Duration) {
+        self.draining.cancel();
+        tracing::info!(?grace, "draining: not ready, refusing new connections");
+        tokio::time::sleep(grace).await;
     }
 
     /// Stops accepting, closes every WebSocket with 1001, and waits (boundedly) for them to go.
@@ -239,6 +245,12 @@ async fn load_codec(pool: &Pool) -> anyhow::Result<PositionCodec> {
 
 /// Ready when the LISTEN connection is up and the last outbox read succeeded.
 async fn readyz(State(app): State<AppState>) -> impl IntoResponse {
+    if app.draining.is_cancelled() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: draining".to_string(),
+        );
+    }
     let listening = app.metrics.listener_connected.get() == 1;
     let reading = app.metrics.reader_healthy.get() == 1;
     if listening && reading {

@@ -14,6 +14,8 @@ fn pgrelay() -> Command {
     command
         .env_remove("DATABASE_URL")
         .env_remove("PGRELAY_JWT_SECRET")
+        // SIGTERM ends serve at once here; tests/drain.rs covers the grace period.
+        .env("PGRELAY_DRAIN_GRACE", "0s")
         .kill_on_drop(true);
     command
 }

@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use anyhow::Context;
 use deadpool_postgres::Pool;
 use tokio::sync::Notify;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
 use super::listener::Listening;
@@ -84,7 +84,8 @@ pub struct Reader<C> {
     /// The LISTEN connection, on which the reader announces that it sleeps.
     pub listening: Arc<Listening>,
     /// For the barrier connection (see [`wakeup::barrier`]).
-    pub pg_config: tokio_postgres::Config,
+    /// For the barrier connection.
+    pub db: crate::db::Database,
     /// Read at least this often, even without a notification.
     pub poll_interval: Duration,
 }
@@ -272,8 +273,8 @@ impl<C: Consumer> Reader<C> {
             .context("the LISTEN connection is down")?;
         if barrier_connection.as_ref().is_none_or(|c| c.is_closed()) {
             let (client, connection) = self
-                .pg_config
-                .connect(NoTls)
+                .db
+                .connect()
                 .await
                 .context("opening the barrier connection")?;
             tokio::spawn(async move {

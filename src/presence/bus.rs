@@ -23,7 +23,7 @@ use futures_util::future::poll_fn;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::mpsc;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
 
 use super::Presence;
@@ -226,14 +226,16 @@ fn coalesce(ops: Vec<Op>) -> Vec<Op> {
 
 /// Runs the bus until `shutdown`: publishes this relay's ops, applies everyone else's.
 pub async fn run(
-    mut config: tokio_postgres::Config,
+    db: crate::db::Database,
     presence: Arc<Presence>,
     mut ops: mpsc::UnboundedReceiver<Op>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
     // So a DBA can tell this connection apart in pg_stat_activity.
-    config.application_name("pgrelay presence");
+    let db = db.with_config(|config| {
+        config.application_name("pgrelay presence");
+    });
     let mut packer = Packer {
         node: presence.node().to_owned(),
         seq: 0,
@@ -241,7 +243,7 @@ pub async fn run(
     let mut backoff = Backoff::new(MIN_BACKOFF, MAX_BACKOFF);
     loop {
         let connected = tokio::select! {
-            connected = config.connect(NoTls) => connected,
+            connected = db.connect() => connected,
             () = shutdown.cancelled() => return,
         };
         let failed = match connected {
@@ -264,7 +266,7 @@ pub async fn run(
         };
         let wait = backoff.next_wait();
         if let Some(err) = failed {
-            tracing::warn!(error = %err, "presence bus: cannot connect; retrying in {wait:?}");
+            tracing::warn!(error = %format!("{err:#}"), "presence bus: cannot connect; retrying in {wait:?}");
         }
         // Ops queued while disconnected are covered by the full state sent on reconnecting.
         while ops.try_recv().is_ok() {}
@@ -286,10 +288,7 @@ impl Session<'_> {
     /// One connection's life. Returns true when the relay is shutting down.
     async fn serve(
         mut self,
-        mut connection: tokio_postgres::Connection<
-            tokio_postgres::Socket,
-            tokio_postgres::tls::NoTlsStream,
-        >,
+        mut connection: crate::db::connect::Connection,
         ops: &mut mpsc::UnboundedReceiver<Op>,
         shutdown: &CancellationToken,
     ) -> bool {

@@ -77,6 +77,13 @@ pub async fn cluster_url(database: &str) -> String {
         .expect("cluster")
 }
 
+/// The data directory of this binary's cluster (to configure it, as tests/tls.rs does).
+pub async fn cluster_data_dir() -> PathBuf {
+    tokio::task::spawn_blocking(|| cluster().data_dir().to_owned())
+        .await
+        .expect("cluster")
+}
+
 /// Stops this binary's cluster (every test in the binary loses its database until it restarts).
 pub async fn stop_cluster() {
     tokio::task::spawn_blocking(|| cluster().stop())
@@ -114,7 +121,9 @@ fn remove_stale_clusters(root: &std::path::Path) {
 }
 
 pub async fn execute(url: &str, sql: &str) {
-    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+    let (client, connection) = pgrelay::db::Database::from_url(url)
+        .expect("a valid url")
+        .connect()
         .await
         .expect("connect");
     let io = tokio::spawn(connection);
@@ -260,8 +269,11 @@ pub async fn kill_sleeping_listen_connection(db: &tokio_postgres::Client) -> i64
     0
 }
 
+/// A connection made the way the relay makes them (so TLS settings in the URL apply).
 pub async fn connect(url: &str) -> tokio_postgres::Client {
-    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+    let (client, connection) = pgrelay::db::Database::from_url(url)
+        .expect("a valid url")
+        .connect()
         .await
         .expect("connect");
     tokio::spawn(connection);
@@ -501,6 +513,18 @@ impl SseClient {
         }
     }
 
+    /// Whether the stream ends (the server closes it) within [`WAIT`], whatever comes before.
+    pub async fn ends(&mut self) -> bool {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            match tokio::time::timeout_at(deadline, self.lines.next_line()).await {
+                Err(_) => return false,
+                Ok(Ok(Some(_))) => continue,
+                Ok(Ok(None) | Err(_)) => return true,
+            }
+        }
+    }
+
     /// The next unnamed message (a change), parsed.
     pub async fn next_event(&mut self) -> (String, Value) {
         loop {
@@ -542,6 +566,14 @@ pub async fn spawn_relay(db_url: &str, extra_args: &[&str]) -> (tokio::process::
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     panic!("the relay did not become ready");
+}
+
+/// Sends SIGTERM to a relay started by a test (it drains, then exits).
+#[allow(dead_code)]
+pub fn sigterm(child: &tokio::process::Child) {
+    let pid = child.id().expect("the relay is running") as libc::pid_t;
+    // SAFETY: kill(2) on our own child's pid; no memory is involved.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0, "SIGTERM");
 }
 
 /// A connected, authenticated client of `user` on the relay at `addr`.
