@@ -20,6 +20,10 @@ pub struct RelayConfig {
     pub presence: crate::presence::PresenceTimings,
     /// Development mode only: serve the live board and its demo endpoints ([`crate::demo`]).
     pub demo: Option<crate::demo::Demo>,
+    /// Longest a database statement of the relay may run (`statement_timeout` on its
+    /// connections). A policy that runs longer for some row is denied for that row, and nothing
+    /// else waits for it; see [`crate::authorize`].
+    pub statement_timeout: Duration,
 }
 
 /// Per-connection limits.
@@ -79,6 +83,7 @@ impl RelayConfig {
             allowed_origins: Vec::new(),
             presence: Default::default(),
             demo: None,
+            statement_timeout: Duration::from_secs(5),
         }
     }
 }

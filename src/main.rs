@@ -146,6 +146,24 @@ struct ServeArgs {
     /// connections refused) before closing them with 1001. A second signal ends it early.
     #[arg(long, env = "PGRELAY_DRAIN_GRACE", default_value = "10s", value_parser = parse_duration)]
     drain_grace: Duration,
+    /// Longest any database statement of the relay may run (policies included): a read policy
+    /// that takes longer for a row is denied for that row, a join policy fails that join.
+    #[arg(long, env = "PGRELAY_STATEMENT_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    statement_timeout: Duration,
+    /// A `presence_state` lists a room's connections up to this many bytes, then says
+    /// `"truncated": true`.
+    #[arg(long, env = "PGRELAY_PRESENCE_MAX_STATE_BYTES", default_value_t = 64 * 1024)]
+    presence_max_state_bytes: usize,
+    /// Connections of other relays held in this relay's presence view (all rooms).
+    #[arg(
+        long,
+        env = "PGRELAY_PRESENCE_MAX_REMOTE_ENTRIES",
+        default_value_t = 200_000
+    )]
+    presence_max_remote_entries: usize,
+    /// This relay sends its full presence state to the others at most this often.
+    #[arg(long, env = "PGRELAY_PRESENCE_RESYNC_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    presence_resync_interval: Duration,
 }
 
 /// A failure and the exit code it maps to.
@@ -330,8 +348,12 @@ async fn serve(args: ServeArgs) -> Result<(), Failure> {
     let mut config = RelayConfig::new(database_url.clone(), verifier);
     config.bind = args.bind;
     config.poll_interval = args.poll_interval;
+    config.statement_timeout = args.statement_timeout;
     config.presence.heartbeat = args.presence_heartbeat;
     config.presence.relay_timeout = 3 * args.presence_heartbeat;
+    config.presence.max_state_bytes = args.presence_max_state_bytes;
+    config.presence.max_remote_entries = args.presence_max_remote_entries;
+    config.presence.resync_interval = args.presence_resync_interval;
     config.allowed_origins = args.allowed_origins;
     if embedded.is_some() {
         // The board and its demo endpoints: development mode only, never with a real database.

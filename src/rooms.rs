@@ -29,7 +29,7 @@ use crate::capture::position::{Position, Snapshot};
 use crate::jwt::Principal;
 use crate::presence::Presence;
 use crate::protocol::{Frame, Room};
-use crate::queue::ClientHandle;
+use crate::queue::{Charge, ClientHandle};
 
 /// A connection in a room.
 pub struct Member {
@@ -47,7 +47,8 @@ pub struct Member {
 #[derive(Default)]
 struct Pending {
     frames: Vec<Frame>,
-    bytes: usize,
+    /// What they count against the client's budget, as if they were queued.
+    held: Charge,
 }
 
 impl Member {
@@ -69,11 +70,11 @@ impl Member {
             None => self.client.send(frame),
             Some(pending) => {
                 let len = frame.len();
-                if !self.client.fits(pending.bytes, len) {
+                if !self.client.fits(pending.held, len) {
                     self.client.close_too_slow();
                     return false;
                 }
-                pending.bytes += len;
+                pending.held.add(len, self.client.max_queued_bytes());
                 pending.frames.push(frame);
                 true
             }
@@ -335,7 +336,7 @@ impl Hub {
                 };
                 match &mut member.pending {
                     Some(pending) if !pending.frames.is_empty() => {
-                        pending.bytes = 0;
+                        pending.held = Charge::default();
                         std::mem::take(&mut pending.frames)
                     }
                     _ => {

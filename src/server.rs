@@ -25,9 +25,10 @@ use crate::authorize::Authorizer;
 use crate::capture::position::PositionCodec;
 use crate::capture::{listener, reader::Reader, retention};
 use crate::config::RelayConfig;
+use crate::db::settings;
 use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
-use crate::presence::{self, Presence};
+use crate::presence::{self, signing::BusKey, Presence};
 use crate::rooms::Hub;
 use crate::subscribe::Subscriptions;
 use crate::transport::{sse, ws};
@@ -47,26 +48,30 @@ impl Relay {
     /// Binds the listen address and starts serving and reading changes.
     pub async fn start(config: RelayConfig) -> anyhow::Result<Relay> {
         let db = crate::db::Database::from_url(&config.database_url)?;
+        anyhow::ensure!(
+            !config.statement_timeout.is_zero(),
+            "the statement timeout must be more than 0"
+        );
         // The relay's queries are short and run thousands of times a second: compiling them
         // with JIT (which Postgres does whenever an estimate is large, such as for a big chunk of
         // policy checks) costs far more than it saves.
-        let pool_db = db.with_config(|pool_config| {
-            let options = pool_config.get_options().unwrap_or_default().to_owned();
-            pool_config.options(format!("{options} -c jit=off").trim_start());
-        });
-        let manager = pool_db.manager(ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
-        });
-        let pool = Pool::builder(manager)
-            .max_size(config.pool_size)
-            .wait_timeout(Some(Duration::from_secs(10)))
-            .create_timeout(Some(Duration::from_secs(10)))
-            .runtime(deadpool_postgres::Runtime::Tokio1)
-            .build()
-            .context("building the connection pool")?;
-
         let demo = config.demo.clone();
-        let codec = load_codec(&pool).await?;
+        let no_jit = settings::with_setting(&db, "jit", "off");
+        let pool = build_pool(
+            &settings::with_statement_timeout(&no_jit, config.statement_timeout),
+            config.pool_size,
+        )?;
+        // Outbox reads stream while the relay delivers what they read (see `db::settings`).
+        let read_pool = build_pool(
+            &settings::with_statement_timeout(
+                &no_jit,
+                settings::OUTBOX_READ_TIMEOUT.max(config.statement_timeout),
+            ),
+            config.pool_size,
+        )?;
+        let timed = settings::with_statement_timeout(&db, config.statement_timeout);
+        let secret = load_secret(&pool).await?;
+        let codec = PositionCodec::new(&secret);
         let shutdown = CancellationToken::new();
         let draining = CancellationToken::new();
         let retention_pool = pool.clone();
@@ -85,6 +90,7 @@ impl Relay {
         let state = AppState {
             subscriptions: Subscriptions {
                 pool: pool.clone(),
+                read_pool: read_pool.clone(),
                 codec: codec.clone(),
                 wake: wake.clone(),
                 hub: hub.clone(),
@@ -103,6 +109,7 @@ impl Relay {
         };
         let reader = Reader {
             pool,
+            read_pool,
             consumer: Pipeline {
                 hub: state.hub.clone(),
                 authorizer,
@@ -112,7 +119,8 @@ impl Relay {
             metrics: metrics.clone(),
             wake: wake.clone(),
             listening: listening.clone(),
-            db: db.clone(),
+            // The barrier waits for writers on purpose, as long as they take.
+            db: settings::with_statement_timeout(&db, Duration::ZERO),
             poll_interval: config.poll_interval,
         };
 
@@ -145,7 +153,7 @@ impl Relay {
         let interval = config.maintenance_interval;
         let tasks = vec![
             tokio::spawn(listener::run(
-                db.clone(),
+                timed.clone(),
                 wake,
                 listening,
                 metrics.clone(),
@@ -161,7 +169,8 @@ impl Relay {
             )),
             tokio::spawn(retention::run(retention_pool, interval, shutdown.clone())),
             tokio::spawn(presence::bus::run(
-                db,
+                timed,
+                BusKey::derive(&secret),
                 presence.clone(),
                 presence_ops,
                 metrics.clone(),
@@ -227,8 +236,22 @@ fn without_nagle(
     })
 }
 
-/// The database's position key (see `pgrelay.secrets`).
-async fn load_codec(pool: &Pool) -> anyhow::Result<PositionCodec> {
+fn build_pool(db: &crate::db::Database, size: usize) -> anyhow::Result<Pool> {
+    let manager = db.manager(ManagerConfig {
+        recycling_method: RecyclingMethod::Fast,
+    });
+    Pool::builder(manager)
+        .max_size(size)
+        .wait_timeout(Some(Duration::from_secs(10)))
+        .create_timeout(Some(Duration::from_secs(10)))
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        .build()
+        .context("building the connection pool")
+}
+
+/// The database's secret, which seals positions and signs presence messages (see
+/// `pgrelay.secrets`).
+async fn load_secret(pool: &Pool) -> anyhow::Result<[u8; 32]> {
     let client = pool.get().await.context("connecting to the database")?;
     let row = client
         .query_one("SELECT position_key FROM pgrelay.secrets", &[])
@@ -240,7 +263,7 @@ async fn load_codec(pool: &Pool) -> anyhow::Result<PositionCodec> {
     let key: [u8; 32] = key
         .try_into()
         .map_err(|_| anyhow::anyhow!("pgrelay.secrets.position_key must be 32 bytes"))?;
-    Ok(PositionCodec::new(&key))
+    Ok(key)
 }
 
 /// Ready when the LISTEN connection is up and the last outbox read succeeded.

@@ -36,7 +36,10 @@ pub enum JoinError {
 /// What joining needs: the join policy, the outbox (to resolve and replay positions), the hub.
 #[derive(Clone)]
 pub struct Subscriptions {
+    /// For short statements: they time out after the statement timeout.
     pub pool: Pool,
+    /// For replays, which stream from the outbox (see [`crate::db::settings`]).
+    pub read_pool: Pool,
     /// Seals the positions clients see.
     pub codec: PositionCodec,
     /// Wakes the reader (a resume waiting for this relay to catch up nudges it).
@@ -126,7 +129,7 @@ pub async fn join(
 
     if let Some(seen) = seen {
         let replay = Replay {
-            pool: app.pool.clone(),
+            pool: app.read_pool.clone(),
             authorizer: app.authorizer.clone(),
             hub: app.hub.clone(),
             client: client.clone(),

@@ -548,23 +548,9 @@ async fn a_join_policy_that_throws_fails_only_that_join_among_concurrent_ones() 
              $$;",
         )
         .await;
-    let mut clients = Vec::new();
-    for user in ["u1", "u2", "u3", "u4"] {
-        let mut client = relay.client(user).await;
-        client
-            .send(json!({"type": "join", "room": "project:1", "ref": user}))
-            .await;
-        clients.push(client);
-    }
-    let mut outcomes = Vec::new();
-    for client in &mut clients {
-        let reply = client.recv().await;
-        outcomes.push(if reply["type"] == "joined" {
-            "joined".to_owned()
-        } else {
-            reply["code"].as_str().unwrap_or_default().to_owned()
-        });
-    }
+    let (_clients, outcomes) = relay
+        .join_at_once(&["u1", "u2", "u3", "u4"], "project:1")
+        .await;
     assert_eq!(outcomes, ["joined", "joined", "internal", "forbidden"]);
 }
 

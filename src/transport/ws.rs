@@ -489,12 +489,12 @@ async fn write_batch(
 ) -> Result<(), axum::Error> {
     let mut frames = vec![first];
     queue.frames.take(63, &mut frames);
-    let bytes = frames.iter().map(Frame::len).sum();
+    let charge = client.charge(&frames);
     for frame in frames {
         sink.feed(Message::Text(frame.into_text())).await?;
     }
     sink.flush().await?;
-    client.sent_bytes(bytes);
+    client.sent_charge(charge);
     Ok(())
 }
 

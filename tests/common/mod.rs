@@ -237,6 +237,29 @@ impl TestRelay {
         client
     }
 
+    /// Clients of `users`, each asking to join `room` at once (so their checks share a batch);
+    /// returns them and each one's outcome: `joined` or the error code.
+    pub async fn join_at_once(&self, users: &[&str], room: &str) -> (Vec<WsClient>, Vec<String>) {
+        let mut clients = Vec::new();
+        for &user in users {
+            let mut client = self.client(user).await;
+            client
+                .send(json!({"type": "join", "room": room, "ref": user}))
+                .await;
+            clients.push(client);
+        }
+        let mut outcomes = Vec::new();
+        for client in &mut clients {
+            let reply = client.recv().await;
+            outcomes.push(if reply["type"] == "joined" {
+                "joined".to_owned()
+            } else {
+                reply["code"].as_str().unwrap_or_default().to_owned()
+            });
+        }
+        (clients, outcomes)
+    }
+
     pub async fn metric(&self, name: &str) -> u64 {
         let (_, body) = http_get(&format!("http://{}/metrics", self.addr())).await;
         body.lines()
@@ -332,7 +355,13 @@ pub enum Ended {
 
 impl WsClient {
     pub async fn connect(url: &str) -> Result<WsClient, tokio_tungstenite::tungstenite::Error> {
-        let (stream, _) = tokio_tungstenite::connect_async(url).await?;
+        // Browsers take messages of any size; tungstenite's client stops at 16 MiB frames,
+        // below the largest events the relay sends.
+        let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+            .max_frame_size(None)
+            .max_message_size(None);
+        let (stream, _) =
+            tokio_tungstenite::connect_async_with_config(url, Some(config), false).await?;
         Ok(WsClient {
             stream,
             skip_presence: true,
@@ -380,6 +409,15 @@ impl WsClient {
         let message = self.recv().await;
         assert_eq!(message["type"], "event", "expected an event, got {message}");
         message
+    }
+
+    /// The next `n` messages, each an event.
+    pub async fn recv_events(&mut self, n: usize) -> Vec<Value> {
+        let mut events = Vec::with_capacity(n);
+        for _ in 0..n {
+            events.push(self.recv_event().await);
+        }
+        events
     }
 
     /// Asserts no message arrives for `quiet` (pings and pongs are answered and ignored).
