@@ -62,8 +62,8 @@ CREATE TABLE IF NOT EXISTS pgrelay.changes (
     id      bigint GENERATED ALWAYS AS IDENTITY,
     -- The partition: pgrelay.generation modulo 3 when written. A default rather than a value in
     -- the capture functions' SELECT: pg_sequence_last_value() is volatile, and a volatile call in
-    -- the SELECT of an INSERT ... SELECT keeps the planner from flattening it, which cost every
-    -- captured statement an extra plan node (~4 µs). As a default it is computed by the INSERT.
+    -- the SELECT of an INSERT ... SELECT keeps the planner from flattening it (a Subquery Scan in
+    -- every captured statement's plan). As a default it is computed by the INSERT.
     gen     smallint    NOT NULL
             DEFAULT (coalesce(pg_sequence_last_value('pgrelay.generation'), 0) % 3)::smallint,
     -- The writing transaction. Snapshots tell which transactions had committed when, so this column
@@ -230,8 +230,8 @@ DROP FUNCTION IF EXISTS pgrelay.changed_values(jsonb, jsonb);
 --   flush           the tables whose remembered answers this change may have made wrong.
 -- `old` is the whole row before an UPDATE, with the same columns left out as from `row`: the
 -- relay reduces it to the columns that changed (src/capture/changed.rs). Doing that here, with
--- jsonb_each over the old row, was ~9 µs a change, about 40% of the read, on a backend that
--- shares the CPU with every writer; the relay does it in about a microsecond.
+-- jsonb_each over the old row, was the largest part of the read, on a backend that shares the
+-- CPU with every writer; the relay does it far more cheaply.
 -- The outbox rows a read between two snapshots may need: the transactions that started after
 -- `since` was taken, and those that were still running then. Visibility in `upto` is checked by
 -- the caller. Both parts must be index scans of the xid index, whatever the partitions' size:
@@ -239,8 +239,8 @@ DROP FUNCTION IF EXISTS pgrelay.changed_values(jsonb, jsonb);
 -- A relay prepares its read once and Postgres keeps the plan. Planned while a partition is
 -- nearly empty (a fresh install, or just after maintain() emptied it), a sequential scan looks
 -- cheaper, and that plan stays as the partition fills: every read then scans the whole
--- partition. Under sustained writes (W4: 100,000 changes in 30 s) each read took 10 ms and the
--- relay's lag grew through the run. So these two scans live in a PL/pgSQL function planned with
+-- partition, so under sustained writes each read gets slower as the partition fills, and the
+-- relay's lag grows with it. So these two scans live in a PL/pgSQL function planned with
 -- sequential scans off; its plan is cached per session like the caller's.
 CREATE OR REPLACE FUNCTION pgrelay.outbox_between(since pg_snapshot, upto pg_snapshot)
 RETURNS SETOF pgrelay.changes
@@ -281,7 +281,7 @@ RETURNS TABLE (
 LANGUAGE sql STABLE AS $$
     -- What depends only on the table is computed once per read, one row per watched table, and
     -- looked up per change (MATERIALIZED: inlined, the planner joined it by a nested loop that
-    -- re-ran the policy_tables check for every change, ~9 µs a change on 1,000 changes). One
+    -- re-ran the policy_tables check for every change). One
     -- lookup, not two: each join sorted or hashed the whole batch, wide rows and all.
     WITH per_table AS MATERIALIZED (
         SELECT x.name,
@@ -303,8 +303,8 @@ LANGUAGE sql STABLE AS $$
     )
     SELECT c.id, c.xid, c.tbl, c.entity, c.op, c.rooms,
            -- What clients see, written out rather than calling SQL functions: Postgres cannot
-           -- inline pgrelay.shipped() or a function with a FROM clause, and calling them cost
-           -- 10 µs a change, most of what a read costs.
+           -- inline pgrelay.shipped() or a function with a FROM clause, and calling them was
+           -- most of what a read cost.
            CASE WHEN c.show IS NULL THEN c."row" - coalesce(c.hide, '{}')
                 ELSE pgrelay.shipped(c."row", c.show, c.hide) END,
            -- The old row, cut the same way: hidden columns never leave the database, not even
@@ -320,7 +320,7 @@ LANGUAGE sql STABLE AS $$
            -- The row before the UPDATE is the new row overwritten by the old values. Removing the
            -- unkeyed columns from each side first gives the same jsonb (hence the same text) as
            -- removing them from the merged row, and merges two small objects instead of two whole
-           -- rows: merging whole rows with || cost ~7 µs an UPDATE, more than the rest of the key.
+           -- rows: merging whole rows with || cost more than the rest of the key.
            CASE WHEN c.knows_old
                 THEN k.policy || ' ' || ((c."row" - k.unkeyed) || (c.old - k.unkeyed))::text END,
            c.knows_old,
@@ -337,7 +337,7 @@ LANGUAGE sql STABLE AS $$
     ) AS c
     LEFT JOIN per_table AS k ON k.name = c.tbl
     -- Not sorted here: callers order by (txn_last, id) (the relay's READ_BATCH, pgrelay.batch()),
-    -- and a second sort of the same rows cost ~1.5 µs a change.
+    -- and sorting the same rows twice is wasted work on every read.
 $$;
 COMMENT ON FUNCTION pgrelay.read_batch(pg_snapshot, pg_snapshot) IS
     'What relays read: the changes between two snapshots with whole old rows, plus the inputs for remembering policy answers';

@@ -1,4 +1,4 @@
-//! The `pgrelay` command line (contract §1): what it prints and how it exits.
+//! The `pgrelay` command line (README.md, Commands): what it prints and how it exits.
 
 mod common;
 
@@ -141,16 +141,7 @@ async fn migrate_is_idempotent_and_serve_stops_cleanly_on_sigterm() {
             break;
         }
     }
-    let pid = serve.id().expect("pid").to_string();
-    std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("kill");
-    let status = tokio::time::timeout(Duration::from_secs(15), serve.wait())
-        .await
-        .expect("exits")
-        .expect("wait");
-    assert_eq!(status.code(), Some(0));
+    assert_eq!(common::terminate(&mut serve).await, Some(0));
 }
 
 #[tokio::test]

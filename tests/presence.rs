@@ -1,4 +1,4 @@
-//! Presence and typing across relay processes (contract §4; docs/protocol.md).
+//! Presence and typing across relay processes (docs/protocol.md).
 //!
 //! Demo data: alice (u1) owns project 1, bob (u2) is a member, carol (u3) a viewer; dave (u4) has
 //! no access. Every test runs two relays on one database, as behind a load balancer.
@@ -401,10 +401,26 @@ async fn users_who_may_not_join_see_no_presence_and_revoked_ones_stop_seeing_it(
     let carol = Watcher::join(&a, "u3", "project:1").await;
     drop(carol);
     bob.client.skip_presence = false;
-    bob.client.ping().await;
-    bob.client.expect_nothing(Duration::from_millis(500)).await;
-    dave.ping().await;
-    dave.expect_nothing(Duration::from_millis(200)).await;
+    presence_fence(&a, &mut bob.client, "u2").await;
+    presence_fence(&a, &mut dave, "u4").await;
+}
+
+/// Proves that nothing of the presence that relay `a` published before reached `client` (on the
+/// other relay): `client` joins its own user room, another connection of the same user joins it
+/// on `a`, and that join must be the next thing `client` receives (the bus keeps one relay's
+/// messages in order; a pong would not be ordered with them).
+async fn presence_fence(a: &TestRelay, client: &mut WsClient, user: &str) {
+    let room = format!("user:{user}");
+    client.join(&room).await;
+    let mut other_tab = a.client(user).await;
+    other_tab.join(&room).await;
+    let next = client.recv_any().await;
+    assert_eq!(
+        (next["type"].as_str(), next["room"].as_str()),
+        (Some("presence_diff"), Some(room.as_str())),
+        "expected the fence, got {next}"
+    );
+    assert!(next["joins"][user].is_array(), "{next}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -420,7 +436,7 @@ async fn a_dropped_bus_connection_resyncs_without_ghosts_or_gaps() {
     // Both relays lose their bus connections; meanwhile bob leaves and carol arrives on b.
     a.sql(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-          WHERE application_name = 'pgrelay presence'",
+          WHERE datname = current_database() AND application_name = 'pgrelay presence'",
     )
     .await;
     bob.send(json!({"type": "leave", "room": "project:1"}))

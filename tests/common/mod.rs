@@ -228,6 +228,17 @@ impl TestRelay {
         })
     }
 
+    /// Sets task 1's description to `text` followed by `n`: large rows, for tests of slow clients.
+    pub async fn describe_task_1(&self, text: &str, n: impl std::fmt::Display) {
+        self.db
+            .execute(
+                "UPDATE tasks SET description = $1 || $2 WHERE id = 1",
+                &[&text, &n.to_string()],
+            )
+            .await
+            .expect("update");
+    }
+
     /// A connected, authenticated client of `user`.
     pub async fn client(&self, user: &str) -> WsClient {
         let url = format!("{}?token={}", self.ws_url(), token(user));
@@ -305,6 +316,89 @@ pub async fn connect(url: &str) -> tokio_postgres::Client {
 
 pub fn token(user: &str) -> String {
     jwt::mint(SECRET, user, Duration::from_secs(3600), &Map::new()).expect("token")
+}
+
+/// An HS256 token with exactly these claims.
+pub fn signed(claims: Value, secret: &[u8]) -> String {
+    use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+    encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(secret),
+    )
+    .expect("sign")
+}
+
+/// A token of `user` that expires at `exp` (seconds since the epoch).
+pub fn expiring_at(user: &str, exp: u64) -> String {
+    signed(json!({"sub": user, "exp": exp}), SECRET)
+}
+
+/// Whole seconds since the epoch, as in a token's `exp`.
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+}
+
+/// Seconds since the epoch, with the fraction: to compare with a token's `exp`.
+pub fn now_exact() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64()
+}
+
+/// Asserts that now is within the second after `exp`: a session ends at its token's expiry,
+/// never before it (`exp` counts whole seconds, so it may end up to a second after).
+pub fn assert_ended_at_expiry(exp: u64) {
+    let ended_at = now_exact();
+    assert!(
+        ended_at >= exp as f64,
+        "ended {:.2} s before the token expired",
+        exp as f64 - ended_at
+    );
+    assert!(ended_at <= exp as f64 + 1.5, "ended at expiry, not later");
+}
+
+/// Sends SIGTERM to a relay process and returns its exit code once it has exited.
+pub async fn terminate(child: &mut tokio::process::Child) -> Option<i32> {
+    let pid = child.id().expect("pid").to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    tokio::time::timeout(Duration::from_secs(15), child.wait())
+        .await
+        .expect("exits")
+        .expect("wait")
+        .code()
+}
+
+/// Creates a `board:N` room kind anyone may join and a `notes` table in `board:1` that exactly the
+/// users listed in `readers` (u1 and u2) may read. `watch_options` go to its `pgrelay.watch()`.
+pub async fn notes_board(relay: &TestRelay, watch_options: &str) {
+    relay
+        .sql(&format!(
+            "CREATE TABLE readers (user_id text PRIMARY KEY);
+             INSERT INTO readers VALUES ('u1'), ('u2');
+             CREATE TABLE notes (id int PRIMARY KEY, body text);
+             CREATE FUNCTION can_read_note(u text, c jsonb, r jsonb) RETURNS boolean
+                 LANGUAGE sql STABLE AS $$ SELECT EXISTS (SELECT FROM readers WHERE user_id = u) $$;
+             SELECT pgrelay.watch('notes', ARRAY['board:1'], 'can_read_note'{watch_options});
+             CREATE FUNCTION can_join_board(u text, c jsonb, k text) RETURNS boolean LANGUAGE sql AS 'SELECT true';
+             SELECT pgrelay.allow_join('board', 'can_join_board');"
+        ))
+        .await;
+}
+
+/// `exp` as `ready.expires_at` shows it.
+pub fn iso(exp: u64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(exp as i64)
+        .expect("timestamp")
+        .format(&time::format_description::well_known::Rfc3339)
+        .expect("format")
 }
 
 /// Minimal HTTP/1.1 GET (status, body) without pulling in an HTTP client.
@@ -450,6 +544,18 @@ impl WsClient {
         reply
     }
 
+    /// Joins with `since` and returns the `joined` reply (replayed events follow it).
+    pub async fn join_since(&mut self, room: &str, since: &str) -> Value {
+        self.send(json!({"type": "join", "room": room, "since": since}))
+            .await;
+        let joined = self.recv().await;
+        assert_eq!(
+            joined["type"], "joined",
+            "joining {room} since {since}: {joined}"
+        );
+        joined
+    }
+
     /// Round trip proving the connection still works and everything before it has been read.
     pub async fn ping(&mut self) {
         self.send(json!({"type": "ping", "ref": "sync"})).await;
@@ -523,13 +629,25 @@ impl SseClient {
 
     /// The next message (comments and chunked-encoding size lines are skipped).
     pub async fn next(&mut self) -> SseMessage {
+        tokio::time::timeout(WAIT, self.next_or_end())
+            .await
+            .expect("timed out waiting for an SSE message")
+            .expect("the stream ended")
+    }
+
+    /// The next message, or `None` once the stream has ended (the relay's last chunk, or the
+    /// connection closing).
+    pub async fn next_or_end(&mut self) -> Option<SseMessage> {
         let mut message = SseMessage::default();
         loop {
-            let line = tokio::time::timeout(WAIT, self.lines.next_line())
-                .await
-                .expect("timed out waiting for an SSE message")
-                .expect("read")
-                .expect("the stream ended");
+            let line = match self.lines.next_line().await {
+                Ok(Some(line)) => line,
+                Ok(None) | Err(_) => return None,
+            };
+            if line == "0" {
+                // The zero-length chunk that ends a chunked body (SSE lines never read "0").
+                return None;
+            }
             if let Some(v) = line
                 .strip_prefix("data: ")
                 .or_else(|| line.strip_prefix("data:"))
@@ -546,7 +664,20 @@ impl SseClient {
             {
                 message.event = Some(v.to_owned());
             } else if line.is_empty() && !message.data.is_empty() {
-                return message;
+                return Some(message);
+            }
+        }
+    }
+
+    /// Waits for the stream to end, reading past whatever it still sends. False if it is still
+    /// open after [`WAIT`].
+    pub async fn ended(&mut self) -> bool {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            match tokio::time::timeout_at(deadline, self.next_or_end()).await {
+                Err(_) => return false,
+                Ok(None) => return true,
+                Ok(Some(_)) => continue,
             }
         }
     }
@@ -579,13 +710,24 @@ impl SseClient {
 /// waits until it is ready. Returns the process and its address.
 #[allow(dead_code)]
 pub async fn spawn_relay(db_url: &str, extra_args: &[&str]) -> (tokio::process::Child, String) {
+    spawn_relay_with(db_url, extra_args, |_| {}).await
+}
+
+/// [`spawn_relay`], with the command adjusted before it starts (its environment, where its
+/// output goes: by default nowhere).
+pub async fn spawn_relay_with(
+    db_url: &str,
+    extra_args: &[&str],
+    adjust: impl FnOnce(&mut tokio::process::Command),
+) -> (tokio::process::Child, String) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .expect("port")
         .local_addr()
         .expect("addr")
         .port();
     let addr = format!("127.0.0.1:{port}");
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgrelay"))
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgrelay"));
+    command
         .args(["serve", "--bind", &addr])
         .args(extra_args)
         .env("DATABASE_URL", db_url)
@@ -594,9 +736,9 @@ pub async fn spawn_relay(db_url: &str, extra_args: &[&str]) -> (tokio::process::
             std::str::from_utf8(SECRET).expect("utf8"),
         )
         .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn");
+        .kill_on_drop(true);
+    adjust(&mut command);
+    let child = command.spawn().expect("spawn");
     for _ in 0..200 {
         if http_get(&format!("http://{addr}/readyz")).await.0 == 200 {
             return (child, addr);
@@ -622,4 +764,48 @@ pub async fn client_at(addr: &str, user: &str) -> WsClient {
     let ready = client.recv().await;
     assert_eq!(ready["type"], "ready", "{ready}");
     client
+}
+
+/// One ```sql block of a Markdown file: the line of its first line in the file, and its text.
+pub struct Snippet {
+    pub line: usize,
+    pub sql: String,
+}
+
+pub fn sql_snippets(markdown: &str) -> Vec<Snippet> {
+    let mut snippets = Vec::new();
+    let mut open: Option<Snippet> = None;
+    for (index, line) in markdown.lines().enumerate() {
+        let fence = line.trim_start();
+        match open.as_mut() {
+            None if fence.starts_with("```") => {
+                if fence.trim_end() == "```sql" {
+                    open = Some(Snippet {
+                        line: index + 2,
+                        sql: String::new(),
+                    });
+                } else {
+                    // Another kind of block: skip to its end, so that its content is not read.
+                    open = Some(Snippet {
+                        line: 0,
+                        sql: String::new(),
+                    });
+                }
+            }
+            None => {}
+            Some(_) if fence.trim_end() == "```" => {
+                let done = open.take().expect("open block");
+                if done.line > 0 {
+                    snippets.push(done);
+                }
+            }
+            Some(block) if block.line > 0 => {
+                block.sql.push_str(line);
+                block.sql.push('\n');
+            }
+            Some(_) => {}
+        }
+    }
+    assert!(open.is_none(), "a code block is never closed");
+    snippets
 }
