@@ -20,6 +20,8 @@ pub struct RelayConfig {
     /// Browser origins allowed to connect (`Origin` header); empty = any.
     pub allowed_origins: Vec<String>,
     pub presence: crate::presence::PresenceTimings,
+    /// Development mode only: serve the live board and its demo endpoints ([`crate::demo`]).
+    pub demo: Option<crate::demo::Demo>,
     /// Longest a database statement of the relay may run (`statement_timeout` on its
     /// connections). A policy that runs longer for some row is denied for that row, and nothing
     /// else waits for it; see [`crate::authorize`].
@@ -83,6 +85,7 @@ impl RelayConfig {
             limits: Limits::default(),
             allowed_origins: Vec::new(),
             presence: Default::default(),
+            demo: None,
             statement_timeout: Duration::from_secs(5),
         }
     }

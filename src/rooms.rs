@@ -64,8 +64,8 @@ impl Member {
     }
 
     /// Queues a live frame, or holds it back while a replay is running. False if it was dropped
-    /// (the client is too slow and is being closed).
-    fn deliver(&mut self, frame: Frame) -> bool {
+    /// (the client is too slow and is being closed). `sync` replies go this way too.
+    pub(crate) fn deliver(&mut self, frame: Frame) -> bool {
         match &mut self.pending {
             None => self.client.send(frame),
             Some(pending) => {
@@ -104,6 +104,8 @@ struct State {
     in_flight: Option<(u64, Snapshot)>,
     last_batch: u64,
     last_join: u64,
+    /// `sync` requests waiting for a batch to cover their position.
+    syncs: Vec<crate::sync::Waiting>,
 }
 
 /// One client's membership of one room, as the access re-checks see it ([`crate::recheck`]).
@@ -173,6 +175,8 @@ impl Hub {
     pub fn end_batch(&self, upto: Snapshot) {
         let mut state = self.lock();
         state.in_flight = None;
+        let State { rooms, syncs, .. } = &mut *state;
+        crate::sync::batch_delivered(rooms, syncs, &upto);
         state.delivered = Some(upto);
     }
 
@@ -243,6 +247,32 @@ impl Hub {
             delivered += client.send_all(frames) as u64;
         }
         Ok(delivered)
+    }
+
+    /// A `sync` request: `reply` is queued to the member once the delivered batches cover
+    /// `target` (see [`crate::sync`]); returns whether it waits.
+    pub fn sync(
+        &self,
+        room: &Room,
+        client_id: u64,
+        target: Snapshot,
+        reply: Frame,
+    ) -> Result<bool, crate::sync::SyncError> {
+        let mut state = self.lock();
+        let State {
+            rooms,
+            delivered,
+            syncs,
+            ..
+        } = &mut *state;
+        crate::sync::answer_or_wait(
+            rooms,
+            delivered.as_ref(),
+            syncs,
+            (room, client_id),
+            target,
+            reply,
+        )
     }
 
     /// Adds the client to the rooms and queues `reply(room, position)` for each, atomically with

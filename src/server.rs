@@ -55,6 +55,7 @@ impl Relay {
         // The relay's queries are short and run thousands of times a second: compiling them
         // with JIT (which Postgres does whenever an estimate is large, such as for a big chunk of
         // policy checks) costs far more than it saves.
+        let demo = config.demo.clone();
         let no_jit = settings::with_setting(&db, "jit", "off");
         let pool = build_pool(
             &settings::with_statement_timeout(&no_jit, config.statement_timeout),
@@ -135,8 +136,12 @@ impl Relay {
             .route("/sse", get(sse::stream))
             .route("/healthz", get(|| async { "ok" }))
             .route("/readyz", get(readyz))
-            .route("/metrics", get(metrics_text))
-            .with_state(state);
+            .route("/metrics", get(metrics_text));
+        let app = match demo {
+            Some(demo) => app.merge(crate::demo::routes(demo)),
+            None => app,
+        }
+        .with_state(state);
 
         let graceful = shutdown.clone();
         let serve = async move {

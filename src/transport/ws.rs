@@ -261,6 +261,23 @@ impl Session {
                 self.presence_reply(done, reference);
                 Flow::Continue
             }
+            ClientMessage::Sync { room, position } => {
+                if let Err(err) = crate::sync::request(
+                    &self.app.subscriptions,
+                    &self.client,
+                    &room,
+                    &position,
+                    reference,
+                ) {
+                    let code = match err {
+                        crate::sync::SyncError::BadPosition => ErrorCode::BadRequest,
+                        crate::sync::SyncError::NotJoined => ErrorCode::NotJoined,
+                        crate::sync::SyncError::TooMany => ErrorCode::RateLimited,
+                    };
+                    self.error(code, &err.to_string(), reference);
+                }
+                Flow::Continue
+            }
             ClientMessage::Typing { room, typing } => {
                 let presence = self.app.hub.presence();
                 let done = presence.typing(&room, self.client.id, typing);
