@@ -33,10 +33,14 @@ pub struct RelayConfig {
     pub pool_size: usize,
     /// How long a task waits for a pooled database connection, or for a new one to open.
     pub pool_timeout: Duration,
+    /// How often every room membership is re-checked against its join policy.
+    pub recheck_interval: Duration,
     pub limits: Limits,
     /// Browser origins allowed to connect (`Origin` header); empty = any.
     pub allowed_origins: Vec<String>,
     pub presence: crate::presence::PresenceTimings,
+    /// Development mode only: serve the live board and its demo endpoints ([`crate::demo`]).
+    pub demo: Option<crate::demo::Demo>,
     /// Longest a database statement of the relay may run (`statement_timeout` on its
     /// connections). A policy that runs longer for some row is denied for that row, and nothing
     /// else waits for it; see [`crate::authorize`].
@@ -100,9 +104,11 @@ impl RelayConfig {
             maintenance_interval: Duration::from_secs(10),
             pool_size: 16,
             pool_timeout: Duration::from_secs(10),
+            recheck_interval: Duration::from_secs(30),
             limits: Limits::default(),
             allowed_origins: Vec::new(),
             presence: Default::default(),
+            demo: None,
             statement_timeout: Duration::from_secs(5),
         }
     }
@@ -125,6 +131,10 @@ pub struct Settings {
     /// that takes longer for a row is denied for that row, a join policy fails that join.
     #[arg(long, env = "PGRELAY_STATEMENT_TIMEOUT", default_value = "5s", value_name = "DURATION", value_parser = parse_interval)]
     pub statement_timeout: Duration,
+    /// How often every room membership is put to its join policy again (what the outbox cannot
+    /// show: changes made with triggers disabled, a policy replaced without the event trigger).
+    #[arg(long, env = "PGRELAY_RECHECK_INTERVAL", default_value = "30s", value_name = "DURATION", value_parser = parse_interval)]
+    pub recheck_interval: Duration,
     /// How often to run outbox retention (pgrelay.maintain()) and report this relay's status.
     #[arg(long, env = "PGRELAY_MAINTENANCE_INTERVAL", default_value = "10s", value_name = "DURATION", value_parser = parse_interval)]
     pub maintenance_interval: Duration,
@@ -248,6 +258,7 @@ impl Settings {
         config.poll_interval = self.poll_interval;
         config.maintenance_interval = self.maintenance_interval;
         config.statement_timeout = self.statement_timeout;
+        config.recheck_interval = self.recheck_interval;
         let limits = &mut config.limits;
         limits.max_queued_bytes = self.queue_budget;
         limits.max_message_bytes = self.max_message_size;
@@ -408,6 +419,7 @@ mod tests {
         assert_eq!(applied.poll_interval, coded.poll_interval);
         assert_eq!(applied.maintenance_interval, coded.maintenance_interval);
         assert_eq!(applied.statement_timeout, coded.statement_timeout);
+        assert_eq!(applied.recheck_interval, coded.recheck_interval);
     }
 
     #[test]

@@ -39,6 +39,11 @@ pub enum ClientMessage {
         typing: bool,
     },
     Ping,
+    /// Answered with `synced` once the room's stream has reached `position` ([`crate::sync`]).
+    Sync {
+        room: Room,
+        position: String,
+    },
 }
 
 /// A bearer token as a client sent it. Its `Debug` shows only its length, so that a message
@@ -112,6 +117,12 @@ pub fn parse(text: &str) -> Result<(ClientMessage, Option<String>), BadMessage> 
             })
         }),
         "ping" => Ok(ClientMessage::Ping),
+        "sync" => serde_json::from_value::<SyncFields>(fields).and_then(|f| {
+            Ok(ClientMessage::Sync {
+                room: room_or_err(f.room)?,
+                position: f.position,
+            })
+        }),
         other => return Err(bad(reference, format!("unknown message type {other:?}"))),
     };
     parsed
@@ -154,6 +165,11 @@ struct PresenceFields {
     meta: Map<String, Value>,
 }
 #[derive(Deserialize)]
+struct SyncFields {
+    room: String,
+    position: String,
+}
+#[derive(Deserialize)]
 struct TypingFields {
     room: String,
     typing: bool,
@@ -182,6 +198,11 @@ impl Room {
 
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// The part before the first colon (`project` for `project:42`): which join policy decides.
+    pub fn kind(&self) -> &str {
+        self.0.split_once(':').map_or(&*self.0, |(kind, _)| kind)
     }
 }
 
@@ -251,6 +272,12 @@ pub enum ServerMessage<'a> {
         #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
         reference: Option<&'a str>,
     },
+    Synced {
+        room: &'a str,
+        position: &'a str,
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        reference: Option<&'a str>,
+    },
     Error {
         code: ErrorCode,
         message: &'a str,
@@ -299,6 +326,7 @@ impl ServerMessage<'_> {
             ServerMessage::PresenceState { .. } => (Kind::PresenceState, None),
             ServerMessage::PresenceDiff { .. } => (Kind::PresenceDiff, None),
             ServerMessage::Typing { .. } => (Kind::Typing, None),
+            ServerMessage::Synced { .. } => (Kind::Synced, None),
         };
         Frame {
             text: text.into(),
@@ -398,6 +426,7 @@ pub enum Kind {
     PresenceState,
     PresenceDiff,
     Typing,
+    Synced,
 }
 
 impl Kind {
@@ -412,6 +441,7 @@ impl Kind {
             Kind::PresenceState => "presence_state",
             Kind::PresenceDiff => "presence_diff",
             Kind::Typing => "typing",
+            Kind::Synced => "synced",
         }
     }
 }

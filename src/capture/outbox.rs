@@ -46,6 +46,10 @@ pub struct Change {
     pub max_event_bytes: usize,
     /// The table's primary key columns: what a truncated event keeps of the row.
     pub key_columns: Vec<String>,
+    /// Not a row change but an invalidation (a `TRUNCATE`, a replaced function; see
+    /// "Invalidations" in `sql/pgrelay.sql`): delivered to nobody, it makes the relay forget every
+    /// remembered answer and re-check every room.
+    pub control: bool,
 }
 
 impl std::fmt::Debug for Change {
@@ -77,6 +81,8 @@ pub struct PolicyInputs {
     pub knows_old: bool,
     /// Tables whose remembered answers this change may have made wrong.
     pub flush: Vec<String>,
+    /// Kinds of rooms whose join policy reads this change's table: their members are re-checked.
+    pub recheck: Vec<String>,
 }
 
 impl PolicyInputs {
@@ -106,6 +112,7 @@ impl Change {
             policy,
             max_event_bytes: 1 << 20,
             key_columns: vec!["id".into()],
+            control: false,
         }
     }
 }
@@ -147,6 +154,7 @@ pub const READ_BATCH: &str = r#"
 SELECT s.upto::text, (SELECT horizon FROM pgrelay.retention)::text, c.id, c.xid::text, c.txn_last, c.tbl, c.entity, c.op, c.rooms,
        c."row"::text, c.old::text, to_json(c.ts) #>> '{}',
        c.policy_key, c.policy_key_old, c.knows_old, c.flush, c.max_event_bytes, c.key_columns,
+       c.recheck, c.control,
        (extract(epoch FROM c.ts) * 1000000)::int8
 FROM (SELECT coalesce($2::text::pg_snapshot, pg_current_snapshot()) AS upto) AS s
 LEFT JOIN LATERAL (
@@ -291,10 +299,12 @@ fn change_from_row(row: &tokio_postgres::Row) -> anyhow::Result<Option<Change>> 
             key_old: row.try_get(13)?,
             knows_old: row.try_get(14)?,
             flush: row.try_get(15)?,
+            recheck: row.try_get(18)?,
         },
         max_event_bytes: usize::try_from(row.try_get::<_, i32>(16)?).unwrap_or(0),
         key_columns: row.try_get(17)?,
-        ts_micros: row.try_get(18)?,
+        control: row.try_get(19)?,
+        ts_micros: row.try_get(20)?,
     }))
 }
 
