@@ -30,7 +30,7 @@ use crate::jwt::Verifier;
 use crate::metrics::Metrics;
 use crate::presence::{self, Presence};
 use crate::rooms::Hub;
-use crate::transport::{sse, ws};
+use crate::transport::{cors, sse, ws};
 
 /// Everything a request handler may need, cloned cheaply into each one.
 #[derive(Clone)]
@@ -148,7 +148,12 @@ impl Relay {
         let listener = without_nagle(listener);
         let app = Router::new()
             .route("/ws", get(ws::upgrade))
-            .route("/sse", get(sse::stream))
+            .route(
+                "/sse",
+                get(sse::stream).options(cors::preflight).layer(
+                    axum::middleware::from_fn_with_state(state.clone(), cors::allow),
+                ),
+            )
             .route("/healthz", get(|| async { "ok" }))
             .route("/readyz", get(readyz))
             .route("/metrics", get(metrics_text))

@@ -2,6 +2,7 @@
 //! has; [`ws`] is the WebSocket session that drains it, [`sse`] the Server-Sent Events one.
 
 pub mod client;
+pub mod cors;
 pub mod limits;
 pub mod sse;
 pub mod ws;

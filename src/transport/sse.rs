@@ -5,8 +5,15 @@
 //! rooms are joined at once, at one position, with the same policies. Every change arrives as an
 //! SSE message whose `data` is the WebSocket `event` JSON and whose `id` is its position, so the
 //! browser's `EventSource` resumes by itself after a drop: it sends `Last-Event-ID` and the relay
-//! replays what was missed (see [`crate::resume`]). `joined` and `left` notices arrive as named
-//! events (`event: joined`), which `onmessage` handlers ignore. A comment line every 15 s keeps
+//! replays what was missed (see [`crate::resume`]). A new `EventSource` cannot set that header, so
+//! `?since=P` resumes too; when both are present, `Last-Event-ID` wins: the browser only sends it
+//! once the stream opened with that URL has delivered events past it.
+//!
+//! Only change events carry an `id`. A browser remembers the last `id` of any message, named or
+//! not, so an `id` on `joined` would make a stream that drops right after it resume from the join
+//! position and skip the replay it was owed. `joined` is a named event (`event: joined`) without
+//! one; `left` (revoked, replay failed) is an unnamed message like the events, so `onmessage`
+//! handlers see a room go away (its `data` has `"type":"left"`). A comment line every 15 s keeps
 //! proxies from closing an idle stream.
 
 use std::convert::Infallible;
@@ -32,6 +39,8 @@ use crate::subscribe::{self, JoinError};
 pub struct SseParams {
     rooms: String,
     token: Option<String>,
+    /// Resume from this position (as `Last-Event-ID` does).
+    since: Option<String>,
 }
 
 pub async fn stream(
@@ -83,10 +92,14 @@ pub async fn stream(
             return refuse(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, &message);
         }
     };
+    // The header is what the browser sends once this stream delivered events: it is newer than
+    // the `since` of the URL it keeps reconnecting to.
     let since = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
+        .map(str::to_owned)
+        .filter(|id| !id.is_empty())
+        .or(params.since.filter(|since| !since.is_empty()));
 
     // A stream's rooms are joined at once, so opening streams is what join attempts are for
     // WebSocket: limited per user, since every open starts a new connection.
@@ -225,7 +238,8 @@ impl SseSession {
     }
 }
 
-/// Events become unnamed messages with their position as id; notices become named events.
+/// Events (with their position as `id`) and `left` become unnamed messages; other notices
+/// (`joined`) become named events without an `id`.
 fn sse_event(frame: &str) -> Event {
     #[derive(Deserialize)]
     struct Head<'a> {
@@ -233,21 +247,13 @@ fn sse_event(frame: &str) -> Event {
         kind: &'a str,
         #[serde(borrow)]
         id: Option<&'a str>,
-        #[serde(borrow)]
-        position: Option<&'a str>,
     }
     match serde_json::from_str::<Head>(frame) {
         Ok(Head {
             kind: "event",
             id: Some(id),
-            ..
         }) => Event::default().id(id).data(frame),
-        // The joined position is where a reconnect must resume if no event arrived before it.
-        Ok(Head {
-            kind: "joined",
-            position: Some(position),
-            ..
-        }) => Event::default().event("joined").id(position).data(frame),
+        Ok(Head { kind: "left", .. }) => Event::default().data(frame),
         Ok(Head { kind, .. }) => Event::default().event(kind).data(frame),
         Err(_) => Event::default().data(frame),
     }
