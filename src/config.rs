@@ -18,6 +18,35 @@ pub struct RelayConfig {
     /// Browser origins allowed to connect (`Origin` header); empty = any.
     pub allowed_origins: Vec<String>,
     pub presence: crate::presence::PresenceTimings,
+    pub replay: ReplayBudget,
+}
+
+/// What replays (resuming clients) may use, apart from everything else (see [`crate::resume`]).
+#[derive(Clone, Debug)]
+pub struct ReplayBudget {
+    /// Database queries for replays at once, relay-wide (outbox reads and their authorization):
+    /// the rest of the pool stays free for joins and live delivery.
+    pub reads: usize,
+    /// Replays served at once, relay-wide; more wait their turn, in arrival order.
+    pub running: usize,
+    /// Replays of one user served at once; more wait their turn, in arrival order.
+    pub per_user: usize,
+    /// Bytes of outbox pages kept in memory for replays to share.
+    pub window_bytes: usize,
+    /// A replay whose client takes nothing for this long is closed with 4008 (resumable).
+    pub stall: Duration,
+}
+
+impl Default for ReplayBudget {
+    fn default() -> ReplayBudget {
+        ReplayBudget {
+            reads: 2,
+            running: 1024,
+            per_user: 4,
+            window_bytes: 64 * 1024 * 1024,
+            stall: Duration::from_secs(10),
+        }
+    }
 }
 
 /// Per-connection limits.
@@ -76,6 +105,7 @@ impl RelayConfig {
             limits: Limits::default(),
             allowed_origins: Vec::new(),
             presence: Default::default(),
+            replay: ReplayBudget::default(),
         }
     }
 }

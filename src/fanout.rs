@@ -164,7 +164,7 @@ pub async fn deliver(
                             .clone(),
                     };
                     if member.is_replaying() {
-                        delivered += u64::from(member.deliver(frame));
+                        delivered += u64::from(member.deliver(room, frame));
                     } else {
                         outgoing
                             .entry(member.client.id)

@@ -20,6 +20,7 @@ pub mod capture;
 pub mod config;
 pub mod db;
 pub mod fanout;
+pub mod history;
 pub mod jwt;
 pub mod metrics;
 pub mod presence;

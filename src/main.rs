@@ -104,6 +104,22 @@ struct ServeArgs {
     /// intervals is dropped from presence everywhere.
     #[arg(long, env = "PGRELAY_PRESENCE_HEARTBEAT", default_value = "5s", value_parser = parse_duration)]
     presence_heartbeat: Duration,
+    /// Database queries replays may run at once (outbox reads and their authorization); the rest
+    /// of the pool is kept for joins and live delivery.
+    #[arg(long, env = "PGRELAY_REPLAY_READS", default_value_t = 2)]
+    replay_reads: usize,
+    /// Replays served at once; more wait their turn in arrival order.
+    #[arg(long, env = "PGRELAY_REPLAYS", default_value_t = 1024)]
+    replays: usize,
+    /// Replays of one user served at once; more wait their turn in arrival order.
+    #[arg(long, env = "PGRELAY_REPLAYS_PER_USER", default_value_t = 4)]
+    replays_per_user: usize,
+    /// MiB of outbox pages kept in memory for replays to share.
+    #[arg(long, env = "PGRELAY_REPLAY_WINDOW_MB", default_value_t = 64)]
+    replay_window_mb: usize,
+    /// A replay whose client takes nothing for this long is closed with 4008 (resumable).
+    #[arg(long, env = "PGRELAY_REPLAY_STALL", default_value = "10s", value_parser = parse_duration)]
+    replay_stall: Duration,
 }
 
 /// A failure and the exit code it maps to.
@@ -248,6 +264,13 @@ async fn serve(args: ServeArgs) -> Result<(), Failure> {
     config.presence.heartbeat = args.presence_heartbeat;
     config.presence.relay_timeout = 3 * args.presence_heartbeat;
     config.allowed_origins = args.allowed_origins;
+    config.replay = pgrelay::config::ReplayBudget {
+        reads: args.replay_reads,
+        running: args.replays,
+        per_user: args.replays_per_user,
+        window_bytes: args.replay_window_mb.saturating_mul(1024 * 1024),
+        stall: args.replay_stall,
+    };
     let verifier_for_reloads = config.verifier.clone();
     let relay = Relay::start(config).await.map_err(Failure::Config)?;
     if let Some(path) = args.jwt_public_key_file.clone() {

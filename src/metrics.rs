@@ -86,6 +86,12 @@ pub struct Metrics {
     pub slow_consumer_disconnects: Counter,
     pub client_errors: Counter,
     pub replay_failures: Counter,
+    pub replay_pages_read: Counter,
+    pub replay_pages_shared: Counter,
+    pub replay_changes_read: Counter,
+    pub replays_running: Gauge,
+    pub replays_waiting: Gauge,
+    pub replay_stalls: Counter,
     pub revocations: Counter,
     pub access_rechecks: Counter,
     pub access_recheck_time: Seconds,
@@ -300,6 +306,42 @@ impl Metrics {
             "counter",
             "Resumes whose replay failed (the client was told to resume again).",
             self.replay_failures.get(),
+        );
+        metric(
+            "replay_pages_read_total",
+            "counter",
+            "Pages of outbox ranges read from the database for replays.",
+            self.replay_pages_read.get(),
+        );
+        metric(
+            "replay_pages_shared_total",
+            "counter",
+            "Replay pages served from memory or from a read another replay started.",
+            self.replay_pages_shared.get(),
+        );
+        metric(
+            "replay_changes_read_total",
+            "counter",
+            "Changes read from the database for replays.",
+            self.replay_changes_read.get(),
+        );
+        metric(
+            "replays_running",
+            "gauge",
+            "Replays being served now.",
+            self.replays_running.get(),
+        );
+        metric(
+            "replays_waiting",
+            "gauge",
+            "Replays waiting for their user's or the relay's replay budget.",
+            self.replays_waiting.get(),
+        );
+        metric(
+            "replay_stalls_total",
+            "counter",
+            "Replays whose client stopped reading: closed with 4008 (resumable).",
+            self.replay_stalls.get(),
         );
         metric(
             "presence_bus_connected",

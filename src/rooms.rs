@@ -39,13 +39,15 @@ pub struct Member {
     /// Identifies this membership: a replay or a revocation started for an earlier membership of
     /// the same client in the same room must not touch this one.
     pub join_id: u64,
-    /// While its missed changes are being replayed, live frames wait here.
-    pending: Option<Pending>,
+    /// While its missed changes are being replayed, live frames wait here: one buffer for all
+    /// the rooms of the join, so they are released in the order they were delivered, which is
+    /// commit order across rooms (an SSE stream has one position for all its rooms).
+    pending: Option<Arc<Mutex<Pending>>>,
 }
 
 #[derive(Default)]
 struct Pending {
-    frames: Vec<Utf8Bytes>,
+    frames: Vec<(String, Utf8Bytes)>,
     bytes: usize,
 }
 
@@ -57,10 +59,11 @@ impl Member {
 
     /// Queues a live frame, or holds it back while a replay is running. False if it was dropped
     /// (the client is too slow and is being closed).
-    pub fn deliver(&mut self, frame: Utf8Bytes) -> bool {
-        match &mut self.pending {
+    pub fn deliver(&mut self, room: &str, frame: Utf8Bytes) -> bool {
+        match &self.pending {
             None => self.client.send(frame),
             Some(pending) => {
+                let mut pending = pending.lock().unwrap_or_else(|p| p.into_inner());
                 // Like the queue itself, an empty buffer always takes one frame.
                 let len = frame.as_str().len();
                 if pending.bytes > 0 && pending.bytes + len > self.client.max_queued_bytes() {
@@ -71,7 +74,7 @@ impl Member {
                     return false;
                 }
                 pending.bytes += len;
-                pending.frames.push(frame);
+                pending.frames.push((room.to_owned(), frame));
                 true
             }
         }
@@ -187,13 +190,14 @@ impl Hub {
         let at = Position::At(position.clone());
         state.last_join += 1;
         let join_id = state.last_join;
+        let pending = resume_from.map(|_| Arc::new(Mutex::new(Pending::default())));
         for room in rooms {
             let member = Member {
                 client: client.clone(),
                 principal: principal.clone(),
                 first_batch,
                 join_id,
-                pending: resume_from.map(|_| Pending::default()),
+                pending: pending.clone(),
             };
             state
                 .rooms
@@ -207,46 +211,50 @@ impl Hub {
     }
 
     /// Queues a replayed frame to a member that is still replaying; false if it left meanwhile.
-    pub fn replay_send(&self, room: &Room, client_id: u64, join_id: u64, frame: Utf8Bytes) -> bool {
+    pub fn replay_send(&self, room: &str, client_id: u64, join_id: u64, frame: Utf8Bytes) -> bool {
         let state = self.lock();
         match state.rooms.get(room).and_then(|m| m.get(&client_id)) {
-            Some(member) if member.join_id == join_id && member.pending.is_some() => {
+            Some(member) if member.join_id == join_id && member.is_replaying() => {
                 member.client.send(frame)
             }
             _ => false,
         }
     }
 
-    /// Ends a member's replay: the live frames that waited are queued after the replayed ones,
-    /// paced like the replay. Frames that arrive meanwhile keep waiting behind them, so the
-    /// member leaves replay mode only once nothing is held back.
-    pub async fn finish_replay(&self, room: &Room, client: &ClientHandle, join_id: u64) {
+    /// Ends a join's replay: the live frames that waited are queued after the replayed ones, in
+    /// the order they were delivered (one buffer for all the join's rooms), paced like the
+    /// replay. Frames that arrive meanwhile keep waiting behind them, so the members leave replay
+    /// mode only once nothing is held back. A frame for a room the client has left is dropped.
+    pub async fn finish_replay(&self, rooms: &[Room], client: &ClientHandle, join_id: u64) {
         loop {
             let frames = {
                 let mut state = self.lock();
-                let member = state
+                let mut members: Vec<&mut Member> = state
                     .rooms
-                    .get_mut(room)
-                    .and_then(|m| m.get_mut(&client.id));
-                let Some(member) = member.filter(|m| m.join_id == join_id) else {
+                    .iter_mut()
+                    .filter(|(room, _)| rooms.contains(room))
+                    .filter_map(|(_, m)| m.get_mut(&client.id))
+                    .filter(|m| m.join_id == join_id)
+                    .collect();
+                let Some(pending) = members.iter().find_map(|m| m.pending.clone()) else {
                     return;
                 };
-                match &mut member.pending {
-                    Some(pending) if !pending.frames.is_empty() => {
-                        pending.bytes = 0;
-                        std::mem::take(&mut pending.frames)
-                    }
-                    _ => {
+                let mut pending = pending.lock().unwrap_or_else(|p| p.into_inner());
+                if pending.frames.is_empty() {
+                    for member in &mut members {
                         member.pending = None;
-                        return;
                     }
-                }
-            };
-            for frame in frames {
-                client.wait_for_room(frame.as_str().len()).await;
-                if client.is_closing() || !self.replay_send(room, client.id, join_id, frame) {
                     return;
                 }
+                pending.bytes = 0;
+                std::mem::take(&mut pending.frames)
+            };
+            for (room, frame) in frames {
+                client.wait_for_room(frame.as_str().len()).await;
+                if client.is_closing() {
+                    return;
+                }
+                self.replay_send(&room, client.id, join_id, frame);
             }
         }
     }
@@ -386,7 +394,7 @@ mod tests {
             .expect("join");
         let big = |n: usize| Utf8Bytes::from(format!("{n}{}", "x".repeat(1500)));
         assert!(
-            hub.replay_send(&room, client.id, join_id, big(0)),
+            hub.replay_send(room.as_str(), client.id, join_id, big(0)),
             "replayed"
         );
         for n in 1..3 {
@@ -396,7 +404,7 @@ mod tests {
                 .get_mut(&room)
                 .and_then(|m| m.get_mut(&client.id));
             assert!(
-                member.expect("member").deliver(big(n)),
+                member.expect("member").deliver(room.as_str(), big(n)),
                 "held back, not dropped"
             );
         }
@@ -411,7 +419,8 @@ mod tests {
             }
             got
         });
-        hub.finish_replay(&room, &client, join_id).await;
+        hub.finish_replay(std::slice::from_ref(&room), &client, join_id)
+            .await;
         assert!(!client.is_closing(), "a client that reads is never closed");
         let got = tokio::time::timeout(std::time::Duration::from_secs(5), reader)
             .await

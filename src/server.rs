@@ -49,6 +49,8 @@ pub struct AppState {
     pub connections_per_user: Arc<crate::transport::limits::ConnectionsPerUser>,
     /// SSE streams opened per user: each open asks the join policy for all its rooms.
     pub sse_opens: Arc<crate::transport::limits::BucketPerUser>,
+    /// Serves resuming clients what they missed, on a budget of their own.
+    pub replays: Arc<crate::resume::Replays>,
     pub shutdown: CancellationToken,
 }
 
@@ -115,12 +117,22 @@ impl Relay {
             config.limits.joins_per_second,
             config.limits.join_burst,
         );
+        let authorizer = Authorizer::new(pool.clone(), metrics.clone());
+        let replays = Arc::new(crate::resume::Replays::new(
+            pool.clone(),
+            authorizer.clone(),
+            hub.clone(),
+            codec.clone(),
+            metrics.clone(),
+            config.replay,
+        ));
         let state = AppState {
             pool: pool.clone(),
             codec: codec.clone(),
             wake: wake.clone(),
             hub,
-            authorizer: Authorizer::new(pool.clone(), metrics.clone()),
+            authorizer,
+            replays,
             verifier: config.verifier,
             metrics: metrics.clone(),
             limits: config.limits,

@@ -100,32 +100,13 @@ pub async fn join(
     app.metrics.joins.add(rooms.len() as u64);
 
     if let Some(seen) = seen {
-        let replay = Replay {
-            pool: app.pool.clone(),
-            authorizer: app.authorizer.clone(),
-            hub: app.hub.clone(),
+        app.replays.start(Replay {
             client: client.clone(),
             principal: principal.clone(),
             rooms: rooms.to_vec(),
             seen,
             until,
             join_id,
-            codec: app.codec.clone(),
-        };
-        let metrics = app.metrics.clone();
-        tokio::spawn(async move {
-            if let Err(err) = replay.run().await {
-                tracing::warn!(error = %format!("{err:#}"), "replay failed; the client must resume again");
-                metrics.replay_failures.inc();
-                for room in &replay.rooms {
-                    replay.hub.end_membership(
-                        room,
-                        replay.client.id,
-                        replay.join_id,
-                        "replay_failed",
-                    );
-                }
-            }
         });
     }
     Ok(())

@@ -203,7 +203,9 @@ impl Batch {
     }
 }
 
-fn change_from_row(row: &tokio_postgres::Row) -> anyhow::Result<Option<Change>> {
+/// One row of [`READ_BATCH`] (or a query with its columns) as a change; `None` for the row an
+/// empty read returns.
+pub fn change_from_row(row: &tokio_postgres::Row) -> anyhow::Result<Option<Change>> {
     let Some(id) = row.try_get::<_, Option<i64>>(2)? else {
         return Ok(None); // the empty side of the LEFT JOIN: nothing new
     };
