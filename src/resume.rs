@@ -38,7 +38,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use deadpool_postgres::Pool;
-use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{oneshot, OnceCell, OwnedSemaphorePermit, Semaphore};
 
 use crate::authorize::Authorizer;
 use crate::capture::outbox::Change;
@@ -53,7 +53,7 @@ use crate::rooms::Hub;
 use crate::transport::client::{ClientHandle, CloseRequest};
 
 /// What a position means here and now.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum Resolution {
     /// Everything the client missed can be replayed.
     Resumable(Seen),
@@ -147,7 +147,24 @@ pub struct Replays {
     users: Mutex<HashMap<String, Arc<Semaphore>>>,
     /// Authorization requests waiting for a query, by page (see [`Replays::judge`]).
     judging: Arc<Mutex<HashMap<usize, Vec<Ask>>>>,
+    /// Positions resolved in the last [`RESOLVED_FOR`], or being resolved (see
+    /// [`Replays::resolve`]).
+    resolved: Mutex<HashMap<String, Resolving>>,
+    pool: Pool,
 }
+
+/// A resolution shared by the joins that asked for the same position at about the same time.
+struct Resolving {
+    at: std::time::Instant,
+    answer: Arc<OnceCell<Resolution>>,
+}
+
+/// How long a resolution is reused. Clients of one room come back with the same last id, and
+/// a storm of them should cost one lookup, not one each. Retention moving meanwhile is caught
+/// by the replay, which checks every page it reads.
+const RESOLVED_FOR: Duration = Duration::from_secs(1);
+/// Resolutions remembered at most (older ones are dropped first when over).
+const MAX_RESOLVED: usize = 10_000;
 
 /// One replay's question about a page: which of these changes may its user read?
 struct Ask {
@@ -166,7 +183,12 @@ impl Replays {
         budget: ReplayBudget,
     ) -> Replays {
         Replays {
-            history: History::new(pool, budget.reads, budget.window_bytes, metrics.clone()),
+            history: History::new(
+                pool.clone(),
+                budget.reads,
+                budget.window_bytes,
+                metrics.clone(),
+            ),
             authorizer,
             hub,
             codec,
@@ -175,7 +197,38 @@ impl Replays {
             budget,
             users: Mutex::default(),
             judging: Arc::default(),
+            resolved: Mutex::default(),
+            pool,
         }
+    }
+
+    /// [`resolve`], shared by the joins that bring the same position within [`RESOLVED_FOR`].
+    pub async fn resolve(&self, position: &Position) -> Result<Resolution, ResolveError> {
+        let key = position.to_string();
+        let answer = {
+            let mut resolved = self.resolved.lock().unwrap_or_else(|p| p.into_inner());
+            let now = std::time::Instant::now();
+            if resolved.len() >= MAX_RESOLVED {
+                resolved.retain(|_, r| now.duration_since(r.at) < RESOLVED_FOR);
+            }
+            let fresh = |r: &Resolving| now.duration_since(r.at) < RESOLVED_FOR;
+            match resolved.get(&key) {
+                Some(r) if fresh(r) => r.answer.clone(),
+                _ => {
+                    let answer = Arc::new(OnceCell::new());
+                    let resolving = Resolving {
+                        at: now,
+                        answer: answer.clone(),
+                    };
+                    resolved.insert(key, resolving);
+                    answer
+                }
+            }
+        };
+        answer
+            .get_or_try_init(|| resolve(&self.pool, position))
+            .await
+            .cloned()
     }
 
     /// Starts the replay on its own task. On failure the client is told its rooms' replay failed

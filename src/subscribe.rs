@@ -10,7 +10,7 @@ use std::time::Duration;
 use crate::capture::position::{Position, Snapshot};
 use crate::jwt::Principal;
 use crate::protocol::Room;
-use crate::resume::{self, Replay, Resolution, ResolveError};
+use crate::resume::{Replay, Resolution, ResolveError};
 use crate::rooms::NotReady;
 use crate::server::AppState;
 use crate::transport::client::ClientHandle;
@@ -59,7 +59,7 @@ pub async fn join(
         None => None,
         Some(text) => {
             let position: Position = app.codec.open(text).map_err(|_| JoinError::BadPosition)?;
-            match resume::resolve(&app.pool, &position).await {
+            match app.replays.resolve(&position).await {
                 Ok(Resolution::Resumable(seen)) => Some(seen),
                 Ok(Resolution::Lost) => None,
                 Err(ResolveError::Invalid) => return Err(JoinError::BadPosition),
