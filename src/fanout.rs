@@ -17,17 +17,16 @@ use std::collections::HashMap;
 use rustc_hash::FxHashMap;
 use std::sync::Arc;
 
-use axum::extract::ws::Utf8Bytes;
-use serde::Serialize;
 use serde_json::value::RawValue;
 
 use crate::authorize::{AccessCheck, Authorizer, Verdict};
 use crate::capture::outbox::{Change, Op};
-use crate::capture::position::{Position, PositionCodec, Snapshot};
+use crate::capture::position::{Position, PositionCodec};
+use crate::capture::reader::BatchRef;
 use crate::jwt::Principal;
 use crate::metrics::Metrics;
+use crate::protocol::{Event, Frame};
 use crate::rooms::Hub;
-use crate::transport::client::ClientHandle;
 
 /// How a change looks to one reader.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,19 +50,12 @@ impl Visibility {
     }
 }
 
-/// The identity of a batch that deliveries are part of.
-pub struct BatchRef<'a> {
-    pub number: u64,
-    pub since: &'a Snapshot,
-    pub upto: &'a Snapshot,
-    pub codec: &'a PositionCodec,
-}
-
 /// Authorizes and queues one chunk of changes (in commit order) to the members of their rooms.
 pub async fn deliver(
     hub: &Hub,
     authorizer: &Authorizer,
     metrics: &Metrics,
+    codec: &PositionCodec,
     batch: &BatchRef<'_>,
     changes: &[Change],
 ) -> anyhow::Result<()> {
@@ -71,29 +63,22 @@ pub async fn deliver(
     let mut principals: Vec<Arc<Principal>> = Vec::new();
     let mut principal_of_client: FxHashMap<u64, u32> = FxHashMap::default();
     let mut pairs: Vec<(u32, u32)> = Vec::new();
-    {
-        let state = hub.lock();
-        for (change_ix, change) in changes.iter().enumerate() {
-            let mut seen: Vec<u32> = Vec::new();
-            for room in &change.rooms {
-                let Some(members) = state.rooms.get(room.as_str()) else {
-                    continue;
-                };
-                for member in members.values().filter(|m| m.first_batch <= batch.number) {
-                    let ix = *principal_of_client
-                        .entry(member.client.id)
-                        .or_insert_with(|| {
-                            principals.push(member.principal.clone());
-                            (principals.len() - 1) as u32
-                        });
-                    if !seen.contains(&ix) {
-                        seen.push(ix);
-                        pairs.push((change_ix as u32, ix));
-                    }
-                }
-            }
+    let mut seen: (usize, Vec<u32>) = (usize::MAX, Vec::new());
+    hub.candidates(batch.number, changes, |change_ix, member| {
+        if seen.0 != change_ix {
+            seen = (change_ix, Vec::new());
         }
-    }
+        let ix = *principal_of_client
+            .entry(member.client.id)
+            .or_insert_with(|| {
+                principals.push(member.principal.clone());
+                (principals.len() - 1) as u32
+            });
+        if !seen.1.contains(&ix) {
+            seen.1.push(ix);
+            pairs.push((change_ix as u32, ix));
+        }
+    });
 
     // 2. Authorize.
     let verdicts = authorizer.readers(changes, &principals, &pairs).await?;
@@ -108,80 +93,56 @@ pub async fn deliver(
 
     // 3. Deliver.
     let mut recheck: HashMap<(String, u64, u64), Arc<Principal>> = HashMap::new();
-    let mut delivered = 0u64;
-    // Each client's frames of this chunk, in commit order. They are queued back to back at the
-    // end, so its writer wakes once and writes them with one flush: the busier the relay, the
-    // bigger the chunks, and the fewer system calls each delivery costs.
-    let mut outgoing: FxHashMap<u64, (Arc<ClientHandle>, Vec<Utf8Bytes>)> = FxHashMap::default();
-    {
-        let mut state = hub.lock();
-        for (change_ix, change) in changes.iter().enumerate() {
-            let id = batch.codec.seal(&Position::Within {
-                since: batch.since.clone(),
-                upto: batch.upto.clone(),
-                change_id: change.id,
-            });
-            for room in &change.rooms {
-                let Some(members) = state.rooms.get_mut(room.as_str()) else {
-                    continue;
-                };
-                let mut frames: [Option<Utf8Bytes>; 3] = Default::default();
-                for member in members
-                    .values_mut()
-                    .filter(|m| m.first_batch <= batch.number)
-                {
-                    let Some(&principal) = principal_of_client.get(&member.client.id) else {
-                        continue; // joined after step 1 began: its position starts after this batch
-                    };
-                    let pair = (change_ix as u32, principal);
-                    let Some(&visibility) = visible.get(&pair) else {
-                        // Denied: maybe this member has lost access to the room itself. Not
-                        // when the answer came from memory for an UPDATE that left what the
-                        // policy reads alone: then neither the row nor anything the policy
-                        // reads elsewhere changed since that answer (such changes make answers
-                        // forgotten), and the first such denial was looked into. Without this,
-                        // a private task denied to most of a project's room cost a join check
-                        // per member per change.
-                        if verdicts.judged.contains(&pair) || !change.policy.unchanged() {
-                            recheck.insert(
-                                (room.clone(), member.client.id, member.join_id),
-                                member.principal.clone(),
-                            );
-                        }
-                        continue;
-                    };
-                    if visibility == Visibility::Vanished {
-                        recheck.insert(
-                            (room.clone(), member.client.id, member.join_id),
-                            member.principal.clone(),
-                        );
-                    }
-                    let slot = &mut frames[visibility as usize];
-                    let frame = match slot {
-                        Some(frame) => frame.clone(),
-                        None => slot
-                            .insert(event_frame(room, &id, change, visibility)?)
-                            .clone(),
-                    };
-                    if member.is_replaying() {
-                        delivered += u64::from(member.deliver(room, frame));
-                    } else {
-                        outgoing
-                            .entry(member.client.id)
-                            .or_insert_with(|| (member.client.clone(), Vec::new()))
-                            .1
-                            .push(frame);
-                    }
+    let mut ids: (usize, String) = (usize::MAX, String::new());
+    let delivered = hub.deliver(
+        batch.number,
+        changes,
+        |frames: &mut [Option<Frame>; 3], change_ix, room, member| {
+            let change = &changes[change_ix];
+            let Some(&principal) = principal_of_client.get(&member.client.id) else {
+                return Ok(None); // joined after step 1 began: its position starts after this batch
+            };
+            let pair = (change_ix as u32, principal);
+            let Some(&visibility) = visible.get(&pair) else {
+                // Denied: maybe this member has lost access to the room itself. Not when the
+                // answer came from memory for an UPDATE that left what the policy reads alone:
+                // then neither the row nor anything the policy reads elsewhere changed since
+                // that answer (such changes make answers forgotten), and the first such denial
+                // was looked into. Without this, a private task denied to most of a project's
+                // room cost a join check per member per change.
+                if verdicts.judged.contains(&pair) || !change.policy.unchanged() {
+                    recheck.insert(
+                        (room.to_owned(), member.client.id, member.join_id),
+                        member.principal.clone(),
+                    );
                 }
+                return Ok(None);
+            };
+            if visibility == Visibility::Vanished {
+                recheck.insert(
+                    (room.to_owned(), member.client.id, member.join_id),
+                    member.principal.clone(),
+                );
             }
-        }
-        // Still under the lock, so a `left` or a new `joined` cannot slip between these frames.
-        // A client that takes fewer is too slow: it is being closed, and resumes from its last
-        // event.
-        for (client, frames) in outgoing.into_values() {
-            delivered += client.send_all(frames) as u64;
-        }
-    }
+            if ids.0 != change_ix {
+                ids = (
+                    change_ix,
+                    codec.seal(&Position::Within {
+                        since: batch.since.clone(),
+                        upto: batch.upto.clone(),
+                        change_id: change.id,
+                    }),
+                );
+            }
+            let slot = &mut frames[visibility as usize];
+            Ok(Some(match slot {
+                Some(frame) => frame.clone(),
+                None => slot
+                    .insert(event_frame(room, &ids.1, change, visibility)?)
+                    .clone(),
+            }))
+        },
+    )?;
     metrics.events_delivered.add(delivered);
 
     // 4. Revoke: members who were denied a change, or saw a row leave their view, may have lost
@@ -190,7 +151,7 @@ pub async fn deliver(
         let checking = std::time::Instant::now();
         metrics.access_rechecks.add(recheck.len() as u64);
         revoke_lost_access(hub, authorizer, metrics, recheck).await;
-        metrics.access_recheck_time.add(checking.elapsed());
+        metrics.access_recheck_seconds.add(checking.elapsed());
     }
     Ok(())
 }
@@ -203,7 +164,14 @@ async fn revoke_lost_access(
 ) {
     let (memberships, checks): (Vec<u64>, Vec<AccessCheck>) = recheck
         .into_iter()
-        .map(|((room, client, join_id), principal)| (join_id, (room, client, principal)))
+        .map(|((room, client_id, join_id), principal)| {
+            let check = AccessCheck {
+                room,
+                client_id,
+                principal,
+            };
+            (join_id, check)
+        })
         .unzip();
     let allowed = match authorizer.still_allowed(&checks).await {
         Ok(allowed) => allowed,
@@ -213,30 +181,15 @@ async fn revoke_lost_access(
             return;
         }
     };
-    for (((room, client, _), allowed), join_id) in checks.iter().zip(allowed).zip(memberships) {
-        let Some(room) = crate::protocol::Room::parse(room) else {
+    for ((check, allowed), join_id) in checks.iter().zip(allowed).zip(memberships) {
+        let Some(room) = crate::protocol::Room::parse(&check.room) else {
             continue;
         };
         // Only the membership that was checked: the client may have left and joined again since.
-        if !allowed && hub.revoke(&room, *client, join_id) {
+        if !allowed && hub.revoke(&room, check.client_id, join_id) {
             metrics.revocations.inc();
         }
     }
-}
-
-#[derive(Serialize)]
-struct EventFrame<'a> {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    room: &'a str,
-    id: &'a str,
-    event: String,
-    table: &'a str,
-    op: &'static str,
-    row: &'a RawValue,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    old: Option<&'a RawValue>,
-    ts: &'a str,
 }
 
 /// The `event` message for one room, as a reader with this visibility sees the change.
@@ -245,29 +198,23 @@ pub fn event_frame(
     id: &str,
     change: &Change,
     visibility: Visibility,
-) -> anyhow::Result<Utf8Bytes> {
-    let suffix = |op: Op| match op {
-        Op::Insert => "created",
-        Op::Update => "updated",
-        Op::Delete => "deleted",
-    };
+) -> anyhow::Result<Frame> {
     let (op, row, old): (Op, Box<RawValue>, Option<&RawValue>) = match visibility {
         Visibility::AsIs => (change.op, change.row.clone(), change.old.as_deref()),
         Visibility::Appeared => (Op::Insert, change.row.clone(), None),
         Visibility::Vanished => (Op::Delete, previous_row(change)?, None),
     };
-    let frame = EventFrame {
-        kind: "event",
+    Event {
         room,
         id,
-        event: format!("{}_{}", change.entity, suffix(op)),
+        entity: &change.entity,
         table: &change.table,
-        op: op.as_str(),
+        op,
         row: &row,
         old,
         ts: &change.ts,
-    };
-    Ok(serde_json::to_string(&frame)?.into())
+    }
+    .to_frame()
 }
 
 /// The row as it was before an UPDATE: the new row with the changed columns put back.

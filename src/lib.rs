@@ -1,14 +1,17 @@
 //! pgrelay: Postgres changes, authorized per user, delivered to WebSocket rooms in commit order.
 //!
-//! The modules follow a change from the database to the browser:
+//! The modules follow a change from the database to the browser; each imports only the ones
+//! before it (and the shared vocabulary: [`protocol`], [`jwt`], [`metrics`], [`config`], [`backoff`]):
 //!
 //! 1. [`capture`]: triggers (in `sql/`) write each change to an outbox table and `NOTIFY`; the
 //!    [`capture::listener`] wakes the [`capture::reader`], which reads the outbox by transaction
-//!    snapshots, so changes come out exactly once and in commit order.
-//! 2. [`authorize`]: SQL policy functions decide, in one batched query, which of the users in a
-//!    change's rooms may read it.
-//! 3. [`fanout`] and [`rooms`]: who is in which room, and the frames each of them receives.
-//! 4. [`transport`]: WebSocket sessions, each with a send queue bounded in bytes.
+//!    snapshots, so changes come out exactly once and in commit order, and hands them on in
+//!    chunks to a [`capture::reader::Consumer`].
+//! 2. [`pipeline`]: the relay's consumer. [`authorize`]: SQL policy functions decide, in one
+//!    batched query, which of the users in a change's rooms may read it; [`fanout`] turns the
+//!    answers into frames for the members of [`rooms`] (who is in which room).
+//! 3. [`queue`]: each client's send queue, bounded in bytes.
+//! 4. [`transport`]: the edges that drain the queues, WebSocket sessions and SSE streams.
 //!
 //! [`resume`] gives a returning client what it missed; [`subscribe`] is the join both transports use.
 //! [`presence`] (who is in a room, who is typing) runs beside the change path, never on it.
@@ -16,6 +19,7 @@
 //! [`server`] wires them together; [`db`] holds the embedded Postgres and migrations.
 
 pub mod authorize;
+pub mod backoff;
 pub mod capture;
 pub mod config;
 pub mod db;
@@ -23,8 +27,11 @@ pub mod fanout;
 pub mod history;
 pub mod jwt;
 pub mod metrics;
+pub mod open_files;
+pub mod pipeline;
 pub mod presence;
 pub mod protocol;
+pub mod queue;
 pub mod resume;
 pub mod rooms;
 pub mod server;

@@ -1,4 +1,4 @@
-//! The `pgrelay` command: `serve`, `migrate`, `token`, `tail` (contract §1).
+//! The `pgrelay` command: `serve`, `migrate`, `token`, `tail` (see the README).
 //!
 //! Exit codes: 0 clean shutdown, 1 runtime failure, 2 bad configuration.
 
@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand};
 use futures_util::future::poll_fn;
 use pgrelay::capture::outbox::{self, Batch};
 use pgrelay::capture::position::Position;
-use pgrelay::capture::wakeup;
+use pgrelay::capture::{listener, wakeup};
 use pgrelay::config::parse_duration;
 use pgrelay::config::RelayConfig;
 use pgrelay::db::{embedded::EmbeddedPostgres, migrate};
@@ -208,7 +208,7 @@ async fn run(command: Command) -> Result<(), Failure> {
 }
 
 async fn serve(args: ServeArgs) -> Result<(), Failure> {
-    match pgrelay::transport::limits::raise_open_files_limit() {
+    match pgrelay::open_files::raise_open_files_limit() {
         Ok(limit) => tracing::info!(
             limit,
             "open files limit (each connection needs one; raise the hard limit for more)"
@@ -360,24 +360,16 @@ async fn tail(database_url: &str, room: Option<&str>) -> anyhow::Result<()> {
         }
         forward.notify_one();
     });
-    client.batch_execute("LISTEN pgrelay").await?;
+    client
+        .batch_execute(&format!("LISTEN {}", listener::CHANNEL))
+        .await
+        .context("listening for changes")?;
     // Writers notify only while a relay sleeps (see capture::wakeup). `tail` announces a sleep for
     // as long as it runs (so writers notify meanwhile), then waits for the writers that did not
     // notify before it starts reading.
-    client
-        .execute(
-            "SELECT pg_advisory_lock_shared($1, $2)",
-            &[&wakeup::LOCK_CLASS, &wakeup::SLEEPING],
-        )
-        .await
-        .context("announcing sleep")?;
-    client
-        .execute(
-            "SELECT pg_advisory_xact_lock($1, $2)",
-            &[&wakeup::LOCK_CLASS, &wakeup::WRITING],
-        )
-        .await
-        .context("waiting for writers that did not notify")?;
+    let client = Arc::new(client);
+    let _sleeping = wakeup::Sleeping::announce(client.clone()).await?;
+    wakeup::barrier(client.clone()).await?;
     let mut since = outbox::current_snapshot(&client).await?;
     let statement = client
         .prepare(outbox::READ_BATCH)
@@ -385,15 +377,13 @@ async fn tail(database_url: &str, room: Option<&str>) -> anyhow::Result<()> {
         .context("preparing the outbox read")?;
     loop {
         let mut batch = Batch::read(&client, &statement, &since, None, None).await?;
-        loop {
-            let chunk = batch.next_chunk(1000).await?;
-            if chunk.is_empty() {
-                break;
-            }
-            for change in chunk
-                .iter()
-                .filter(|c| room.is_none_or(|r| c.rooms.iter().any(|x| x == r)))
-            {
+        while let Some(chunk) = batch
+            .next_kept(1000, |c| {
+                room.is_none_or(|r| c.rooms.iter().any(|x| x == r))
+            })
+            .await?
+        {
+            for change in &chunk {
                 let id = Position::Within {
                     since: batch.since.clone(),
                     upto: batch.upto.clone(),

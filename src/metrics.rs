@@ -1,7 +1,8 @@
 //! The counters an operator watches, exported at `GET /metrics` in Prometheus' text format.
 //!
 //! A handful of atomics is all the relay needs; they are bumped on hot paths with relaxed ordering
-//! and read only when scraped.
+//! and read only when scraped. Each metric is declared once, in the [`metrics!`] table at the end:
+//! its field, its kind and its help text; the exported name follows from the field's.
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,6 +21,10 @@ impl Counter {
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
     }
+
+    fn render(&self, out: &mut String, field: &str, help: &str) {
+        write_metric(out, &format!("{field}_total"), "counter", help, self.get());
+    }
 }
 
 /// Time spent, summed: exported in seconds, kept in nanoseconds.
@@ -35,6 +40,11 @@ impl Seconds {
     }
     pub fn get(&self) -> f64 {
         self.0.load(Ordering::Relaxed) as f64 / 1e9
+    }
+
+    fn render(&self, out: &mut String, field: &str, help: &str) {
+        let value = format!("{:.6}", self.get());
+        write_metric(out, &format!("{field}_total"), "counter", help, value);
     }
 }
 
@@ -55,318 +65,200 @@ impl Gauge {
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
     }
+
+    fn render(&self, out: &mut String, field: &str, help: &str) {
+        write_metric(out, field, "gauge", help, self.get());
+    }
 }
 
-#[derive(Default)]
-pub struct Metrics {
-    pub connections: Gauge,
-    pub listener_connected: Gauge,
-    pub listener_reconnects: Counter,
-    pub notifications: Counter,
-    pub reader_healthy: Gauge,
-    pub changes_read: Counter,
-    pub outbox_read_time: Seconds,
-    pub fanout_time: Seconds,
-    pub batches_read: Counter,
-    pub reader_sleeps: Counter,
-    pub reader_sleep_announcements: Counter,
-    pub reader_wakeups: Counter,
-    pub back_to_back_reads: Counter,
-    pub poll_reads_with_changes: Counter,
-    pub reader_sleep_failures: Counter,
-    pub read_errors: Counter,
-    pub events_delivered: Counter,
-    pub deliveries_denied: Counter,
-    pub policy_answers_remembered: Counter,
-    pub policy_answers_asked: Counter,
-    pub policy_invalidations: Counter,
-    pub joins: Counter,
-    pub joins_forbidden: Counter,
-    pub auth_failures: Counter,
-    pub slow_consumer_disconnects: Counter,
-    pub client_errors: Counter,
-    pub replay_failures: Counter,
-    pub replay_pages_read: Counter,
-    pub replay_pages_shared: Counter,
-    pub replay_changes_read: Counter,
-    pub replays_running: Gauge,
-    pub replays_waiting: Gauge,
-    pub replay_stalls: Counter,
-    pub revocations: Counter,
-    pub access_rechecks: Counter,
-    pub access_recheck_time: Seconds,
-    pub retention_gaps: Counter,
-    pub presence_bus_connected: Gauge,
-    pub presence_relays: Gauge,
-    pub presence_connections: Gauge,
-    pub presence_resyncs: Counter,
+fn write_metric(
+    out: &mut String,
+    name: &str,
+    kind: &str,
+    help: &str,
+    value: impl std::fmt::Display,
+) {
+    let _ = writeln!(
+        out,
+        "# HELP pgrelay_{name} {help}\n# TYPE pgrelay_{name} {kind}\npgrelay_{name} {value}"
+    );
 }
 
-impl Metrics {
-    /// Renders every metric in the Prometheus text exposition format.
-    pub fn render(&self) -> String {
-        let mut out = String::new();
-        let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
-            let _ = writeln!(
-                out,
-                "# HELP pgrelay_{name} {help}\n# TYPE pgrelay_{name} {kind}\npgrelay_{name} {value}"
-            );
-        };
-        metric(
+/// Declares [`Metrics`] from one line per metric: its field, its kind and, as its doc comment,
+/// the help text. The exported name is `pgrelay_` and the field's name, with `_total` after
+/// counters (and after the seconds sums, whose fields end in `_seconds`), as Prometheus names them.
+macro_rules! metrics {
+    ($($(#[doc = $help:literal])+ $field:ident: $kind:ident,)+) => {
+        #[derive(Default)]
+        pub struct Metrics {
+            $($(#[doc = $help])+ pub $field: $kind,)+
+        }
+
+        impl Metrics {
+            /// Renders every metric in the Prometheus text exposition format.
+            pub fn render(&self) -> String {
+                let mut out = String::new();
+                $(
+                    let help = [$($help.trim()),+].join(" ");
+                    self.$field.render(&mut out, stringify!($field), &help);
+                )+
+                out
+            }
+        }
+    };
+}
+
+metrics! {
+    /// Open client connections.
+    connections: Gauge,
+    /// 1 while the LISTEN connection is up.
+    listener_connected: Gauge,
+    /// Times the LISTEN connection was lost and reopened.
+    listener_reconnects: Counter,
+    /// NOTIFY wake-ups received from writers (they notify only while a relay sleeps).
+    notifications: Counter,
+    /// 1 while the last outbox read succeeded.
+    reader_healthy: Gauge,
+    /// Changes read from the outbox.
+    changes_read: Counter,
+    /// Time the reader spent waiting for outbox reads (query and rows).
+    outbox_read_seconds: Seconds,
+    /// Time the reader spent authorizing and queuing changes; with outbox_read_seconds_total, how
+    /// busy the reader is.
+    fanout_seconds: Seconds,
+    /// Outbox batches read.
+    batches_read: Counter,
+    /// Times the reader found nothing new and slept until a NOTIFY (writers notify only then).
+    reader_sleeps: Counter,
+    /// Times the reader announced it was going to sleep (writers notify from then until it reads
+    /// again).
+    reader_sleep_announcements: Counter,
+    /// Times a NOTIFY (or a join that needed a fresher read) woke the sleeping reader.
+    reader_wakeups: Counter,
+    /// Reads made right after a read that found changes, without waiting for a wake-up.
+    back_to_back_reads: Counter,
+    /// Reads made because the poll interval passed that found changes: wake-ups should have
+    /// announced them (rare races aside, growth means lost wake-ups).
+    poll_reads_with_changes: Counter,
+    /// Times the reader could not announce its sleep or wait for non-notifying writers (it then
+    /// polls every 100 ms).
+    reader_sleep_failures: Counter,
+    /// Failed outbox reads (retried).
+    read_errors: Counter,
+    /// Event frames queued to clients.
+    events_delivered: Counter,
+    /// Room members a change was withheld from by the read policy.
+    deliveries_denied: Counter,
+    /// (change, user) read-policy answers taken from the relay's memory.
+    policy_answers_remembered: Counter,
+    /// (change, user) read-policy answers asked of the database.
+    policy_answers_asked: Counter,
+    /// Times a change made a table's remembered policy answers stale.
+    policy_invalidations: Counter,
+    /// Successful joins.
+    joins: Counter,
+    /// Joins refused by the join policy.
+    joins_forbidden: Counter,
+    /// Rejected tokens.
+    auth_failures: Counter,
+    /// Connections closed with 4008 because their send queue overflowed.
+    slow_consumer_disconnects: Counter,
+    /// Error replies sent to clients.
+    client_errors: Counter,
+    /// Resumes whose replay failed (the client was told to resume again).
+    replay_failures: Counter,
+    /// Pages of outbox ranges read from the database for replays.
+    replay_pages_read: Counter,
+    /// Replay pages served from memory or from a read another replay started.
+    replay_pages_shared: Counter,
+    /// Changes read from the database for replays.
+    replay_changes_read: Counter,
+    /// Replays being served now.
+    replays_running: Gauge,
+    /// Replays waiting for their user's or the relay's replay budget.
+    replays_waiting: Gauge,
+    /// Replays whose client stopped reading: closed with 4008 (resumable).
+    replay_stalls: Counter,
+    /// Members removed from a room because they lost access (left, reason revoked).
+    revocations: Counter,
+    /// Room memberships whose join policy was asked again after a denied change.
+    access_rechecks: Counter,
+    /// Part of fanout_seconds_total spent asking join policies again after denied changes.
+    access_recheck_seconds: Seconds,
+    /// Times the relay found the outbox's retention had removed changes it had not read yet.
+    retention_gaps: Counter,
+    /// 1 while the presence bus (LISTEN pgrelay_presence) is connected.
+    presence_bus_connected: Gauge,
+    /// Other relays heard from on the presence bus within the timeout.
+    presence_relays: Gauge,
+    /// Connections in the presence view, on all relays, counted once per room.
+    presence_connections: Gauge,
+    /// Full presence states requested from another relay after missing its messages.
+    presence_resyncs: Counter,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_metric_is_exported_under_its_prometheus_name() {
+        let metrics = Metrics::default();
+        metrics
+            .fanout_seconds
+            .add(std::time::Duration::from_millis(1500));
+        metrics.joins.add(3);
+        let text = metrics.render();
+        for name in [
             "connections",
-            "gauge",
-            "Open client connections.",
-            self.connections.get(),
-        );
-        metric(
             "listener_connected",
-            "gauge",
-            "1 while the LISTEN connection is up.",
-            self.listener_connected.get(),
-        );
-        metric(
             "notifications_total",
-            "counter",
-            "NOTIFY wake-ups received from writers (they notify only while a relay sleeps).",
-            self.notifications.get(),
-        );
-        metric(
             "listener_reconnects_total",
-            "counter",
-            "Times the LISTEN connection was lost and reopened.",
-            self.listener_reconnects.get(),
-        );
-        metric(
             "reader_healthy",
-            "gauge",
-            "1 while the last outbox read succeeded.",
-            self.reader_healthy.get(),
-        );
-        metric(
             "changes_read_total",
-            "counter",
-            "Changes read from the outbox.",
-            self.changes_read.get(),
-        );
-        let mut seconds = |name: &str, help: &str, value: f64| {
-            let _ = writeln!(
-                out,
-                "# HELP pgrelay_{name} {help}\n# TYPE pgrelay_{name} counter\npgrelay_{name} {value:.6}"
-            );
-        };
-        seconds(
             "outbox_read_seconds_total",
-            "Time the reader spent waiting for outbox reads (query and rows).",
-            self.outbox_read_time.get(),
-        );
-        seconds(
             "fanout_seconds_total",
-            "Time the reader spent authorizing and queuing changes; with outbox_read_seconds_total, how busy the reader is.",
-            self.fanout_time.get(),
-        );
-        seconds(
             "access_recheck_seconds_total",
-            "Part of fanout_seconds_total spent asking join policies again after denied changes.",
-            self.access_recheck_time.get(),
-        );
-        let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
-            let _ = writeln!(
-                out,
-                "# HELP pgrelay_{name} {help}\n# TYPE pgrelay_{name} {kind}\npgrelay_{name} {value}"
-            );
-        };
-        metric(
             "batches_read_total",
-            "counter",
-            "Outbox batches read.",
-            self.batches_read.get(),
-        );
-        metric(
             "reader_sleeps_total",
-            "counter",
-            "Times the reader found nothing new and slept until a NOTIFY (writers notify only then).",
-            self.reader_sleeps.get(),
-        );
-        metric(
             "reader_sleep_announcements_total",
-            "counter",
-            "Times the reader announced it was going to sleep (writers notify from then until it reads again).",
-            self.reader_sleep_announcements.get(),
-        );
-        metric(
             "reader_wakeups_total",
-            "counter",
-            "Times a NOTIFY (or a join that needed a fresher read) woke the sleeping reader.",
-            self.reader_wakeups.get(),
-        );
-        metric(
             "back_to_back_reads_total",
-            "counter",
-            "Reads made right after a read that found changes, without waiting for a wake-up.",
-            self.back_to_back_reads.get(),
-        );
-        metric(
             "poll_reads_with_changes_total",
-            "counter",
-            "Reads made because the poll interval passed that found changes: wake-ups should have announced them (rare races aside, growth means lost wake-ups).",
-            self.poll_reads_with_changes.get(),
-        );
-        metric(
             "reader_sleep_failures_total",
-            "counter",
-            "Times the reader could not announce its sleep or wait for non-notifying writers (it then polls every 100 ms).",
-            self.reader_sleep_failures.get(),
-        );
-        metric(
             "read_errors_total",
-            "counter",
-            "Failed outbox reads (retried).",
-            self.read_errors.get(),
-        );
-        metric(
             "events_delivered_total",
-            "counter",
-            "Event frames queued to clients.",
-            self.events_delivered.get(),
-        );
-        metric(
             "policy_answers_remembered_total",
-            "counter",
-            "(change, user) read-policy answers taken from the relay's memory.",
-            self.policy_answers_remembered.get(),
-        );
-        metric(
             "policy_answers_asked_total",
-            "counter",
-            "(change, user) read-policy answers asked of the database.",
-            self.policy_answers_asked.get(),
-        );
-        metric(
             "policy_invalidations_total",
-            "counter",
-            "Times a change made a table's remembered policy answers stale.",
-            self.policy_invalidations.get(),
-        );
-        metric(
             "deliveries_denied_total",
-            "counter",
-            "Room members a change was withheld from by the read policy.",
-            self.deliveries_denied.get(),
-        );
-        metric(
             "joins_total",
-            "counter",
-            "Successful joins.",
-            self.joins.get(),
-        );
-        metric(
             "joins_forbidden_total",
-            "counter",
-            "Joins refused by the join policy.",
-            self.joins_forbidden.get(),
-        );
-        metric(
             "auth_failures_total",
-            "counter",
-            "Rejected tokens.",
-            self.auth_failures.get(),
-        );
-        metric(
             "slow_consumer_disconnects_total",
-            "counter",
-            "Connections closed with 4008 because their send queue overflowed.",
-            self.slow_consumer_disconnects.get(),
-        );
-        metric(
             "client_errors_total",
-            "counter",
-            "Error replies sent to clients.",
-            self.client_errors.get(),
-        );
-        metric(
             "retention_gaps_total",
-            "counter",
-            "Times the relay found the outbox's retention had removed changes it had not read yet.",
-            self.retention_gaps.get(),
-        );
-        metric(
             "access_rechecks_total",
-            "counter",
-            "Room memberships whose join policy was asked again after a denied change.",
-            self.access_rechecks.get(),
-        );
-        metric(
             "revocations_total",
-            "counter",
-            "Members removed from a room because they lost access (left, reason revoked).",
-            self.revocations.get(),
-        );
-        metric(
             "replay_failures_total",
-            "counter",
-            "Resumes whose replay failed (the client was told to resume again).",
-            self.replay_failures.get(),
-        );
-        metric(
             "replay_pages_read_total",
-            "counter",
-            "Pages of outbox ranges read from the database for replays.",
-            self.replay_pages_read.get(),
-        );
-        metric(
             "replay_pages_shared_total",
-            "counter",
-            "Replay pages served from memory or from a read another replay started.",
-            self.replay_pages_shared.get(),
-        );
-        metric(
             "replay_changes_read_total",
-            "counter",
-            "Changes read from the database for replays.",
-            self.replay_changes_read.get(),
-        );
-        metric(
             "replays_running",
-            "gauge",
-            "Replays being served now.",
-            self.replays_running.get(),
-        );
-        metric(
             "replays_waiting",
-            "gauge",
-            "Replays waiting for their user's or the relay's replay budget.",
-            self.replays_waiting.get(),
-        );
-        metric(
             "replay_stalls_total",
-            "counter",
-            "Replays whose client stopped reading: closed with 4008 (resumable).",
-            self.replay_stalls.get(),
-        );
-        metric(
             "presence_bus_connected",
-            "gauge",
-            "1 while the presence bus (LISTEN pgrelay_presence) is connected.",
-            self.presence_bus_connected.get(),
-        );
-        metric(
             "presence_relays",
-            "gauge",
-            "Other relays heard from on the presence bus within the timeout.",
-            self.presence_relays.get(),
-        );
-        metric(
             "presence_connections",
-            "gauge",
-            "Connections in the presence view, on all relays, counted once per room.",
-            self.presence_connections.get(),
-        );
-        metric(
             "presence_resyncs_total",
-            "counter",
-            "Full presence states requested from another relay after missing its messages.",
-            self.presence_resyncs.get(),
-        );
-        out
+        ] {
+            let name = format!("pgrelay_{name}");
+            assert!(text.contains(&format!("\n{name} ")), "{name} is exported");
+            assert!(text.contains(&format!("# HELP {name} ")), "{name} has help");
+        }
+        assert!(text.contains("pgrelay_fanout_seconds_total 1.500000\n"));
+        assert!(text.contains("# TYPE pgrelay_joins_total counter\npgrelay_joins_total 3\n"));
+        assert!(text.contains("# TYPE pgrelay_connections gauge\n"));
+        assert_eq!(text.matches("# TYPE").count(), 41, "one each");
     }
 }

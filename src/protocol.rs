@@ -1,11 +1,19 @@
-//! The wire protocol: the JSON messages of contract §4, room names, error and close codes.
+//! The wire protocol: every JSON message's shape, room names, error and close codes.
+//!
+//! Messages to clients leave this module as [`Frame`]s: the JSON text, shared by every recipient,
+//! with its type and resume position beside it, so a transport that needs them (SSE's `event:`
+//! and `id:` lines) does not parse the text back.
 //!
 //! Incoming frames are parsed in two steps, so that every malformed message gets a precise
 //! `bad_request` (and its `ref` back) instead of a generic failure: first as any JSON object, to
 //! find `type` and `ref`, then as the message that `type` names.
 
+use axum::extract::ws::Utf8Bytes;
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
+
+use crate::capture::outbox::Op;
 
 /// A message from the client.
 #[derive(Debug, PartialEq)]
@@ -131,7 +139,7 @@ struct TypingFields {
     typing: bool,
 }
 
-/// A valid room name: `^[a-z_]+:[A-Za-z0-9_.:-]{1,128}$` (contract §4).
+/// A valid room name: `^[a-z_]+:[A-Za-z0-9_.:-]{1,128}$` (see `docs/protocol.md`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Room(String);
 
@@ -157,7 +165,7 @@ impl Room {
     }
 }
 
-/// Error codes of `error` messages (contract §4).
+/// Error codes of `error` messages (see `docs/protocol.md`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
@@ -170,7 +178,7 @@ pub enum ErrorCode {
     Internal,
 }
 
-/// WebSocket close codes (contract §4).
+/// WebSocket close codes (see `docs/protocol.md`).
 pub mod close {
     pub const NORMAL: u16 = 1000;
     pub const GOING_AWAY: u16 = 1001;
@@ -180,8 +188,7 @@ pub mod close {
     pub const RATE_LIMITED: u16 = 4029;
 }
 
-/// Replies and notices from the relay (events are built in [`crate::fanout`], where they are
-/// serialized once per room for all recipients).
+/// Replies and notices from the relay (change events are [`Event`]s).
 #[derive(Debug, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ServerMessage<'a> {
@@ -215,12 +222,196 @@ pub enum ServerMessage<'a> {
         #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
         reference: Option<&'a str>,
     },
+    /// Who is in the room, sent after `joined`: user → their connections' metas.
+    PresenceState {
+        room: &'a str,
+        users: &'a Map<String, Value>,
+    },
+    PresenceDiff {
+        room: &'a str,
+        joins: &'a Map<String, Value>,
+        leaves: &'a Map<String, Value>,
+    },
+    Typing {
+        room: &'a str,
+        user: &'a str,
+        typing: bool,
+    },
 }
 
 impl ServerMessage<'_> {
     pub fn to_json(&self) -> String {
         // Serializing these plain structs cannot fail.
         serde_json::to_string(self).unwrap_or_default()
+    }
+
+    pub fn to_frame(&self) -> Frame {
+        let text = self.to_json();
+        let (kind, position) = match self {
+            ServerMessage::Ready { .. } => (Kind::Ready, None),
+            ServerMessage::Joined { position, .. } => {
+                (Kind::Joined, locate(&text, ",\"position\":\"", position))
+            }
+            ServerMessage::Left { .. } => (Kind::Left, None),
+            ServerMessage::Pong { .. } => (Kind::Pong, None),
+            ServerMessage::Error { .. } => (Kind::Error, None),
+            ServerMessage::PresenceState { .. } => (Kind::PresenceState, None),
+            ServerMessage::PresenceDiff { .. } => (Kind::PresenceDiff, None),
+            ServerMessage::Typing { .. } => (Kind::Typing, None),
+        };
+        Frame {
+            text: text.into(),
+            kind,
+            position,
+        }
+    }
+}
+
+/// A change, as one reader sees it: the `event` message.
+#[derive(Debug)]
+pub struct Event<'a> {
+    pub room: &'a str,
+    /// Its resume position.
+    pub id: &'a str,
+    /// Singular name of the table's rows: `task` makes `task_created`.
+    pub entity: &'a str,
+    pub table: &'a str,
+    pub op: Op,
+    pub row: &'a RawValue,
+    pub old: Option<&'a RawValue>,
+    pub ts: &'a str,
+}
+
+#[derive(Serialize)]
+struct EventFields<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    room: &'a str,
+    id: &'a str,
+    event: String,
+    table: &'a str,
+    op: &'static str,
+    row: &'a RawValue,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    old: Option<&'a RawValue>,
+    ts: &'a str,
+}
+
+impl Event<'_> {
+    /// Serialized once per room and shared by all its recipients.
+    pub fn to_frame(&self) -> anyhow::Result<Frame> {
+        let suffix = match self.op {
+            Op::Insert => "created",
+            Op::Update => "updated",
+            Op::Delete => "deleted",
+        };
+        let text = serde_json::to_string(&EventFields {
+            kind: "event",
+            room: self.room,
+            id: self.id,
+            event: format!("{}_{suffix}", self.entity),
+            table: self.table,
+            op: self.op.as_str(),
+            row: self.row,
+            old: self.old,
+            ts: self.ts,
+        })?;
+        let position = locate(&text, ",\"id\":\"", self.id);
+        Ok(Frame {
+            text: text.into(),
+            kind: Kind::Event,
+            position,
+        })
+    }
+}
+
+/// A message ready to queue: its JSON text (cheap to clone: the bytes are shared), its type, and
+/// where in the text its resume position is (an event's `id`, `joined`'s `position`).
+#[derive(Debug, Clone)]
+pub struct Frame {
+    text: Utf8Bytes,
+    kind: Kind,
+    /// Byte range of the position in `text`.
+    position: Option<(u32, u32)>,
+}
+
+/// The `type` of a message to clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Event,
+    Ready,
+    Joined,
+    Left,
+    Pong,
+    Error,
+    PresenceState,
+    PresenceDiff,
+    Typing,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Event => "event",
+            Kind::Ready => "ready",
+            Kind::Joined => "joined",
+            Kind::Left => "left",
+            Kind::Pong => "pong",
+            Kind::Error => "error",
+            Kind::PresenceState => "presence_state",
+            Kind::PresenceDiff => "presence_diff",
+            Kind::Typing => "typing",
+        }
+    }
+}
+
+impl Frame {
+    pub fn as_str(&self) -> &str {
+        self.text.as_str()
+    }
+
+    /// Its size, as send queues count it.
+    pub fn len(&self) -> usize {
+        self.text.as_str().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    /// The resume position the message carries, if any.
+    pub fn position(&self) -> Option<&str> {
+        let (start, end) = self.position?;
+        self.text.as_str().get(start as usize..end as usize)
+    }
+
+    pub fn into_text(self) -> Utf8Bytes {
+        self.text
+    }
+}
+
+/// Where `value` follows the first `key` in `text`: the fields before it (`type`, `room`) hold
+/// no quotes but their own, so the first match is the message's own field.
+fn locate(text: &str, key: &str, value: &str) -> Option<(u32, u32)> {
+    let start = text.find(key)? + key.len();
+    let end = start + value.len();
+    (text.get(start..end) == Some(value))
+        .then_some((u32::try_from(start).ok()?, u32::try_from(end).ok()?))
+}
+
+#[cfg(test)]
+impl From<&str> for Frame {
+    /// A frame of any text, for tests of queues.
+    fn from(text: &str) -> Frame {
+        Frame {
+            text: Utf8Bytes::from(text.to_owned()),
+            kind: Kind::Event,
+            position: None,
+        }
     }
 }
 
@@ -229,7 +420,47 @@ mod tests {
     use super::*;
 
     #[test]
-    fn room_names_follow_the_contract() {
+    fn frames_carry_their_type_and_position_beside_the_text() {
+        let row = RawValue::from_string(r#"{"id":"not this one"}"#.into()).expect("json");
+        let event = Event {
+            room: "task:1",
+            id: "p.1-2_3",
+            entity: "task",
+            table: "tasks",
+            op: Op::Update,
+            row: &row,
+            old: None,
+            ts: "2026-01-01T00:00:00Z",
+        }
+        .to_frame()
+        .expect("frame");
+        assert_eq!(event.kind(), Kind::Event);
+        assert_eq!(event.position(), Some("p.1-2_3"));
+        let parsed: Value = serde_json::from_str(event.as_str()).expect("json");
+        assert_eq!(parsed["type"], "event");
+        assert_eq!(parsed["event"], "task_updated");
+        assert_eq!(parsed["op"], "UPDATE");
+
+        let joined = ServerMessage::Joined {
+            room: "task:1",
+            position: "q.9".into(),
+            recovered: Some(true),
+            reference: Some("r"),
+        }
+        .to_frame();
+        assert_eq!(joined.kind(), Kind::Joined);
+        assert_eq!(joined.position(), Some("q.9"));
+        let left = ServerMessage::Left {
+            room: "task:1",
+            reason: "revoked",
+            reference: None,
+        }
+        .to_frame();
+        assert_eq!((left.kind(), left.position()), (Kind::Left, None));
+    }
+
+    #[test]
+    fn room_names_follow_the_documented_pattern() {
         for ok in [
             "project:42",
             "task:7",

@@ -41,6 +41,7 @@ use deadpool_postgres::Pool;
 use tokio::sync::{oneshot, OnceCell, OwnedSemaphorePermit, Semaphore};
 
 use crate::authorize::Authorizer;
+use crate::backoff::Backoff;
 use crate::capture::outbox::Change;
 use crate::capture::position::{Position, PositionCodec, Seen, Snapshot};
 use crate::config::ReplayBudget;
@@ -48,9 +49,9 @@ use crate::fanout::{event_frame, Visibility};
 use crate::history::{History, Page, Part};
 use crate::jwt::Principal;
 use crate::metrics::Metrics;
-use crate::protocol::{close, Room};
+use crate::protocol::Room;
+use crate::queue::ClientHandle;
 use crate::rooms::Hub;
-use crate::transport::client::{ClientHandle, CloseRequest};
 
 /// What a position means here and now.
 #[derive(Debug, Clone)]
@@ -131,9 +132,11 @@ pub struct Replay {
 }
 
 /// How often a failed replay read or authorization is tried before the client is told
-/// (`left`, `replay_failed`), and the first pause between tries (doubling).
-const ATTEMPTS: u32 = 6;
+/// (`left`, `replay_failed`), and the pauses between tries (see [`crate::backoff`]): together
+/// several seconds, about what a database restart takes.
+const ATTEMPTS: u32 = 10;
 const FIRST_RETRY: Duration = Duration::from_millis(100);
+const LONGEST_RETRY: Duration = Duration::from_secs(2);
 
 /// Serves every replay of a relay (see the module comment).
 pub struct Replays {
@@ -394,14 +397,11 @@ impl Replays {
         {
             let frame = event_frame(room.as_str(), &id, change, visibility)?;
             // Paced to what the client reads; one that reads nothing for `stall` is too slow.
-            let len = frame.as_str().len();
+            let len = frame.len();
             let paced = tokio::time::timeout(self.budget.stall, replay.client.wait_for_room(len));
             if paced.await.is_err() {
                 self.metrics.replay_stalls.inc();
-                replay.client.close(CloseRequest {
-                    code: close::TOO_SLOW,
-                    reason: "too slow to keep up; resume with since",
-                });
+                replay.client.close_too_slow();
                 return Ok(false);
             }
             // A client that went away, or left the room, ends the replay.
@@ -536,7 +536,7 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<T>>,
 {
-    let mut pause = FIRST_RETRY;
+    let mut backoff = Backoff::new(FIRST_RETRY, LONGEST_RETRY);
     let mut tries = 1;
     loop {
         match attempt().await {
@@ -544,8 +544,7 @@ where
             Err(err) if tries >= ATTEMPTS => return Err(err),
             Err(err) => {
                 tracing::debug!(error = %format!("{err:#}"), "a replay query failed; retrying");
-                tokio::time::sleep(pause).await;
-                pause *= 2;
+                tokio::time::sleep(backoff.next_wait()).await;
                 tries += 1;
             }
         }

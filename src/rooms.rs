@@ -22,20 +22,21 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use axum::extract::ws::Utf8Bytes;
+use rustc_hash::FxHashMap;
 
+use crate::capture::outbox::Change;
 use crate::capture::position::{Position, Snapshot};
 use crate::jwt::Principal;
 use crate::presence::Presence;
-use crate::protocol::Room;
-use crate::transport::client::ClientHandle;
+use crate::protocol::{Frame, Room};
+use crate::queue::ClientHandle;
 
 /// A connection in a room.
 pub struct Member {
     pub client: Arc<ClientHandle>,
     pub principal: Arc<Principal>,
     /// The first batch this member receives.
-    pub first_batch: u64,
+    first_batch: u64,
     /// Identifies this membership: a replay or a revocation started for an earlier membership of
     /// the same client in the same room must not touch this one.
     pub join_id: u64,
@@ -47,11 +48,17 @@ pub struct Member {
 
 #[derive(Default)]
 struct Pending {
-    frames: Vec<(String, Utf8Bytes)>,
+    frames: Vec<(String, Frame)>,
     bytes: usize,
 }
 
 impl Member {
+    /// Whether the member receives batch `number`: a member that joined while an earlier batch
+    /// was in flight has a position past it (see the module comment).
+    fn takes_part_in(&self, number: u64) -> bool {
+        self.first_batch <= number
+    }
+
     /// Whether its missed changes are still being replayed (live frames then wait in it).
     pub fn is_replaying(&self) -> bool {
         self.pending.is_some()
@@ -59,18 +66,14 @@ impl Member {
 
     /// Queues a live frame, or holds it back while a replay is running. False if it was dropped
     /// (the client is too slow and is being closed).
-    pub fn deliver(&mut self, room: &str, frame: Utf8Bytes) -> bool {
+    fn deliver(&mut self, room: &str, frame: Frame) -> bool {
         match &self.pending {
             None => self.client.send(frame),
             Some(pending) => {
                 let mut pending = pending.lock().unwrap_or_else(|p| p.into_inner());
-                // Like the queue itself, an empty buffer always takes one frame.
-                let len = frame.as_str().len();
-                if pending.bytes > 0 && pending.bytes + len > self.client.max_queued_bytes() {
-                    self.client.close(crate::transport::client::CloseRequest {
-                        code: crate::protocol::close::TOO_SLOW,
-                        reason: "too slow to keep up; resume with since",
-                    });
+                let len = frame.len();
+                if !self.client.fits(pending.bytes, len) {
+                    self.client.close_too_slow();
                     return false;
                 }
                 pending.bytes += len;
@@ -95,8 +98,8 @@ impl Default for Hub {
 }
 
 #[derive(Default)]
-pub struct State {
-    pub rooms: HashMap<Room, HashMap<u64, Member>>,
+struct State {
+    rooms: HashMap<Room, HashMap<u64, Member>>,
     /// End of the last fully delivered batch; `None` until the reader has started.
     delivered: Option<Snapshot>,
     /// The batch being delivered now: its number and end.
@@ -127,7 +130,7 @@ impl Hub {
         &self.presence
     }
 
-    pub fn lock(&self) -> MutexGuard<'_, State> {
+    fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock leaves plain maps behind; keep serving.
         self.state
             .lock()
@@ -165,6 +168,75 @@ impl Hub {
         state.delivered = Some(upto);
     }
 
+    /// Calls `visit(change index, member)` for every member of every room of each change that
+    /// takes part in batch `number`, in order, under the lock (a member in two of a change's
+    /// rooms is visited twice).
+    pub fn candidates(
+        &self,
+        number: u64,
+        changes: &[Change],
+        mut visit: impl FnMut(usize, &Member),
+    ) {
+        let state = self.lock();
+        for (change_ix, change) in changes.iter().enumerate() {
+            for room in &change.rooms {
+                let Some(members) = state.rooms.get(room.as_str()) else {
+                    continue;
+                };
+                for member in members.values().filter(|m| m.takes_part_in(number)) {
+                    visit(change_ix, member);
+                }
+            }
+        }
+    }
+
+    /// Queues to every member of each change's rooms that takes part in batch `number` the frame
+    /// `frame_for(scratch, change index, room, member)` picks for it (none: it gets nothing),
+    /// in commit order, and returns how many frames were queued. `scratch` starts afresh for
+    /// each room of each change, so a frame can be built once per room and shared.
+    ///
+    /// Each client's frames of these changes are queued back to back at the end, still under the
+    /// lock, so a `left` or a new `joined` cannot slip between them and its writer wakes once and
+    /// writes them with one flush: the busier the relay, the bigger the chunks, and the fewer
+    /// system calls each delivery costs. A client that takes fewer is too slow: it is being
+    /// closed, and resumes from its last event.
+    pub fn deliver<S: Default>(
+        &self,
+        number: u64,
+        changes: &[Change],
+        mut frame_for: impl FnMut(&mut S, usize, &str, &Member) -> anyhow::Result<Option<Frame>>,
+    ) -> anyhow::Result<u64> {
+        let mut delivered = 0u64;
+        let mut outgoing: FxHashMap<u64, (Arc<ClientHandle>, Vec<Frame>)> = FxHashMap::default();
+        let mut state = self.lock();
+        for (change_ix, change) in changes.iter().enumerate() {
+            for room in &change.rooms {
+                let Some(members) = state.rooms.get_mut(room.as_str()) else {
+                    continue;
+                };
+                let mut scratch = S::default();
+                for member in members.values_mut().filter(|m| m.takes_part_in(number)) {
+                    let Some(frame) = frame_for(&mut scratch, change_ix, room, member)? else {
+                        continue;
+                    };
+                    if member.is_replaying() {
+                        delivered += u64::from(member.deliver(room, frame));
+                    } else {
+                        outgoing
+                            .entry(member.client.id)
+                            .or_insert_with(|| (member.client.clone(), Vec::new()))
+                            .1
+                            .push(frame);
+                    }
+                }
+            }
+        }
+        for (client, frames) in outgoing.into_values() {
+            delivered += client.send_all(frames) as u64;
+        }
+        Ok(delivered)
+    }
+
     /// Adds the client to the rooms and queues `reply(room, position)` for each, atomically with
     /// respect to deliveries, and returns the position: the member receives every change after
     /// it, in all the rooms. With `resume_from`, the member starts in replay mode (see
@@ -176,7 +248,7 @@ impl Hub {
         client: &Arc<ClientHandle>,
         principal: &Arc<Principal>,
         resume_from: Option<&Snapshot>,
-        reply: impl Fn(&Room, &Position) -> String,
+        reply: impl Fn(&Room, &Position) -> Frame,
     ) -> Result<(Snapshot, u64), NotReady> {
         let mut state = self.lock();
         let (position, first_batch) = match (&state.in_flight, &state.delivered) {
@@ -204,14 +276,14 @@ impl Hub {
                 .entry(room.clone())
                 .or_default()
                 .insert(client.id, member);
-            client.send(reply(room, &at).into());
+            client.send(reply(room, &at));
             self.presence.joined(room, client, &principal.user);
         }
         Ok((position, join_id))
     }
 
     /// Queues a replayed frame to a member that is still replaying; false if it left meanwhile.
-    pub fn replay_send(&self, room: &str, client_id: u64, join_id: u64, frame: Utf8Bytes) -> bool {
+    pub fn replay_send(&self, room: &str, client_id: u64, join_id: u64, frame: Frame) -> bool {
         let state = self.lock();
         match state.rooms.get(room).and_then(|m| m.get(&client_id)) {
             Some(member) if member.join_id == join_id && member.is_replaying() => {
@@ -229,20 +301,23 @@ impl Hub {
         loop {
             let frames = {
                 let mut state = self.lock();
-                let mut members: Vec<&mut Member> = state
-                    .rooms
-                    .iter_mut()
-                    .filter(|(room, _)| rooms.contains(room))
-                    .filter_map(|(_, m)| m.get_mut(&client.id))
-                    .filter(|m| m.join_id == join_id)
-                    .collect();
-                let Some(pending) = members.iter().find_map(|m| m.pending.clone()) else {
+                let Some(pending) = rooms.iter().find_map(|room| {
+                    let member = state.rooms.get(room)?.get(&client.id)?;
+                    (member.join_id == join_id).then(|| member.pending.clone())?
+                }) else {
                     return;
                 };
                 let mut pending = pending.lock().unwrap_or_else(|p| p.into_inner());
                 if pending.frames.is_empty() {
-                    for member in &mut members {
-                        member.pending = None;
+                    for room in rooms {
+                        let member = state
+                            .rooms
+                            .get_mut(room)
+                            .and_then(|m| m.get_mut(&client.id))
+                            .filter(|m| m.join_id == join_id);
+                        if let Some(member) = member {
+                            member.pending = None;
+                        }
                     }
                     return;
                 }
@@ -250,7 +325,7 @@ impl Hub {
                 std::mem::take(&mut pending.frames)
             };
             for (room, frame) in frames {
-                client.wait_for_room(frame.as_str().len()).await;
+                client.wait_for_room(frame.len()).await;
                 if client.is_closing() {
                     return;
                 }
@@ -259,25 +334,37 @@ impl Hub {
         }
     }
 
-    /// Removes the client from the room, queuing `reply` under the lock; false if it was not there.
-    pub fn leave(
+    /// Removes the client's membership in the room if `which` picks it, dropping the room once
+    /// empty and telling presence; the one way a member leaves.
+    fn remove_member(
         &self,
+        state: &mut State,
         room: &Room,
-        client: &ClientHandle,
-        reply: impl FnOnce() -> String,
-    ) -> bool {
-        let mut state = self.lock();
-        let Some(members) = state.rooms.get_mut(room) else {
-            return false;
-        };
-        if members.remove(&client.id).is_none() {
-            return false;
+        client_id: u64,
+        which: impl FnOnce(&Member) -> bool,
+    ) -> Option<Member> {
+        let members = state.rooms.get_mut(room)?;
+        if !members.get(&client_id).is_some_and(which) {
+            return None;
         }
+        let member = members.remove(&client_id);
         if members.is_empty() {
             state.rooms.remove(room);
         }
-        self.presence.left(room, client.id);
-        client.send(reply().into());
+        self.presence.left(room, client_id);
+        member
+    }
+
+    /// Removes the client from the room, queuing `reply` under the lock; false if it was not there.
+    pub fn leave(&self, room: &Room, client: &ClientHandle, reply: impl FnOnce() -> Frame) -> bool {
+        let mut state = self.lock();
+        if self
+            .remove_member(&mut state, room, client.id, |_| true)
+            .is_none()
+        {
+            return false;
+        }
+        client.send(reply());
         true
     }
 
@@ -290,25 +377,17 @@ impl Hub {
     /// Removes one particular membership (`join_id`), telling the client why (`left`).
     pub fn end_membership(&self, room: &Room, client_id: u64, join_id: u64, reason: &str) -> bool {
         let mut state = self.lock();
-        let Some(members) = state.rooms.get_mut(room) else {
+        let Some(member) =
+            self.remove_member(&mut state, room, client_id, |m| m.join_id == join_id)
+        else {
             return false;
         };
-        if members.get(&client_id).is_none_or(|m| m.join_id != join_id) {
-            return false;
-        }
-        let Some(member) = members.remove(&client_id) else {
-            return false;
-        };
-        if members.is_empty() {
-            state.rooms.remove(room);
-        }
-        self.presence.left(room, client_id);
         let left = crate::protocol::ServerMessage::Left {
             room: room.as_str(),
             reason,
             reference: None,
         };
-        member.client.send(left.to_json().into());
+        member.client.send(left.to_frame());
         true
     }
 
@@ -328,7 +407,7 @@ impl Hub {
     }
 
     /// Asks every connected member to close (they resume with their positions).
-    pub fn close_all(&self, request: crate::transport::client::CloseRequest) {
+    pub fn close_all(&self, request: crate::queue::CloseRequest) {
         let state = self.lock();
         for member in state.rooms.values().flat_map(|m| m.values()) {
             member.client.close(request);
@@ -353,13 +432,13 @@ impl Hub {
     pub fn disconnect(&self, client_id: u64, rooms: &[Room]) {
         let mut state = self.lock();
         for room in rooms {
-            if let Some(members) = state.rooms.get_mut(room) {
-                members.remove(&client_id);
-                if members.is_empty() {
-                    state.rooms.remove(room);
-                }
+            if self
+                .remove_member(&mut state, room, client_id, |_| true)
+                .is_none()
+            {
+                // Presence is told all the same: it ignores a connection it does not list.
+                self.presence.left(room, client_id);
             }
-            self.presence.left(room, client_id);
         }
     }
 }
@@ -389,10 +468,10 @@ mod tests {
                 &client,
                 &principal,
                 Some(&from),
-                |_, _| "joined".into(),
+                |_, _| Frame::from("joined"),
             )
             .expect("join");
-        let big = |n: usize| Utf8Bytes::from(format!("{n}{}", "x".repeat(1500)));
+        let big = |n: usize| Frame::from(format!("{n}{}", "x".repeat(1500)).as_str());
         assert!(
             hub.replay_send(room.as_str(), client.id, join_id, big(0)),
             "replayed"

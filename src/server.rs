@@ -1,10 +1,10 @@
-//! The relay process: shared state, the HTTP routes, and the background tasks, started together
-//! and stopped together.
+//! The relay process: the HTTP routes and the background tasks, built from the configuration,
+//! started together and stopped together.
 //!
 //! ```text
-//!   listener ──wake──▶ reader ──chunks──▶ fanout ──frames──▶ client queues ──▶ /ws sessions
-//!                        │                  │
-//!                      outbox            authorize (SQL policies)
+//!   listener ──wake──▶ reader ──chunks──▶ pipeline ──frames──▶ client queues ──▶ /ws, /sse
+//!                        │               │       │
+//!                      outbox      authorize   fanout (rooms)
 //! ```
 
 use std::net::SocketAddr;
@@ -25,47 +25,16 @@ use tokio_util::sync::CancellationToken;
 use crate::authorize::Authorizer;
 use crate::capture::position::PositionCodec;
 use crate::capture::{listener, reader::Reader, retention};
-use crate::config::{Limits, RelayConfig};
-use crate::jwt::Verifier;
+use crate::config::RelayConfig;
 use crate::metrics::Metrics;
+use crate::pipeline::Pipeline;
 use crate::presence::{self, Presence};
+use crate::resume::Replays;
 use crate::rooms::Hub;
+use crate::subscribe::Subscriptions;
 use crate::transport::{cors, sse, ws};
 
-/// Everything a request handler may need, cloned cheaply into each one.
-#[derive(Clone)]
-pub struct AppState {
-    pub pool: Pool,
-    /// Seals the positions clients see.
-    pub codec: PositionCodec,
-    /// Wakes the reader (a resume waiting for this relay to catch up nudges it).
-    pub wake: Arc<Notify>,
-    pub hub: Arc<Hub>,
-    pub authorizer: Authorizer,
-    pub verifier: Verifier,
-    pub metrics: Arc<Metrics>,
-    pub limits: Limits,
-    pub allowed_origins: Arc<Vec<String>>,
-    pub connections_per_user: Arc<crate::transport::limits::ConnectionsPerUser>,
-    /// SSE streams opened per user: each open asks the join policy for all its rooms.
-    pub sse_opens: Arc<crate::transport::limits::BucketPerUser>,
-    /// Serves resuming clients what they missed, on a budget of their own.
-    pub replays: Arc<crate::resume::Replays>,
-    pub shutdown: CancellationToken,
-}
-
-impl AppState {
-    /// False for a browser request from an origin that is not allowed (requests without an
-    /// `Origin` header come from non-browser clients and are not restricted).
-    pub fn origin_allowed(&self, headers: &axum::http::HeaderMap) -> bool {
-        match headers.get(header::ORIGIN).and_then(|o| o.to_str().ok()) {
-            Some(origin) if !self.allowed_origins.is_empty() => {
-                self.allowed_origins.iter().any(|a| a == origin)
-            }
-            _ => true,
-        }
-    }
-}
+pub use crate::transport::AppState;
 
 /// A running relay.
 pub struct Relay {
@@ -118,7 +87,7 @@ impl Relay {
             config.limits.join_burst,
         );
         let authorizer = Authorizer::new(pool.clone(), metrics.clone());
-        let replays = Arc::new(crate::resume::Replays::new(
+        let replays = Arc::new(Replays::new(
             pool.clone(),
             authorizer.clone(),
             hub.clone(),
@@ -127,12 +96,16 @@ impl Relay {
             config.replay,
         ));
         let state = AppState {
-            pool: pool.clone(),
-            codec: codec.clone(),
-            wake: wake.clone(),
+            subscriptions: Subscriptions {
+                pool: pool.clone(),
+                codec: codec.clone(),
+                wake: wake.clone(),
+                hub: hub.clone(),
+                authorizer: authorizer.clone(),
+                metrics: metrics.clone(),
+                replays,
+            },
             hub,
-            authorizer,
-            replays,
             verifier: config.verifier,
             metrics: metrics.clone(),
             limits: config.limits,
@@ -143,14 +116,17 @@ impl Relay {
         };
         let reader = Reader {
             pool,
-            hub: state.hub.clone(),
-            authorizer: state.authorizer.clone(),
+            consumer: Pipeline {
+                hub: state.hub.clone(),
+                authorizer,
+                metrics: metrics.clone(),
+                codec,
+            },
             metrics: metrics.clone(),
             wake: wake.clone(),
             listening: listening.clone(),
             pg_config: pg_config.clone(),
             poll_interval: config.poll_interval,
-            codec,
         };
 
         let listener = tokio::net::TcpListener::bind(config.bind)
@@ -242,8 +218,8 @@ impl Relay {
 /// Every accepted connection gets `TCP_NODELAY`. The relay writes many small frames (`joined`,
 /// presence, events) and a client often has nothing to send back: with Nagle's algorithm on, a
 /// frame written while the previous one is still unacknowledged waits for the client's delayed
-/// ACK, about 40 ms on Linux. That made every connect-and-join-two-rooms take 43 ms (W3 crawled
-/// at 23 connections a second with every process idle).
+/// ACK (tens of milliseconds on Linux), so clients that connect and join crawled along while
+/// every process sat idle.
 fn without_nagle(
     listener: tokio::net::TcpListener,
 ) -> impl axum::serve::Listener<Io = tokio::net::TcpStream, Addr = SocketAddr> {

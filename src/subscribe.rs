@@ -7,13 +7,17 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::capture::position::{Position, Snapshot};
+use deadpool_postgres::Pool;
+use tokio::sync::Notify;
+
+use crate::authorize::Authorizer;
+use crate::capture::position::{Position, PositionCodec, Snapshot};
 use crate::jwt::Principal;
-use crate::protocol::Room;
-use crate::resume::{Replay, Resolution, ResolveError};
-use crate::rooms::NotReady;
-use crate::server::AppState;
-use crate::transport::client::ClientHandle;
+use crate::metrics::Metrics;
+use crate::protocol::{Room, ServerMessage};
+use crate::queue::ClientHandle;
+use crate::resume::{Replay, Replays, Resolution, ResolveError};
+use crate::rooms::{Hub, NotReady};
 
 /// How long a resume waits for this relay to catch up with a position issued by another one.
 const CATCH_UP: Duration = Duration::from_secs(5);
@@ -29,15 +33,30 @@ pub enum JoinError {
     Unavailable(String),
 }
 
-/// Joins `rooms` (all or none), replying `reply(room, sealed position, recovered)` for each, and starts
+/// What joining needs: the join policy, the outbox (to resolve and replay positions), the hub.
+#[derive(Clone)]
+pub struct Subscriptions {
+    pub pool: Pool,
+    /// Seals the positions clients see.
+    pub codec: PositionCodec,
+    /// Wakes the reader (a resume waiting for this relay to catch up nudges it).
+    pub wake: Arc<Notify>,
+    pub hub: Arc<Hub>,
+    pub authorizer: Authorizer,
+    pub metrics: Arc<Metrics>,
+    /// Serves resuming clients what they missed, on a budget of their own.
+    pub replays: Arc<Replays>,
+}
+
+/// Joins `rooms` (all or none), replying `joined` (with `ref` = `reference`) for each, and starts
 /// the replay when resuming. Returns once the client is registered; the replay runs on its own.
 pub async fn join(
-    app: &AppState,
+    app: &Subscriptions,
     client: &Arc<ClientHandle>,
     principal: &Arc<Principal>,
     rooms: &[Room],
     since: Option<&str>,
-    reply: impl Fn(&Room, &str, Option<bool>) -> String,
+    reference: Option<&str>,
 ) -> Result<(), JoinError> {
     for room in rooms {
         match app.authorizer.can_join(principal, room).await {
@@ -86,7 +105,15 @@ pub async fn join(
             client,
             principal,
             resume_from.as_ref(),
-            |room, position| reply(room, &app.codec.seal(position), recovered),
+            |room, position| {
+                ServerMessage::Joined {
+                    room: room.as_str(),
+                    position: app.codec.seal(position),
+                    recovered,
+                    reference,
+                }
+                .to_frame()
+            },
         );
         match joined {
             Ok(joined) => break joined,

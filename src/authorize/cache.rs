@@ -111,10 +111,10 @@ impl VerdictCache {
 
     /// Forgets the answers that any of `changes` may have made wrong. Returns the number of tables
     /// whose answers were forgotten.
-    pub fn invalidate(&self, changes: &[Change]) -> usize {
+    pub fn flush(&self, changes: &[Change]) -> usize {
         let mut tables: Vec<&str> = changes
             .iter()
-            .flat_map(|c| c.policy.invalidates.iter().map(String::as_str))
+            .flat_map(|c| c.policy.flush.iter().map(String::as_str))
             .collect();
         if tables.is_empty() {
             return 0;
@@ -301,12 +301,12 @@ mod tests {
     use super::*;
     use crate::capture::outbox::{Op, PolicyInputs};
 
-    fn change(key: &str, invalidates: &[&str]) -> Change {
+    fn change(key: &str, flush: &[&str]) -> Change {
         Change::of_policy(
             Op::Update,
             PolicyInputs {
                 key: Some(key.into()),
-                invalidates: invalidates.iter().map(|t| t.to_string()).collect(),
+                flush: flush.iter().map(|t| t.to_string()).collect(),
                 ..PolicyInputs::default()
             },
         )
@@ -357,7 +357,7 @@ mod tests {
         let people = [principal("u1", 1)];
         let recalled = cache.recall(&changes, &people, &[(0, 0)]);
         // A membership change is read while the query for `recalled` is still running.
-        assert_eq!(cache.invalidate(&[change("m", &["tasks"])]), 1);
+        assert_eq!(cache.flush(&[change("m", &["tasks"])]), 1);
         cache.remember(&recalled, &changes, &recalled.unknown, &[allow(0, 0)], &[]);
         let again = cache.recall(&changes, &people, &[(0, 0)]);
         assert_eq!(again.unknown, [(0, 0)], "the stale answer was dropped");
@@ -370,12 +370,12 @@ mod tests {
         let people = [principal("u1", 1)];
         let recalled = cache.recall(&changes, &people, &[(0, 0)]);
         cache.remember(&recalled, &changes, &recalled.unknown, &[allow(0, 0)], &[]);
-        cache.invalidate(&[change("c", &["comments"])]);
+        cache.flush(&[change("c", &["comments"])]);
         assert!(cache
             .recall(&changes, &people, &[(0, 0)])
             .unknown
             .is_empty());
-        cache.invalidate(&[change("m", &["tasks"])]);
+        cache.flush(&[change("m", &["tasks"])]);
         assert_eq!(cache.recall(&changes, &people, &[(0, 0)]).unknown, [(0, 0)]);
     }
 

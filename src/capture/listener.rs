@@ -21,6 +21,7 @@ use tokio::sync::Notify;
 use tokio_postgres::{AsyncMessage, Client, NoTls};
 use tokio_util::sync::CancellationToken;
 
+use crate::backoff::Backoff;
 use crate::metrics::Metrics;
 
 /// The channel the triggers `NOTIFY` on.
@@ -59,7 +60,7 @@ pub async fn run(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
-    let mut backoff = MIN_BACKOFF;
+    let mut backoff = Backoff::new(MIN_BACKOFF, MAX_BACKOFF);
     loop {
         let session = listen_once(&config, &wake, &listening, &metrics);
         let outcome = tokio::select! {
@@ -71,19 +72,19 @@ pub async fn run(
         // Whatever the reader announced on that connection is gone: it must not wait for a
         // NOTIFY now, nor until it has announced its sleep on the next connection.
         wake.notify_one();
-        match outcome {
+        if outcome.is_ok() {
             // The connection was up, then lost: reconnect quickly.
-            Ok(()) => backoff = MIN_BACKOFF,
-            Err(err) => {
-                tracing::warn!(error = %err, "LISTEN connection failed; retrying in {backoff:?}")
-            }
+            backoff.reset();
+        }
+        let wait = backoff.next_wait();
+        if let Err(err) = outcome {
+            tracing::warn!(error = %err, "LISTEN connection failed; retrying in {wait:?}");
         }
         metrics.listener_reconnects.inc();
         tokio::select! {
-            () = tokio::time::sleep(backoff) => {}
+            () = tokio::time::sleep(wait) => {}
             () = shutdown.cancelled() => return,
         }
-        backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
 

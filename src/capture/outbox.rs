@@ -52,7 +52,7 @@ pub struct PolicyInputs {
     /// An UPDATE that recorded previous values: the old version is judged too.
     pub knows_old: bool,
     /// Tables whose remembered answers this change may have made wrong.
-    pub invalidates: Vec<String>,
+    pub flush: Vec<String>,
 }
 
 impl PolicyInputs {
@@ -139,6 +139,8 @@ pub struct Batch {
     rows: std::pin::Pin<Box<RowStream>>,
     /// A finished `RowStream` must not be polled again (it would report a closed connection).
     done: bool,
+    /// Changes streamed so far, kept or not.
+    read: u64,
 }
 
 impl Batch {
@@ -180,7 +182,34 @@ impl Batch {
             first: change_from_row(&first)?,
             rows,
             done: false,
+            read: 0,
         })
+    }
+
+    /// The next changes `keep` keeps, in commit order, read up to `max` at a time (a chunk it
+    /// empties is skipped); `None` when the batch is done. Everything that walks a batch (the
+    /// reader, a replay, `pgrelay tail`) walks it with this.
+    pub async fn next_kept(
+        &mut self,
+        max: usize,
+        mut keep: impl FnMut(&Change) -> bool,
+    ) -> anyhow::Result<Option<Vec<Change>>> {
+        loop {
+            let mut chunk = self.next_chunk(max).await?;
+            if chunk.is_empty() {
+                return Ok(None);
+            }
+            self.read += chunk.len() as u64;
+            chunk.retain(&mut keep);
+            if !chunk.is_empty() {
+                return Ok(Some(chunk));
+            }
+        }
+    }
+
+    /// How many changes were streamed so far, kept or not.
+    pub fn changes_read(&self) -> u64 {
+        self.read
     }
 
     /// The next up to `max` changes, in commit order; empty when the batch is done.
@@ -235,7 +264,7 @@ pub fn change_from_row(row: &tokio_postgres::Row) -> anyhow::Result<Option<Chang
             key: row.try_get(12)?,
             key_old: row.try_get(13)?,
             knows_old: row.try_get(14)?,
-            invalidates: row.try_get(15)?,
+            flush: row.try_get(15)?,
         },
     }))
 }

@@ -22,18 +22,15 @@ use tokio_postgres::{Client, NoTls};
 use tokio_util::sync::CancellationToken;
 
 use super::listener::Listening;
-use super::outbox::{self, Batch};
-use super::position::{PositionCodec, Snapshot};
+use super::outbox::{self, Batch, Change};
+use super::position::Snapshot;
 use super::wakeup::{self, Sleeping};
-use crate::authorize::Authorizer;
-use crate::fanout::{self, BatchRef};
+use crate::backoff::Backoff;
 use crate::metrics::Metrics;
-use crate::protocol::close;
-use crate::rooms::Hub;
-use crate::transport::client::CloseRequest;
 
 /// Changes handed to one authorization query.
 const CHUNK: usize = 1000;
+const MIN_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Once two reads in a row found changes, reads start at most this often (the pause after a read
 /// is what is left of it).
@@ -42,8 +39,8 @@ const READ_PACE: Duration = Duration::from_millis(5);
 /// busy: it goes to sleep only once its reads, every [`READ_PACE`], have found nothing for
 /// [`LINGER`]. Each time a reader goes to sleep, writers notify until it reads again (see
 /// [`super::wakeup`]), and notifying writers commit one at a time. Going to sleep at the first
-/// empty read made sustained writers notify for nearly every change (W2: 7,223 NOTIFYs for 7,224
-/// changes), which halved their commit rate and kept the reader finding empty reads. A trickle of
+/// empty read made sustained writers notify for nearly every change, which halved their commit
+/// rate and kept the reader finding empty reads. A trickle of
 /// changes (below about 250 a second) still lets the reader sleep at once, woken for each.
 const BUSY_CHANGES: u64 = 25;
 const BUSY_WINDOW: Duration = Duration::from_millis(50);
@@ -51,10 +48,37 @@ const LINGER: Duration = Duration::from_millis(20);
 /// How soon a reader that could not announce its sleep (so writers do not notify) reads again.
 const SLEEP_RETRY: Duration = Duration::from_millis(100);
 
-pub struct Reader {
+/// The identity of a batch that deliveries are part of.
+pub struct BatchRef<'a> {
+    /// Its number in this relay's sequence ([`Consumer::begin_batch`]).
+    pub number: u64,
+    pub since: &'a Snapshot,
+    pub upto: &'a Snapshot,
+}
+
+/// Where the reader hands what it reads, in commit order: the stages after capture (the relay's
+/// is [`crate::pipeline::Pipeline`]).
+pub trait Consumer: Send + Sync {
+    /// The reader starts at `snapshot`: what committed before it is not delivered.
+    fn start_at(&self, snapshot: Snapshot);
+    /// Retention removed changes before the reader got to them: streams are incomplete.
+    fn changes_lost(&self);
+    /// The batch ending at `upto` starts and gets its number (a retried batch keeps its own).
+    fn begin_batch(&self, upto: &Snapshot) -> u64;
+    /// One chunk of the batch, in commit order; an error makes the reader retry the rest.
+    fn deliver(
+        &self,
+        batch: &BatchRef<'_>,
+        changes: &[Change],
+    ) -> impl std::future::Future<Output = anyhow::Result<()>> + Send;
+    /// Every change of the batch ending at `upto` was delivered.
+    fn end_batch(&self, upto: Snapshot);
+}
+
+pub struct Reader<C> {
     pub pool: Pool,
-    pub hub: Arc<Hub>,
-    pub authorizer: Authorizer,
+    /// What the reader hands its chunks to.
+    pub consumer: C,
     pub metrics: Arc<Metrics>,
     pub wake: Arc<Notify>,
     /// The LISTEN connection, on which the reader announces that it sleeps.
@@ -63,12 +87,11 @@ pub struct Reader {
     pub pg_config: tokio_postgres::Config,
     /// Read at least this often, even without a notification.
     pub poll_interval: Duration,
-    pub codec: PositionCodec,
 }
 
-impl Reader {
+impl<C: Consumer> Reader<C> {
     pub async fn run(self, shutdown: CancellationToken) {
-        let mut backoff = Backoff::default();
+        let mut backoff = Backoff::new(MIN_BACKOFF, MAX_BACKOFF);
         let mut cursor = loop {
             let started = tokio::select! {
                 started = self.start() => started,
@@ -222,7 +245,7 @@ impl Reader {
             match read {
                 Ok(n) => {
                     self.metrics.reader_healthy.set(1);
-                    reading.backoff = Backoff::default();
+                    reading.backoff.reset();
                     reading.recent.add(n);
                     return Some(n);
                 }
@@ -314,9 +337,9 @@ impl Reader {
             }
             // Writers notify while the barrier waits; deliver what they announce, one read per
             // wake-up. Not until a read is empty: under sustained writes that never happens, and
-            // the reader kept its sleep announced while it read, so every writer notified (W4:
-            // 18,000-24,000 NOTIFYs in 20 s, from 4 announcements) and their commits queued on
-            // the NOTIFY lock. Back in the loop, the barrier has usually passed.
+            // the reader kept its sleep announced while it read, so every writer notified (a few
+            // announcements made thousands of NOTIFYs) and their commits queued on the NOTIFY
+            // lock. Back in the loop, the barrier has usually passed.
             let started = Instant::now();
             paced = self.read_once(reading).await? > 0;
             next_read = started + READ_PACE;
@@ -330,12 +353,12 @@ impl Reader {
     ) {
         self.metrics.read_errors.inc();
         self.metrics.reader_healthy.set(0);
-        tracing::warn!(error = %format!("{err:#}"), "reading changes failed; retrying in {:?}", backoff.0);
+        let wait = backoff.next_wait();
+        tracing::warn!(error = %format!("{err:#}"), "reading changes failed; retrying in {wait:?}");
         tokio::select! {
-            () = tokio::time::sleep(backoff.0) => {}
+            () = tokio::time::sleep(wait) => {}
             () = shutdown.cancelled() => {}
         }
-        backoff.0 = (backoff.0 * 2).min(MAX_BACKOFF);
     }
 
     /// Starts at the database's current snapshot: a new relay delivers what commits from now on
@@ -344,7 +367,7 @@ impl Reader {
         let client = self.pool.get().await?;
         let snapshot = outbox::current_snapshot(&client).await?;
         tracing::info!(position = %snapshot, "reading changes");
-        self.hub.start_at(snapshot.clone());
+        self.consumer.start_at(snapshot.clone());
         Ok(Cursor::at(snapshot))
     }
 
@@ -361,7 +384,7 @@ impl Reader {
             None,
         )
         .await?;
-        self.metrics.outbox_read_time.add(reading.elapsed());
+        self.metrics.outbox_read_seconds.add(reading.elapsed());
         if batch.incomplete() {
             // This relay fell further behind than retention keeps: some changes were removed
             // before it read them. Its clients must not believe their streams are complete.
@@ -369,45 +392,36 @@ impl Reader {
                 "the relay fell behind the outbox's retention; closing its clients so they refetch"
             );
             self.metrics.retention_gaps.inc();
-            self.hub.close_all(CloseRequest {
-                code: close::TOO_SLOW,
-                reason: "relay fell behind; resume with since",
-            });
+            self.consumer.changes_lost();
         }
         // From here on a retry reads this same batch, so members that join meanwhile (whose
         // position is its end) keep skipping it.
         cursor.upto = Some(batch.upto.clone());
-        let number = self.hub.begin_batch(&batch.upto);
+        let number = self.consumer.begin_batch(&batch.upto);
         let mut read = 0;
         loop {
             let reading = Instant::now();
-            let mut chunk = batch.next_chunk(CHUNK).await?;
-            self.metrics.outbox_read_time.add(reading.elapsed());
-            if chunk.is_empty() {
+            // Retrying an interrupted batch: skip what was delivered before.
+            let done = cursor.delivered_through;
+            let chunk = batch
+                .next_kept(CHUNK, |c| done.is_none_or(|done| (c.txn_last, c.id) > done))
+                .await?;
+            self.metrics.outbox_read_seconds.add(reading.elapsed());
+            self.metrics.changes_read.add(batch.changes_read() - read);
+            read = batch.changes_read();
+            let Some(chunk) = chunk else {
                 break;
-            }
-            self.metrics.changes_read.add(chunk.len() as u64);
-            read += chunk.len() as u64;
-            if let Some(done) = cursor.delivered_through {
-                // Retrying an interrupted batch: drop what was delivered before.
-                chunk.retain(|c| (c.txn_last, c.id) > done);
-                if chunk.is_empty() {
-                    continue;
-                }
-            }
+            };
             let at = BatchRef {
                 number,
                 since: &batch.since,
                 upto: &batch.upto,
-                codec: &self.codec,
             };
-            let delivering = Instant::now();
-            fanout::deliver(&self.hub, &self.authorizer, &self.metrics, &at, &chunk).await?;
-            self.metrics.fanout_time.add(delivering.elapsed());
+            self.consumer.deliver(&at, &chunk).await?;
             cursor.delivered_through = chunk.last().map(|c| (c.txn_last, c.id));
         }
         self.metrics.batches_read.inc();
-        self.hub.end_batch(batch.upto.clone());
+        self.consumer.end_batch(batch.upto.clone());
         *cursor = Cursor::at(batch.upto);
         Ok(read)
     }
@@ -471,14 +485,6 @@ impl RecentChanges {
 
     fn busy(&self) -> bool {
         self.this_window + self.last_window >= BUSY_CHANGES
-    }
-}
-
-struct Backoff(Duration);
-
-impl Default for Backoff {
-    fn default() -> Backoff {
-        Backoff(Duration::from_millis(50))
     }
 }
 

@@ -27,6 +27,7 @@ use tokio_postgres::{AsyncMessage, NoTls};
 use tokio_util::sync::CancellationToken;
 
 use super::Presence;
+use crate::backoff::Backoff;
 use crate::metrics::Metrics;
 use crate::protocol::Room;
 
@@ -134,13 +135,13 @@ pub struct Envelope {
     pub bye: bool,
 }
 
-/// Numbers and packs a relay's outgoing messages.
-struct Outbox {
+/// Numbers and packs a relay's outgoing presence messages.
+struct Packer {
     node: String,
     seq: u64,
 }
 
-impl Outbox {
+impl Packer {
     fn envelope(&mut self) -> Envelope {
         self.seq += 1;
         Envelope {
@@ -233,23 +234,23 @@ pub async fn run(
 ) {
     // So a DBA can tell this connection apart in pg_stat_activity.
     config.application_name("pgrelay presence");
-    let mut outbox = Outbox {
+    let mut packer = Packer {
         node: presence.node().to_owned(),
         seq: 0,
     };
-    let mut backoff = MIN_BACKOFF;
+    let mut backoff = Backoff::new(MIN_BACKOFF, MAX_BACKOFF);
     loop {
         let connected = tokio::select! {
             connected = config.connect(NoTls) => connected,
             () = shutdown.cancelled() => return,
         };
-        match connected {
+        let failed = match connected {
             Ok((client, connection)) => {
-                backoff = MIN_BACKOFF;
+                backoff.reset();
                 let session = Session {
                     client,
                     presence: &presence,
-                    outbox: &mut outbox,
+                    packer: &mut packer,
                     metrics: &metrics,
                 };
                 let stopping = session.serve(connection, &mut ops, &shutdown).await;
@@ -257,25 +258,27 @@ pub async fn run(
                 if stopping {
                     return;
                 }
+                None
             }
-            Err(err) => {
-                tracing::warn!(error = %err, "presence bus: cannot connect; retrying in {backoff:?}");
-            }
+            Err(err) => Some(err),
+        };
+        let wait = backoff.next_wait();
+        if let Some(err) = failed {
+            tracing::warn!(error = %err, "presence bus: cannot connect; retrying in {wait:?}");
         }
         // Ops queued while disconnected are covered by the full state sent on reconnecting.
         while ops.try_recv().is_ok() {}
         tokio::select! {
-            () = tokio::time::sleep(backoff) => {}
+            () = tokio::time::sleep(wait) => {}
             () = shutdown.cancelled() => return,
         }
-        backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
 
 struct Session<'a> {
     client: tokio_postgres::Client,
     presence: &'a Presence,
-    outbox: &'a mut Outbox,
+    packer: &'a mut Packer,
     metrics: &'a Metrics,
 }
 
@@ -330,9 +333,9 @@ impl Session<'_> {
             .await?;
         self.metrics.presence_bus_connected.set(1);
         tracing::info!(relay = self.presence.node(), "presence bus connected");
-        let hello = self.outbox.single(|e| e.want = Some("*".into()));
+        let hello = self.packer.single(|e| e.want = Some("*".into()));
         let mut payloads = vec![hello];
-        payloads.extend(self.outbox.pack(self.presence.local_entries(), true));
+        payloads.extend(self.packer.pack(self.presence.local_entries(), true));
         self.publish(payloads).await?;
 
         let every = self.presence.timings().heartbeat;
@@ -341,7 +344,7 @@ impl Session<'_> {
             let mut payloads = Vec::new();
             tokio::select! {
                 () = shutdown.cancelled() => {
-                    let bye = self.outbox.single(|e| e.bye = true);
+                    let bye = self.packer.single(|e| e.bye = true);
                     let _ = tokio::time::timeout(Duration::from_secs(1), self.publish(vec![bye])).await;
                     return Ok(true);
                 }
@@ -355,7 +358,7 @@ impl Session<'_> {
                     }
                 }
                 () = self.presence.sync_wanted.notified() => {
-                    payloads.extend(self.outbox.pack(self.presence.local_entries(), true));
+                    payloads.extend(self.packer.pack(self.presence.local_entries(), true));
                 }
                 op = ops.recv() => {
                     let Some(op) = op else { return Ok(true) };
@@ -363,10 +366,10 @@ impl Session<'_> {
                     while let Ok(op) = ops.try_recv() {
                         batch.push(op);
                     }
-                    payloads.extend(self.outbox.pack(coalesce(batch), false));
+                    payloads.extend(self.packer.pack(coalesce(batch), false));
                 }
                 _ = heartbeat.tick() => {
-                    payloads.push(self.outbox.single(|_| {}));
+                    payloads.push(self.packer.single(|_| {}));
                 }
             }
             if !payloads.is_empty() {
@@ -387,7 +390,7 @@ impl Session<'_> {
         };
         if let Some(node) = self.presence.apply(envelope) {
             self.metrics.presence_resyncs.inc();
-            payloads.push(self.outbox.single(|e| e.want = Some(node)));
+            payloads.push(self.packer.single(|e| e.want = Some(node)));
         }
     }
 
@@ -441,13 +444,13 @@ mod tests {
 
     #[test]
     fn large_states_are_split_into_numbered_payloads_that_fit_notify() {
-        let mut outbox = Outbox {
+        let mut packer = Packer {
             node: "a".into(),
             seq: 0,
         };
         let meta = Value::String("x".repeat(900));
         let ops: Vec<Op> = (0..40).map(|c| join("task:1", c, meta.clone())).collect();
-        let payloads = outbox.pack(ops.clone(), true);
+        let payloads = packer.pack(ops.clone(), true);
         assert!(payloads.len() > 1);
         let envelopes: Vec<Envelope> = payloads
             .iter()
@@ -463,13 +466,13 @@ mod tests {
         let unpacked: Vec<Op> = envelopes.into_iter().flat_map(|e| e.ops).collect();
         assert_eq!(unpacked, ops);
 
-        let empty = outbox.pack(Vec::new(), true);
+        let empty = packer.pack(Vec::new(), true);
         let envelope: Envelope = serde_json::from_str(&empty[0]).expect("valid");
         assert_eq!(
             envelope.sync,
             Some(Sync::Whole),
             "an empty state is still a state"
         );
-        assert!(outbox.pack(Vec::new(), false).is_empty());
+        assert!(packer.pack(Vec::new(), false).is_empty());
     }
 }

@@ -26,12 +26,12 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
-use crate::protocol::Room;
-use crate::transport::client::ClientHandle;
+use crate::protocol::{Frame, Room, ServerMessage};
+use crate::queue::ClientHandle;
 use bus::{Envelope, Op};
 use typing::Typing;
 
@@ -252,12 +252,12 @@ impl Presence {
             ));
         }
         if let Some(presence) = state.rooms.get(room) {
-            client.send(presence_state(room, presence).into());
+            client.send(presence_state(room, presence));
         }
         // Who is typing right now.
         let typing_now: Vec<String> = state.typing.typing_in(room).cloned().collect();
         for typist in typing_now.iter().filter(|u| u.as_str() != user) {
-            client.send(typing_message(room, typist, true).into());
+            client.send(typing_message(room, typist, true));
         }
     }
 
@@ -600,14 +600,12 @@ fn send_diffs(rooms: &HashMap<Room, RoomPresence>, diffs: Diffs, except: Option<
         if presence.audience.is_empty() {
             continue;
         }
-        let frame: axum::extract::ws::Utf8Bytes = json!({
-            "type": "presence_diff",
-            "room": room.as_str(),
-            "joins": joins,
-            "leaves": leaves,
-        })
-        .to_string()
-        .into();
+        let frame = ServerMessage::PresenceDiff {
+            room: room.as_str(),
+            joins: &joins,
+            leaves: &leaves,
+        }
+        .to_frame();
         for (id, watcher) in &presence.audience {
             if Some(*id) != except {
                 watcher.client.send(frame.clone());
@@ -620,22 +618,31 @@ fn tell_typing(rooms: &HashMap<Room, RoomPresence>, room: &Room, user: &str, typ
     let Some(presence) = rooms.get(room) else {
         return;
     };
-    let frame: axum::extract::ws::Utf8Bytes = typing_message(room, user, typing).into();
+    let frame = typing_message(room, user, typing);
     for watcher in presence.audience.values().filter(|w| w.user != user) {
         watcher.client.send(frame.clone());
     }
 }
 
-fn typing_message(room: &Room, user: &str, typing: bool) -> String {
-    json!({"type": "typing", "room": room.as_str(), "user": user, "typing": typing}).to_string()
+fn typing_message(room: &Room, user: &str, typing: bool) -> Frame {
+    ServerMessage::Typing {
+        room: room.as_str(),
+        user,
+        typing,
+    }
+    .to_frame()
 }
 
-fn presence_state(room: &Room, presence: &RoomPresence) -> String {
+fn presence_state(room: &Room, presence: &RoomPresence) -> Frame {
     let mut users = Map::new();
     for (key, entry) in &presence.entries {
         push(&mut users, key, entry);
     }
-    json!({"type": "presence_state", "room": room.as_str(), "users": users}).to_string()
+    ServerMessage::PresenceState {
+        room: room.as_str(),
+        users: &users,
+    }
+    .to_frame()
 }
 
 /// Runs [`Presence::sweep`] ten times a second until `shutdown`, and updates the gauges.
@@ -661,7 +668,8 @@ pub async fn sweep(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::transport::client::ClientQueue;
+    use crate::queue::ClientQueue;
+    use serde_json::json;
 
     fn frames(queue: &mut ClientQueue) -> Vec<Value> {
         std::iter::from_fn(|| queue.frames.try_recv())

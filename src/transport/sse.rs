@@ -28,12 +28,11 @@ use futures_util::Stream;
 use serde::Deserialize;
 use tokio::time::Instant;
 
-use super::client::{ClientHandle, ClientQueue};
-use super::ws::token_from_request;
+use super::AppState;
 use crate::jwt::Principal;
-use crate::protocol::{ErrorCode, Room, ServerMessage};
-use crate::server::AppState;
-use crate::subscribe::{self, JoinError};
+use crate::protocol::{ErrorCode, Frame, Kind, Room};
+use crate::queue::{ClientHandle, ClientQueue};
+use crate::subscribe;
 
 #[derive(Deserialize)]
 pub struct SseParams {
@@ -49,30 +48,16 @@ pub async fn stream(
     Query(params): Query<SseParams>,
 ) -> Response {
     use super::refuse;
-    if !app.origin_allowed(&headers) {
-        return refuse(
-            StatusCode::FORBIDDEN,
-            ErrorCode::Forbidden,
-            "origin not allowed",
-        );
-    }
-    let Some(token) = token_from_request(&headers, params.token) else {
-        return refuse(
-            StatusCode::UNAUTHORIZED,
-            ErrorCode::Unauthorized,
-            "missing token",
-        );
-    };
-    let principal = match app.verifier.verify(&token) {
-        Ok(principal) => Arc::new(principal),
-        Err(err) => {
-            app.metrics.auth_failures.inc();
+    let principal = match app.check_request(&headers, params.token) {
+        Ok(Some(principal)) => Arc::new(principal),
+        Ok(None) => {
             return refuse(
                 StatusCode::UNAUTHORIZED,
                 ErrorCode::Unauthorized,
-                &err.to_string(),
-            );
+                "missing token",
+            )
         }
+        Err(refused) => return *refused,
     };
     let rooms: Option<Vec<Room>> = params.rooms.split(',').map(Room::parse).collect();
     let rooms = rooms.map(|mut rooms| {
@@ -127,45 +112,17 @@ pub async fn stream(
     let (client, queue) = ClientHandle::new(app.limits.max_queued_bytes);
     let client = Arc::new(client);
     let joined = subscribe::join(
-        &app,
+        &app.subscriptions,
         &client,
         &principal,
         &rooms,
         since.as_deref(),
-        |room, position, recovered| {
-            ServerMessage::Joined {
-                room: room.as_str(),
-                position: position.to_owned(),
-                recovered,
-                reference: None,
-            }
-            .to_json()
-        },
+        None,
     )
     .await;
-    match joined {
-        Ok(()) => {}
-        Err(err @ JoinError::BadPosition) => {
-            return refuse(
-                StatusCode::BAD_REQUEST,
-                ErrorCode::BadRequest,
-                &err.to_string(),
-            )
-        }
-        Err(err @ JoinError::Forbidden(_)) => {
-            return refuse(
-                StatusCode::FORBIDDEN,
-                ErrorCode::Forbidden,
-                &err.to_string(),
-            )
-        }
-        Err(err @ JoinError::Unavailable(_)) => {
-            return refuse(
-                StatusCode::SERVICE_UNAVAILABLE,
-                ErrorCode::Internal,
-                &err.to_string(),
-            )
-        }
+    if let Err(err) = joined {
+        let (status, code) = super::join_refusal(&err);
+        return refuse(status, code, &err.to_string());
     }
 
     app.metrics.connections.inc();
@@ -200,7 +157,7 @@ struct SseSession {
 impl Drop for SseSession {
     fn drop(&mut self) {
         // Nothing may wait on this client any more (a replay, say).
-        self.client.close(crate::transport::client::CloseRequest {
+        self.client.close(crate::queue::CloseRequest {
             code: crate::protocol::close::GOING_AWAY,
             reason: "stream ended",
         });
@@ -233,28 +190,19 @@ impl SseSession {
                 frame = queue.frames.recv() => frame?,
             };
             session.client.sent(&frame);
-            Some((Ok(sse_event(frame.as_str())), (session, queue)))
+            Some((Ok(sse_event(&frame)), (session, queue)))
         })
     }
 }
 
 /// Events (with their position as `id`) and `left` become unnamed messages; other notices
 /// (`joined`) become named events without an `id`.
-fn sse_event(frame: &str) -> Event {
-    #[derive(Deserialize)]
-    struct Head<'a> {
-        #[serde(rename = "type", borrow)]
-        kind: &'a str,
-        #[serde(borrow)]
-        id: Option<&'a str>,
-    }
-    match serde_json::from_str::<Head>(frame) {
-        Ok(Head {
-            kind: "event",
-            id: Some(id),
-        }) => Event::default().id(id).data(frame),
-        Ok(Head { kind: "left", .. }) => Event::default().data(frame),
-        Ok(Head { kind, .. }) => Event::default().event(kind).data(frame),
-        Err(_) => Event::default().data(frame),
-    }
+fn sse_event(frame: &Frame) -> Event {
+    let data = Event::default();
+    let data = match (frame.kind(), frame.position()) {
+        (Kind::Event, Some(id)) => data.id(id),
+        (Kind::Left, _) => data,
+        (kind, _) => data.event(kind.as_str()),
+    };
+    data.data(frame.as_str())
 }

@@ -3,7 +3,7 @@
 //! Fan-out must never wait for a slow client, so sending only appends a frame to the client's
 //! queue. The queue is bounded by the bytes it holds, not by a count of frames: a client that
 //! falls that far behind is told to go (close code 4008) and can resume from its last event id,
-//! while everybody else carries on. Frames are shared `Utf8Bytes`, so queuing one event for a
+//! while everybody else carries on. A [`Frame`] shares its text, so queuing one event for a
 //! thousand clients copies no JSON.
 //!
 //! The queue is a `VecDeque` behind a mutex rather than a tokio `mpsc` channel: an unbounded
@@ -15,8 +15,9 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use axum::extract::ws::Utf8Bytes;
 use tokio::sync::{watch, Notify};
+
+use crate::protocol::Frame;
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -49,7 +50,7 @@ pub struct ClientQueue {
 /// takes them).
 #[derive(Default)]
 struct Frames {
-    queue: Mutex<VecDeque<Utf8Bytes>>,
+    queue: Mutex<VecDeque<Frame>>,
     /// A frame was queued, or the handle is gone.
     arrived: Notify,
     handle_dropped: AtomicBool,
@@ -58,12 +59,12 @@ struct Frames {
 }
 
 impl Frames {
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Utf8Bytes>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Frame>> {
         // Pushing and popping cannot leave the deque inconsistent: keep going after a panic.
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn pop(&self) -> Option<Utf8Bytes> {
+    fn pop(&self) -> Option<Frame> {
         let mut queue = self.lock();
         let frame = queue.pop_front();
         give_back_if_drained(&mut queue);
@@ -72,7 +73,7 @@ impl Frames {
 }
 
 /// An idle connection should not keep the capacity a burst needed.
-fn give_back_if_drained(queue: &mut VecDeque<Utf8Bytes>) {
+fn give_back_if_drained(queue: &mut VecDeque<Frame>) {
     if queue.is_empty() && queue.capacity() > IDLE_QUEUE_CAPACITY {
         queue.shrink_to_fit();
     }
@@ -85,12 +86,12 @@ pub struct FrameReceiver {
 
 impl FrameReceiver {
     /// The next frame if one is waiting.
-    pub fn try_recv(&mut self) -> Option<Utf8Bytes> {
+    pub fn try_recv(&mut self) -> Option<Frame> {
         self.frames.pop()
     }
 
     /// Moves up to `max` waiting frames, in order, onto `into`, under one lock.
-    pub fn take(&mut self, max: usize, into: &mut Vec<Utf8Bytes>) {
+    pub fn take(&mut self, max: usize, into: &mut Vec<Frame>) {
         let mut queue = self.frames.lock();
         let n = max.min(queue.len());
         into.extend(queue.drain(..n));
@@ -99,7 +100,7 @@ impl FrameReceiver {
 
     /// The next frame, waiting for one; `None` once the handle is dropped and the queue is
     /// empty. Cancel-safe: a frame is only taken when it is returned.
-    pub async fn recv(&mut self) -> Option<Utf8Bytes> {
+    pub async fn recv(&mut self) -> Option<Frame> {
         let frames = &*self.frames;
         loop {
             // Registered before looking, so a frame queued in between still wakes us.
@@ -123,7 +124,7 @@ impl Drop for FrameReceiver {
     }
 }
 
-/// What a drained queue may keep (frames are 32 bytes each).
+/// What a drained queue may keep (frames are 48 bytes each).
 const IDLE_QUEUE_CAPACITY: usize = 4;
 
 impl ClientHandle {
@@ -159,25 +160,24 @@ impl ClientHandle {
     /// Queues a frame. Returns false, and asks the session to close with 4008, if the frame
     /// would take the bytes waiting past the budget (an empty queue always takes one frame, so
     /// a single large event never closes a client that keeps up).
-    pub fn send(&self, frame: Utf8Bytes) -> bool {
+    pub fn send(&self, frame: Frame) -> bool {
         self.send_all([frame]) == 1
     }
 
     /// Queues frames in order, as [`ClientHandle::send`] would one by one, but takes the queue's
     /// lock and wakes the session once: the fan-out hands each client all its frames of a chunk
     /// together. Returns how many were queued; fewer than given means the client is closing.
-    pub fn send_all(&self, frames: impl IntoIterator<Item = Utf8Bytes>) -> usize {
+    pub fn send_all(&self, frames: impl IntoIterator<Item = Frame>) -> usize {
         let mut queued = 0;
         {
             let mut queue = self.frames.lock();
             for frame in frames {
-                if !self.admit(frame.as_str().len()) {
+                if !self.admit(frame.len()) {
                     break;
                 }
                 // Checked under the lock the receiver sets it under: nothing is queued after it.
                 if self.frames.receiver_dropped.load(Ordering::Relaxed) {
-                    self.queued_bytes
-                        .fetch_sub(frame.as_str().len(), Ordering::Relaxed);
+                    self.queued_bytes.fetch_sub(frame.len(), Ordering::Relaxed);
                     break;
                 }
                 queue.push_back(frame);
@@ -197,20 +197,33 @@ impl ClientHandle {
             return false;
         }
         let before = self.queued_bytes.fetch_add(len, Ordering::Relaxed);
-        if before > 0 && before + len > self.max_queued_bytes {
+        if !self.fits(before, len) {
             self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
-            self.close(CloseRequest {
-                code: crate::protocol::close::TOO_SLOW,
-                reason: "too slow to keep up; resume with since",
-            });
+            self.close_too_slow();
             return false;
         }
         true
     }
 
+    /// The byte budget: `len` more bytes fit behind `queued` if they stay within it, and an
+    /// empty queue always takes one frame, so a single large event never closes a client that
+    /// keeps up. Frames held back for a client (see [`crate::rooms`]) count the same way.
+    pub fn fits(&self, queued: usize, len: usize) -> bool {
+        queued == 0 || queued + len <= self.max_queued_bytes
+    }
+
+    /// Closes a client that fell further behind than its budget (4008): it resumes from its
+    /// last event.
+    pub fn close_too_slow(&self) -> bool {
+        self.close(CloseRequest {
+            code: crate::protocol::close::TOO_SLOW,
+            reason: "too slow to keep up; resume with since",
+        })
+    }
+
     /// Called by the session once a frame has been handed to the socket.
-    pub fn sent(&self, frame: &Utf8Bytes) {
-        self.sent_bytes(frame.as_str().len());
+    pub fn sent(&self, frame: &Frame) {
+        self.sent_bytes(frame.len());
     }
 
     /// Called by the session once frames of `bytes` bytes in all have been handed to the socket.
@@ -219,17 +232,13 @@ impl ClientHandle {
         self.drained.notify_one();
     }
 
-    pub fn max_queued_bytes(&self) -> usize {
-        self.max_queued_bytes
-    }
-
     /// Waits until a frame of `len` bytes can be queued without going over the byte budget (the
     /// queue is empty, or the frame fits), or the client is closing. Replays pace themselves
     /// with this, so replaying to a slow reader never closes it.
     pub async fn wait_for_room(&self, len: usize) {
         loop {
             let queued = self.queued_bytes.load(Ordering::Relaxed);
-            if queued == 0 || queued + len <= self.max_queued_bytes || self.is_closing() {
+            if self.fits(queued, len) || self.is_closing() {
                 return;
             }
             let wait = self.drained.notified();
@@ -265,14 +274,11 @@ mod tests {
     #[test]
     fn a_full_queue_closes_the_client_with_4008_and_drops_the_frame() {
         let (client, mut queue) = ClientHandle::new(10);
-        assert!(client.send(Utf8Bytes::from("123456")));
-        assert!(
-            !client.send(Utf8Bytes::from("123456")),
-            "over the byte budget"
-        );
+        assert!(client.send(Frame::from("123456")));
+        assert!(!client.send(Frame::from("123456")), "over the byte budget");
         assert_eq!(queue.close.borrow_and_update().map(|r| r.code), Some(4008));
         assert!(
-            !client.send(Utf8Bytes::from("1")),
+            !client.send(Frame::from("1")),
             "a closing client takes nothing more"
         );
         let first = queue.frames.try_recv().expect("the first frame was queued");
@@ -286,14 +292,14 @@ mod tests {
     #[test]
     fn frames_queued_together_stop_at_the_budget_and_are_taken_in_order() {
         let (client, mut queue) = ClientHandle::new(10);
-        let frames = ["1234", "5678", "90ab", "cd"].map(Utf8Bytes::from_static);
+        let frames = ["1234", "5678", "90ab", "cd"].map(Frame::from);
         assert_eq!(
             client.send_all(frames),
             2,
             "the third frame would pass 10 bytes"
         );
         assert_eq!(queue.close.borrow_and_update().map(|r| r.code), Some(4008));
-        assert_eq!(client.send_all([Utf8Bytes::from_static("x")]), 0, "closing");
+        assert_eq!(client.send_all([Frame::from("x")]), 0, "closing");
         let mut taken = Vec::new();
         queue.frames.take(64, &mut taken);
         let taken: Vec<&str> = taken.iter().map(|f| f.as_str()).collect();
@@ -313,7 +319,7 @@ mod tests {
             got
         });
         for n in 0..100 {
-            assert!(client.send(Utf8Bytes::from(n.to_string())));
+            assert!(client.send(Frame::from(n.to_string().as_str())));
             if n % 10 == 0 {
                 tokio::task::yield_now().await;
             }
@@ -331,7 +337,7 @@ mod tests {
     fn a_drained_queue_gives_its_memory_back() {
         let (client, mut queue) = ClientHandle::new(1 << 20);
         for _ in 0..100 {
-            client.send(Utf8Bytes::from_static("x"));
+            client.send(Frame::from("x"));
         }
         while queue.frames.try_recv().is_some() {}
         assert!(client.frames.lock().capacity() <= IDLE_QUEUE_CAPACITY);
