@@ -884,7 +884,8 @@ async fn start_relay(command: &str, relay: SocketAddr) -> anyhow::Result<tokio::
     for _ in 0..400 {
         if let Ok(mut stream) = tokio::net::TcpStream::connect(relay).await {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            let request = format!("GET /readyz HTTP/1.1\r\nHost: {relay}\r\nConnection: close\r\n\r\n");
+            let request =
+                format!("GET /readyz HTTP/1.1\r\nHost: {relay}\r\nConnection: close\r\n\r\n");
             stream.write_all(request.as_bytes()).await?;
             let mut response = String::new();
             let _ = stream.read_to_string(&mut response).await;
@@ -1035,7 +1036,10 @@ async fn storm(args: &Args) -> anyhow::Result<Value> {
         }
     }
     done.sort_by(f64::total_cmp);
-    let quantile = |q: f64| done.get(((done.len().max(1) - 1) as f64 * q) as usize).copied();
+    let quantile = |q: f64| {
+        done.get(((done.len().max(1) - 1) as f64 * q) as usize)
+            .copied()
+    };
     let replay_read = relay_metric(relay, "replay_changes_read_total").await?;
     let replay_failures = relay_metric(relay, "replay_failures_total").await?;
     drop(child);
@@ -1086,7 +1090,10 @@ async fn resume_one(
         if text.starts_with("{\"type\":\"joined\"") {
             anyhow::ensure!(field(&text, "recovered") == Some("true"), "{text}");
             if want.is_empty() {
-                return Ok(Resumed { missing: 0, repeats });
+                return Ok(Resumed {
+                    missing: 0,
+                    repeats,
+                });
             }
             continue;
         }
@@ -1100,7 +1107,10 @@ async fn resume_one(
         if want.get(got) == Some(&seq) {
             got += 1;
             if got == want.len() {
-                return Ok(Resumed { missing: 0, repeats });
+                return Ok(Resumed {
+                    missing: 0,
+                    repeats,
+                });
             }
         } else if want[..got].contains(&seq) {
             repeats += 1;
@@ -1151,25 +1161,48 @@ async fn stall(args: &Args) -> anyhow::Result<Value> {
         ],
     )
     .await?;
-    let mut held = Vec::new();
+    // Each connection joins, reads nothing, and after `hold` seconds (longer than the relay lets
+    // a replay stall) reconnects and does it again: an adversary keeping the flood up.
+    let hold = Duration::from_secs(args.num("hold", 15)?);
+    let until = Instant::now() + Duration::from_secs(seconds);
+    let (opened, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut tasks = Vec::new();
     for u in 0..users {
-        for _ in 0..per_user {
+        for c in 0..per_user {
             let user = Shape::user(project, 1 + u % (shape.members - 1));
-            let mut ws = connect(relay, &user, 1 + held.len()).await?;
-            ws.send(Message::Text(
-                json!({"type": "join", "room": room, "since": since})
-                    .to_string()
-                    .into(),
-            ))
-            .await?;
-            held.push(ws); // never read
+            let (room, since) = (room.clone(), since.clone());
+            let (opened, failed) = (opened.clone(), failed.clone());
+            let k = 1 + (u as usize) * per_user + c;
+            tasks.push(tokio::spawn(async move {
+                while Instant::now() < until {
+                    let Ok(mut ws) = connect(relay, &user, k).await else {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    };
+                    let join = json!({"type": "join", "room": room, "since": since});
+                    if ws
+                        .send(Message::Text(join.to_string().into()))
+                        .await
+                        .is_ok()
+                    {
+                        opened.fetch_add(1, Ordering::Relaxed);
+                    }
+                    let left = until.saturating_duration_since(Instant::now());
+                    tokio::time::sleep(hold.min(left)).await;
+                }
+            }));
         }
     }
-    eprintln!("stall: {} stalled replays open", held.len());
-    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    eprintln!("stall: {} stalled replays open", users as usize * per_user);
+    for task in tasks {
+        task.await?;
+    }
     Ok(json!({
         "workload": "stall",
-        "stalled_connections": held.len(),
+        "stalled_connections": users as usize * per_user,
+        "stalled_replays_opened": opened.load(Ordering::Relaxed),
+        "connects_failed": failed.load(Ordering::Relaxed),
         "backlog": backlog,
         "relay_replay_stalls": relay_metric(relay, "replay_stalls_total").await?,
         "relay_replays_waiting": relay_metric(relay, "replays_waiting").await?,

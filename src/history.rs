@@ -14,8 +14,8 @@
 //! So [`History::plan`] splits a replay's `from → to` at the ends of the ranges already known
 //! here, and takes each part from a known range around it, filtered, or reads it as a range of
 //! its own that later replays share. Ranges are read in [`Page`]s of at most [`PAGE_CHANGES`]
-//! changes, each one query on a pooled connection that is given back before anything is sent to
-//! anyone: a replay waits for its client holding a page in memory, never a connection. Pages are
+//! changes, several pages a query, on a pooled connection that is given back before anything is
+//! sent to anyone: a replay waits for its client holding a page in memory, never a connection. Pages are
 //! kept in a window bounded in bytes (least recently used go first) and read again if needed.
 //! Concurrent requests for a page that is being read wait for that read.
 //!
@@ -36,13 +36,16 @@ use tokio::sync::{OnceCell, Semaphore};
 use crate::capture::outbox::{self, Change};
 use crate::capture::position::Snapshot;
 use crate::metrics::Metrics;
+use crate::protocol::Frame;
 
-/// Changes per page: one query, and what a replay holds in memory while its client reads.
+/// Changes per page: what a replay holds in memory while its client reads.
 pub const PAGE_CHANGES: usize = 1000;
+/// Pages one query reads at most (the first is the one asked for; see [`History::read`]).
+const PAGES_PER_READ: usize = 16;
 /// Ranges remembered for planning (their pages may have been evicted and are read again).
 const MAX_RANGES: usize = 512;
 
-/// `$1` since, `$2` upto, `$3`/`$4` the commit-order key the page starts after, `$5` the page size.
+/// `$1` since, `$2` upto, `$3`/`$4` the commit-order key the read starts after, `$5` how many.
 /// The columns are those of [`outbox::READ_BATCH`], so rows convert the same way; the retention
 /// horizon comes first in every row, and alone in an empty page.
 const READ_PAGE: &str = r#"
@@ -68,6 +71,45 @@ pub struct Page {
     /// changes removed before they were read.
     pub horizon: u64,
     bytes: usize,
+    /// Event frames built for replays of this page, shared by the replays that send the same
+    /// change, in the same part, room and visibility (most of a storm's clients): by change and
+    /// visibility, then part and room.
+    frames: Mutex<HashMap<(u32, u8), Vec<BuiltFrame>>>,
+}
+
+/// A frame built for a part (its key) and a room.
+type BuiltFrame = (Arc<str>, String, Frame);
+
+impl Page {
+    /// The frame for change `ix` as seen with `visibility` in `room`, for a replay of `part`
+    /// (whose key names it): built by `make` once, then shared.
+    pub fn frame(
+        &self,
+        ix: u32,
+        visibility: u8,
+        part: &Arc<str>,
+        room: &str,
+        make: impl FnOnce() -> anyhow::Result<Frame>,
+    ) -> anyhow::Result<Frame> {
+        let lock = || self.frames.lock().unwrap_or_else(|p| p.into_inner());
+        let find = |built: &[BuiltFrame]| {
+            built
+                .iter()
+                .find(|(p, r, _)| p == part && r == room)
+                .map(|(_, _, f)| f.clone())
+        };
+        if let Some(frame) = lock().get(&(ix, visibility)).and_then(|b| find(b)) {
+            return Ok(frame);
+        }
+        let frame = make()?;
+        let mut frames = lock();
+        let built = frames.entry((ix, visibility)).or_default();
+        if let Some(theirs) = find(built) {
+            return Ok(theirs);
+        }
+        built.push((part.clone(), room.to_owned(), frame.clone()));
+        Ok(frame)
+    }
 }
 
 /// A range `since → upto` to read, and the part `keep_from → keep_to` of it a replay wants.
@@ -80,6 +122,11 @@ pub struct Part {
 }
 
 impl Part {
+    /// What tells replays of the same part apart from others (their events' positions differ).
+    pub fn key(&self) -> Arc<str> {
+        format!("{}~{}", self.keep_from.to_pg(), self.keep_to.to_pg()).into()
+    }
+
     /// Whether a change of the range (its transaction) belongs to the part.
     pub fn keeps(&self, xid: u64) -> bool {
         !self.keep_from.is_visible(xid) && self.keep_to.is_visible(xid)
@@ -241,8 +288,12 @@ impl History {
         Ok(page)
     }
 
+    /// Reads the page of `key` and, in the same query, up to [`PAGES_PER_READ`] - 1 pages after
+    /// it, which go into the window for the replays that come next: the query sorts the whole
+    /// range whatever its limit, so reading a long range a page per query would sort it again
+    /// for every page.
     async fn read(&self, key: &PageKey, after: Option<(i64, i64)>) -> anyhow::Result<Arc<Page>> {
-        let _permit = self
+        let permit = self
             .reads
             .acquire()
             .await
@@ -250,13 +301,14 @@ impl History {
         let db = self.pool.get().await.context("no database connection")?;
         let statement = db.prepare_cached(READ_PAGE).await?;
         let (after_txn, after_id) = after.unwrap_or((i64::MIN, i64::MIN));
-        let limit = PAGE_CHANGES as i64;
+        let limit = (PAGE_CHANGES * PAGES_PER_READ) as i64;
         let rows = db
             .query(&statement, &[&key.0, &key.1, &after_txn, &after_id, &limit])
             .await
             .context("reading the outbox for a replay")?;
         // The connection goes back to the pool here, before anyone waits for a client.
         drop(db);
+        drop(permit);
         let horizon: &str = rows
             .first()
             .context("the replay read returned no row")?
@@ -268,18 +320,53 @@ impl History {
                 changes.push(change);
             }
         }
-        let next = (changes.len() == PAGE_CHANGES)
-            .then(|| changes.last().map(|c| (c.txn_last, c.id)))
-            .flatten();
-        let bytes = changes.iter().map(change_bytes).sum::<usize>() + 64;
-        self.metrics.replay_pages_read.inc();
         self.metrics.replay_changes_read.add(changes.len() as u64);
-        Ok(Arc::new(Page {
-            changes,
-            next,
-            horizon,
-            bytes,
-        }))
+        // The range goes on past what was read only if the read was cut at its limit.
+        let more = changes.len() as i64 == limit;
+        let mut pages = Vec::new();
+        let mut rest = changes.into_iter().peekable();
+        while rest.peek().is_some() || pages.is_empty() {
+            let chunk: Vec<Change> = rest.by_ref().take(PAGE_CHANGES).collect();
+            let last = rest.peek().is_none();
+            let next = if last && !more {
+                None
+            } else {
+                chunk.last().map(|c| (c.txn_last, c.id))
+            };
+            let bytes = chunk.iter().map(change_bytes).sum::<usize>() + 64;
+            pages.push(Arc::new(Page {
+                changes: chunk,
+                next,
+                horizon,
+                bytes,
+                frames: Mutex::default(),
+            }));
+        }
+        self.metrics.replay_pages_read.add(pages.len() as u64);
+        let mut pages = pages.into_iter();
+        let first = pages.next().context("a read makes a page")?;
+        // The pages after the first: ready for whoever asks for them.
+        let mut start = first.next;
+        for page in pages {
+            let Some(after) = start else { break };
+            start = page.next;
+            let later: PageKey = (key.0.clone(), key.1.clone(), Some(after));
+            let bytes = page.bytes;
+            let fresh = {
+                let mut window = self.lock();
+                let slot = window.pages.entry(later.clone()).or_insert_with(|| {
+                    Arc::new(Slot {
+                        page: OnceCell::new(),
+                        used: AtomicU64::new(self.clock.fetch_add(1, Ordering::Relaxed)),
+                    })
+                });
+                slot.page.set(page).is_ok()
+            };
+            if fresh {
+                self.keep(&later, bytes);
+            }
+        }
+        Ok(first)
     }
 
     /// Counts a page read into the window, evicting the least recently used ones past the budget.

@@ -42,7 +42,6 @@ use tokio::sync::{oneshot, OnceCell, OwnedSemaphorePermit, Semaphore};
 
 use crate::authorize::Authorizer;
 use crate::backoff::Backoff;
-use crate::capture::outbox::Change;
 use crate::capture::position::{Position, PositionCodec, Seen, Snapshot};
 use crate::config::ReplayBudget;
 use crate::fanout::{event_frame, Visibility};
@@ -332,6 +331,7 @@ impl Replays {
     }
 
     async fn serve_part(&self, replay: &Replay, part: &Part) -> anyhow::Result<bool> {
+        let key = part.key();
         let mut after = None;
         loop {
             let page = retried(|| self.history.page(&part.since, &part.upto, after)).await?;
@@ -361,10 +361,7 @@ impl Replays {
                     let Some(visibility) = visibility else {
                         continue;
                     };
-                    if !self
-                        .send(replay, part, &page.changes[ix as usize], visibility)
-                        .await?
-                    {
+                    if !self.send(replay, part, &key, &page, ix, visibility).await? {
                         return Ok(false);
                     }
                 }
@@ -382,20 +379,28 @@ impl Replays {
         &self,
         replay: &Replay,
         part: &Part,
-        change: &Change,
+        key: &Arc<str>,
+        page: &Page,
+        ix: u32,
         visibility: Visibility,
     ) -> anyhow::Result<bool> {
-        let id = self.codec.seal(&Position::Within {
-            since: part.keep_from.clone(),
-            upto: part.keep_to.clone(),
-            change_id: change.id,
-        });
+        let change = &page.changes[ix as usize];
+        let mut id = None;
         for room in replay
             .rooms
             .iter()
             .filter(|r| change.rooms.iter().any(|c| c == r.as_str()))
         {
-            let frame = event_frame(room.as_str(), &id, change, visibility)?;
+            let frame = page.frame(ix, visibility as u8, key, room.as_str(), || {
+                let id = id.get_or_insert_with(|| {
+                    self.codec.seal(&Position::Within {
+                        since: part.keep_from.clone(),
+                        upto: part.keep_to.clone(),
+                        change_id: change.id,
+                    })
+                });
+                event_frame(room.as_str(), id, change, visibility)
+            })?;
             // Paced to what the client reads; one that reads nothing for `stall` is too slow.
             let len = frame.len();
             let paced = tokio::time::timeout(self.budget.stall, replay.client.wait_for_room(len));
