@@ -212,6 +212,11 @@ impl ClientHandle {
         queued == 0 || queued + len <= self.max_queued_bytes
     }
 
+    /// The most bytes that may wait to be sent to the client.
+    pub fn max_queued_bytes(&self) -> usize {
+        self.max_queued_bytes
+    }
+
     /// Closes a client that fell further behind than its budget (4008): it resumes from its
     /// last event.
     pub fn close_too_slow(&self) -> bool {

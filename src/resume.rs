@@ -48,7 +48,7 @@ use crate::fanout::{event_frame, Visibility};
 use crate::history::{History, Page, Part};
 use crate::jwt::Principal;
 use crate::metrics::Metrics;
-use crate::protocol::Room;
+use crate::protocol::{Frame, Room};
 use crate::queue::ClientHandle;
 use crate::rooms::Hub;
 
@@ -136,6 +136,17 @@ pub struct Replay {
 const ATTEMPTS: u32 = 10;
 const FIRST_RETRY: Duration = Duration::from_millis(100);
 const LONGEST_RETRY: Duration = Duration::from_secs(2);
+
+/// Replayed frames are queued this many bytes at a time, or a quarter of the client's queue if
+/// that is less (each batch takes the hub's lock once).
+const BATCH_BYTES: usize = 64 * 1024;
+
+/// Frames of a replay waiting to be queued, with their rooms.
+#[derive(Default)]
+struct Batch {
+    frames: Vec<(Room, Frame)>,
+    bytes: usize,
+}
 
 /// Serves every replay of a relay (see the module comment).
 pub struct Replays {
@@ -357,13 +368,19 @@ impl Replays {
             if !wanted.is_empty() {
                 let visible =
                     retried(|| self.judge(&page, &replay.principal, wanted.clone())).await?;
+                let mut batch = Batch::default();
                 for (&ix, visibility) in wanted.iter().zip(visible) {
                     let Some(visibility) = visibility else {
                         continue;
                     };
-                    if !self.send(replay, part, &key, &page, ix, visibility).await? {
+                    self.frames(replay, part, &key, &page, ix, visibility, &mut batch)?;
+                    let full = batch.bytes >= BATCH_BYTES.min(replay.client.max_queued_bytes() / 4);
+                    if full && !self.flush(replay, &mut batch).await {
                         return Ok(false);
                     }
+                }
+                if !self.flush(replay, &mut batch).await {
+                    return Ok(false);
                 }
             }
             match page.next {
@@ -373,9 +390,9 @@ impl Replays {
         }
     }
 
-    /// Queues one change to the client, in each of its rooms the change is in; false if the
-    /// replay must end.
-    async fn send(
+    /// Adds the frames of one change to `batch`, one for each of the client's rooms it is in.
+    #[allow(clippy::too_many_arguments)]
+    fn frames(
         &self,
         replay: &Replay,
         part: &Part,
@@ -383,7 +400,8 @@ impl Replays {
         page: &Page,
         ix: u32,
         visibility: Visibility,
-    ) -> anyhow::Result<bool> {
+        batch: &mut Batch,
+    ) -> anyhow::Result<()> {
         let change = &page.changes[ix as usize];
         let mut id = None;
         for room in replay
@@ -401,25 +419,37 @@ impl Replays {
                 });
                 event_frame(room.as_str(), id, change, visibility)
             })?;
-            // Paced to what the client reads; one that reads nothing for `stall` is too slow.
-            let len = frame.len();
-            let paced = tokio::time::timeout(self.budget.stall, replay.client.wait_for_room(len));
-            if paced.await.is_err() {
-                self.metrics.replay_stalls.inc();
-                replay.client.close_too_slow();
-                return Ok(false);
-            }
-            // A client that went away, or left the room, ends the replay.
-            if replay.client.is_closing()
-                || !self
-                    .hub
-                    .replay_send(room.as_str(), replay.client.id, replay.join_id, frame)
-            {
-                return Ok(false);
-            }
-            self.metrics.events_delivered.inc();
+            batch.bytes += frame.len();
+            batch.frames.push((room.clone(), frame));
         }
-        Ok(true)
+        Ok(())
+    }
+
+    /// Queues the batch, paced to what the client reads, under one hold of the hub's lock (the
+    /// live path takes it too). False if the replay must end: the client went away, left a
+    /// room, or read nothing for `stall` (it is then closed as too slow).
+    async fn flush(&self, replay: &Replay, batch: &mut Batch) -> bool {
+        if batch.frames.is_empty() {
+            return true;
+        }
+        let bytes = std::mem::take(&mut batch.bytes);
+        let frames = std::mem::take(&mut batch.frames);
+        let paced = tokio::time::timeout(self.budget.stall, replay.client.wait_for_room(bytes));
+        if paced.await.is_err() {
+            self.metrics.replay_stalls.inc();
+            replay.client.close_too_slow();
+            return false;
+        }
+        let count = frames.len() as u64;
+        if replay.client.is_closing()
+            || !self
+                .hub
+                .replay_send_all(&replay.client, replay.join_id, frames)
+        {
+            return false;
+        }
+        self.metrics.events_delivered.add(count);
+        true
     }
 
     /// Which of `changes` (indexes into the page) the user may read, and how. Replays asking

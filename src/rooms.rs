@@ -293,6 +293,30 @@ impl Hub {
         }
     }
 
+    /// Queues replayed frames, in order, to a join that is still replaying, under one hold of
+    /// the lock; false (and nothing queued) if the client left one of their rooms meanwhile, or
+    /// fewer were queued than given (it is too slow and being closed).
+    pub fn replay_send_all(
+        &self,
+        client: &ClientHandle,
+        join_id: u64,
+        frames: Vec<(Room, Frame)>,
+    ) -> bool {
+        let state = self.lock();
+        let still = |room: &Room| {
+            state
+                .rooms
+                .get(room)
+                .and_then(|m| m.get(&client.id))
+                .is_some_and(|m| m.join_id == join_id && m.is_replaying())
+        };
+        if !frames.iter().all(|(room, _)| still(room)) {
+            return false;
+        }
+        let count = frames.len();
+        client.send_all(frames.into_iter().map(|(_, frame)| frame)) == count
+    }
+
     /// Ends a join's replay: the live frames that waited are queued after the replayed ones, in
     /// the order they were delivered (one buffer for all the join's rooms), paced like the
     /// replay. Frames that arrive meanwhile keep waiting behind them, so the members leave replay
