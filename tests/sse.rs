@@ -138,6 +138,11 @@ async fn last_event_id_wins_over_since() {
     }
     drop(sse);
     let path = format!("{rooms}&since={}", ids[0]);
+    // `since` alone resumes a new stream.
+    let mut sse = SseClient::connect(relay.addr(), &path, None).await;
+    sse.next().await; // joined
+    assert_eq!(priority(&sse.next_event().await.1), 1, "after since");
+    drop(sse);
     let mut sse = SseClient::connect(relay.addr(), &path, Some(&ids[2])).await;
     sse.next().await; // joined
     relay
