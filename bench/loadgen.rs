@@ -8,7 +8,7 @@
 //!
 //! ```text
 //! cargo bench --bench loadgen -- setup  --db URL [--projects 20 --members 80 --outsiders 20 --tasks 50]
-//! cargo bench --bench loadgen -- fanout --db URL --relay ADDR [--rooms 20 --clients-per-room 100
+//! cargo bench --bench loadgen -- fanout --db URL --relay ADDR[,ADDR...] [--rooms 20 --clients-per-room 100
 //!                                        --writers 8 --rate 0 --seconds 60]
 //! cargo bench --bench loadgen -- bulk   --db URL --relay ADDR [--rows 100000]
 //! cargo bench --bench loadgen -- joins  --db URL --relay ADDR [--connections 500 --joins 20 --rounds 1]
@@ -391,7 +391,12 @@ fn percentile(sorted: &[u32], p: f64) -> f64 {
 /// W1, W2, W4: clients in project rooms; writers update random tasks of those projects.
 async fn fanout(args: &Args) -> anyhow::Result<Value> {
     let shape = Shape::from(args)?;
-    let relay: SocketAddr = args.text("relay", "127.0.0.1:8080").parse()?;
+    // Several relays (bench/replica-cost.sh): clients are dealt out to them in turn.
+    let relays: Vec<SocketAddr> = args
+        .text("relay", "127.0.0.1:8080")
+        .split(',')
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
     let rooms = args.num("rooms", shape.projects as u64)? as i64;
     let per_room = args.num("clients-per-room", 100)? as i64;
     let writers = args.num("writers", 8)? as usize;
@@ -425,7 +430,7 @@ async fn fanout(args: &Args) -> anyhow::Result<Value> {
     for p in 0..rooms {
         for n in 0..per_room.min(shape.members + shape.outsiders) {
             let user = Shape::user(p, n);
-            let mut ws = connect(relay, &user, k).await?;
+            let mut ws = connect(relays[k % relays.len()], &user, k).await?;
             k += 1;
             let room = format!("project:{}", FIRST_PROJECT + p);
             let allowed = join(&mut ws, &room).await?;

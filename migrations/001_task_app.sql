@@ -1,7 +1,7 @@
 -- Example schema: a task-management app (projects, members, tasks, comments)
 -- ==========================================================================
 --
--- The tables of pgrelay's contract, the rooms their changes go to, and the read policy, written as
+-- The example schema's tables, the rooms their changes go to, and the read policy, written as
 -- SQL functions that the relay calls through pgrelay.can_read() / pgrelay.can_join(). Install the
 -- trigger library (sql/pgrelay.sql) first. Safe to run again.
 --
@@ -67,7 +67,7 @@ CREATE INDEX IF NOT EXISTS comments_task_idx ON comments (task_id);
 -- when its body is a bare expression: no FROM, no subquery. Any other SQL function is run
 -- through a fresh executor at every call (tens of microseconds, per user and row), while a
 -- PL/pgSQL function keeps its plans for the session. So the expressions below are SQL, and the
--- functions that query a table are PL/pgSQL (500 join checks: 47-65 ms as SQL, 18-33 ms so).
+-- functions that query a table are PL/pgSQL (join checks take about half as long so).
 -- ---------------------------------------------------------------------------------------------
 
 -- The user's role in a project, or NULL when not a member.

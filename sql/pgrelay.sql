@@ -62,8 +62,8 @@ CREATE TABLE IF NOT EXISTS pgrelay.changes (
     id      bigint GENERATED ALWAYS AS IDENTITY,
     -- The partition: pgrelay.generation modulo 3 when written. A default rather than a value in
     -- the capture functions' SELECT: pg_sequence_last_value() is volatile, and a volatile call in
-    -- the SELECT of an INSERT ... SELECT keeps the planner from flattening it, which cost every
-    -- captured statement an extra plan node (~4 µs). As a default it is computed by the INSERT.
+    -- the SELECT of an INSERT ... SELECT keeps the planner from flattening it (a Subquery Scan in
+    -- every captured statement's plan). As a default it is computed by the INSERT.
     gen     smallint    NOT NULL
             DEFAULT (coalesce(pg_sequence_last_value('pgrelay.generation'), 0) % 3)::smallint,
     -- The writing transaction. Snapshots tell which transactions had committed when, so this column
@@ -169,6 +169,14 @@ ALTER TABLE pgrelay.watches ADD COLUMN IF NOT EXISTS policy_columns text[];
 ALTER TABLE pgrelay.watches ADD COLUMN IF NOT EXISTS policy_tables regclass[] NOT NULL DEFAULT '{}';
 -- The table's other columns when watch() ran: removed from a row, they leave its policy key.
 ALTER TABLE pgrelay.watches ADD COLUMN IF NOT EXISTS unkeyed text[];
+-- Events whose row (with its old values) is larger than this many bytes of JSON are delivered
+-- with just the primary key and "truncated": true, and clients refetch the row
+-- (pgrelay.watch(max_event_bytes => ...); see docs/dba.md). The outbox still records the whole
+-- row, and the policy still judges it whole.
+ALTER TABLE pgrelay.watches ADD COLUMN IF NOT EXISTS max_event_bytes int NOT NULL DEFAULT 1048576
+    CHECK (max_event_bytes > 0);
+-- The primary key's columns: what a truncated event keeps (kept up to date by install_capture()).
+ALTER TABLE pgrelay.watches ADD COLUMN IF NOT EXISTS key_columns text[] NOT NULL DEFAULT '{}';
 COMMENT ON TABLE pgrelay.watches IS 'Tables whose changes are captured; edit with pgrelay.watch() / pgrelay.unwatch()';
 
 CREATE TABLE IF NOT EXISTS pgrelay.join_rules (
@@ -222,8 +230,8 @@ DROP FUNCTION IF EXISTS pgrelay.changed_values(jsonb, jsonb);
 --   flush           the tables whose remembered answers this change may have made wrong.
 -- `old` is the whole row before an UPDATE, with the same columns left out as from `row`: the
 -- relay reduces it to the columns that changed (src/capture/changed.rs). Doing that here, with
--- jsonb_each over the old row, was ~9 µs a change, about 40% of the read, on a backend that
--- shares the CPU with every writer; the relay does it in about a microsecond.
+-- jsonb_each over the old row, was the largest part of the read, on a backend that shares the
+-- CPU with every writer; the relay does it far more cheaply.
 -- The outbox rows a read between two snapshots may need: the transactions that started after
 -- `since` was taken, and those that were still running then. Visibility in `upto` is checked by
 -- the caller. Both parts must be index scans of the xid index, whatever the partitions' size:
@@ -231,8 +239,8 @@ DROP FUNCTION IF EXISTS pgrelay.changed_values(jsonb, jsonb);
 -- A relay prepares its read once and Postgres keeps the plan. Planned while a partition is
 -- nearly empty (a fresh install, or just after maintain() emptied it), a sequential scan looks
 -- cheaper, and that plan stays as the partition fills: every read then scans the whole
--- partition. Under sustained writes (W4: 100,000 changes in 30 s) each read took 10 ms and the
--- relay's lag grew through the run. So these two scans live in a PL/pgSQL function planned with
+-- partition, so under sustained writes each read gets slower as the partition fills, and the
+-- relay's lag grows with it. So these two scans live in a PL/pgSQL function planned with
 -- sequential scans off; its plan is cached per session like the caller's.
 CREATE OR REPLACE FUNCTION pgrelay.outbox_between(since pg_snapshot, upto pg_snapshot)
 RETURNS SETOF pgrelay.changes
@@ -252,16 +260,28 @@ $$;
 COMMENT ON FUNCTION pgrelay.outbox_between(pg_snapshot, pg_snapshot) IS
     'The outbox rows between two snapshots, before visibility: index scans whatever the partitions'' size';
 
+-- (Upgrades: a result without max_event_bytes and key_columns cannot be replaced in place. Only
+-- SQL function bodies call it, which Postgres does not track, so dropping it is safe; this runs
+-- in the install's transaction, so no relay sees it missing.)
+DO $$
+BEGIN
+    IF EXISTS (SELECT FROM pg_proc
+               WHERE oid = to_regprocedure('pgrelay.read_batch(pg_snapshot, pg_snapshot)')
+                 AND NOT 'key_columns' = ANY (proargnames)) THEN
+        DROP FUNCTION pgrelay.read_batch(pg_snapshot, pg_snapshot);
+    END IF;
+END $$;
 CREATE OR REPLACE FUNCTION pgrelay.read_batch(since pg_snapshot, upto pg_snapshot)
 RETURNS TABLE (
     id bigint, xid xid8, tbl text, entity text, op text, rooms text[], "row" jsonb, old jsonb,
     ts timestamptz, txn_last bigint,
-    policy_key text, policy_key_old text, knows_old boolean, flush text[]
+    policy_key text, policy_key_old text, knows_old boolean, flush text[],
+    max_event_bytes int, key_columns text[]
 )
 LANGUAGE sql STABLE AS $$
     -- What depends only on the table is computed once per read, one row per watched table, and
     -- looked up per change (MATERIALIZED: inlined, the planner joined it by a nested loop that
-    -- re-ran the policy_tables check for every change, ~9 µs a change on 1,000 changes). One
+    -- re-ran the policy_tables check for every change). One
     -- lookup, not two: each join sorted or hashed the whole batch, wide rows and all.
     WITH per_table AS MATERIALIZED (
         SELECT x.name,
@@ -273,6 +293,8 @@ LANGUAGE sql STABLE AS $$
                                      WHERE NOT EXISTS (SELECT FROM pgrelay.watches AS y WHERE y.tbl = d.t))
                     THEN x.policy::oid::text END AS policy,
                x.unkeyed,
+               x.max_event_bytes,
+               x.key_columns,
                -- The tables whose policies read this one.
                coalesce((SELECT array_agg(DISTINCT w.name)
                          FROM pgrelay.watches AS w CROSS JOIN unnest(w.policy_tables) AS d(t)
@@ -281,8 +303,8 @@ LANGUAGE sql STABLE AS $$
     )
     SELECT c.id, c.xid, c.tbl, c.entity, c.op, c.rooms,
            -- What clients see, written out rather than calling SQL functions: Postgres cannot
-           -- inline pgrelay.shipped() or a function with a FROM clause, and calling them cost
-           -- 10 µs a change, most of what a read costs.
+           -- inline pgrelay.shipped() or a function with a FROM clause, and calling them was
+           -- most of what a read cost.
            CASE WHEN c.show IS NULL THEN c."row" - coalesce(c.hide, '{}')
                 ELSE pgrelay.shipped(c."row", c.show, c.hide) END,
            -- The old row, cut the same way: hidden columns never leave the database, not even
@@ -298,11 +320,15 @@ LANGUAGE sql STABLE AS $$
            -- The row before the UPDATE is the new row overwritten by the old values. Removing the
            -- unkeyed columns from each side first gives the same jsonb (hence the same text) as
            -- removing them from the merged row, and merges two small objects instead of two whole
-           -- rows: merging whole rows with || cost ~7 µs an UPDATE, more than the rest of the key.
+           -- rows: merging whole rows with || cost more than the rest of the key.
            CASE WHEN c.knows_old
                 THEN k.policy || ' ' || ((c."row" - k.unkeyed) || (c.old - k.unkeyed))::text END,
            c.knows_old,
-           coalesce(k.flush, '{}')
+           coalesce(k.flush, '{}'),
+           -- What the relay needs to cut an oversized event down to its key (a table no longer
+           -- watched: the default, and no key columns, so an oversized row becomes {}).
+           coalesce(k.max_event_bytes, 1048576),
+           coalesce(k.key_columns, '{}')
     FROM (
         SELECT o.*, max(o.id) OVER (PARTITION BY o.xid) AS txn_last,
                (o.op = 'UPDATE' AND o.old IS NOT NULL AND o.old <> '{}') AS knows_old
@@ -311,7 +337,7 @@ LANGUAGE sql STABLE AS $$
     ) AS c
     LEFT JOIN per_table AS k ON k.name = c.tbl
     -- Not sorted here: callers order by (txn_last, id) (the relay's READ_BATCH, pgrelay.batch()),
-    -- and a second sort of the same rows cost ~1.5 µs a change.
+    -- and sorting the same rows twice is wasted work on every read.
 $$;
 COMMENT ON FUNCTION pgrelay.read_batch(pg_snapshot, pg_snapshot) IS
     'What relays read: the changes between two snapshots with whole old rows, plus the inputs for remembering policy answers';
@@ -409,6 +435,24 @@ BEGIN
         'Generated by pgrelay.rebuild_dispatch(): may user_id join this room?';
 END $$;
 
+-- pgrelay.can_read() that answers 't' or 'f', or, when the policy raises an error, that error's
+-- SQLSTATE instead of failing. The relay asks this only after its batched query over a chunk of
+-- (change, user) pairs failed: one guarded query then tells it exactly which pairs fail (those
+-- are denied, logged and counted in pgrelay_policy_errors_total), and everyone else still gets
+-- the chunk. Each call runs in a subtransaction, which is why the fast path does not use it.
+-- A statement timeout is not caught here (it cancels the whole statement): the relay finds
+-- those pairs by asking about halves of the chunk.
+CREATE OR REPLACE FUNCTION pgrelay.can_read_guarded(tbl text, user_id text, claims jsonb, "row" jsonb)
+RETURNS text
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN CASE WHEN pgrelay.can_read(tbl, user_id, claims, "row") THEN 't' ELSE 'f' END;
+EXCEPTION WHEN OTHERS THEN
+    RETURN SQLSTATE;
+END $$;
+COMMENT ON FUNCTION pgrelay.can_read_guarded(text, text, jsonb, jsonb) IS
+    'pgrelay.can_read() answering t, f, or the SQLSTATE of the policy''s error (what relays ask when a chunk fails)';
+
 -- A function's name as schema.name, quoted as needed.
 CREATE OR REPLACE FUNCTION pgrelay.qualified(fn regprocedure) RETURNS text
 LANGUAGE sql STABLE AS $$
@@ -504,11 +548,19 @@ END $$;
 --               table, the clock, a setting) must not declare them: leave policy_columns NULL and
 --               every change is judged afresh. Example: ARRAY['project_id', 'is_private',
 --               'assignee_id', 'created_by'] and ARRAY['project_members'] for the task policy.
+--   max_event_bytes
+--               an event whose row (with its old values) is larger than this, as JSON, is
+--               delivered with just the primary key columns in `row`, no `old`, and
+--               "truncated": true, so clients refetch it. Default 1 MiB. The relay can deliver
+--               rows of up to 16 MiB whole (raise this for that); the policy always sees the
+--               whole row.
 --
 -- Calling it again replaces the table's settings. Creating the triggers takes a brief lock on the
 -- table, like any CREATE TRIGGER; calling it again with the triggers in place takes none.
 -- (Upgrades: the signature before policy_columns/policy_tables, which would make calls ambiguous.)
 DROP FUNCTION IF EXISTS pgrelay.watch(regclass, text[], regproc, text, text[], text[], boolean, regproc);
+-- (And the signature before max_event_bytes.)
+DROP FUNCTION IF EXISTS pgrelay.watch(regclass, text[], regproc, text, text[], text[], boolean, regproc, text[], regclass[]);
 CREATE OR REPLACE FUNCTION pgrelay.watch(
     tbl        regclass,
     rooms      text[],
@@ -519,7 +571,8 @@ CREATE OR REPLACE FUNCTION pgrelay.watch(
     old_values boolean DEFAULT true,
     room_fn    regproc DEFAULT NULL,
     policy_columns text[]     DEFAULT NULL,
-    policy_tables  regclass[] DEFAULT '{}'
+    policy_tables  regclass[] DEFAULT '{}',
+    max_event_bytes int       DEFAULT 1048576
 ) RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -573,17 +626,21 @@ BEGIN
     -- it, including columns added later (decided when the change is read).
     hidden := coalesce(exclude, '{}');
 
+    IF max_event_bytes IS NULL OR max_event_bytes <= 0 THEN
+        RAISE EXCEPTION 'pgrelay.watch(%): max_event_bytes must be a positive number of bytes', shown_name;
+    END IF;
+
     INSERT INTO pgrelay.watches AS w (tbl, name, entity, rooms, policy, exclude, old_values, room_fn,
-                                      include, policy_columns, policy_tables, unkeyed)
+                                      include, policy_columns, policy_tables, unkeyed, max_event_bytes)
     VALUES (tbl, shown_name, coalesce(entity, regexp_replace(rel.relname, 's$', '')),
             coalesce(rooms, '{}'), fn, hidden, old_values, room_fn::oid::regprocedure, watch.include,
-            watch.policy_columns, coalesce(watch.policy_tables, '{}'), unkeyed)
+            watch.policy_columns, coalesce(watch.policy_tables, '{}'), unkeyed, watch.max_event_bytes)
     ON CONFLICT ON CONSTRAINT watches_pkey DO UPDATE
         SET name = excluded.name, entity = excluded.entity, rooms = excluded.rooms,
             policy = excluded.policy, exclude = excluded.exclude, old_values = excluded.old_values,
             room_fn = excluded.room_fn, include = excluded.include,
             policy_columns = excluded.policy_columns, policy_tables = excluded.policy_tables,
-            unkeyed = excluded.unkeyed;
+            unkeyed = excluded.unkeyed, max_event_bytes = excluded.max_event_bytes;
 
     PERFORM pgrelay.install_capture(tbl);
     PERFORM pgrelay.rebuild_dispatch();
@@ -657,6 +714,15 @@ BEGIN
     IF pk_join IS NULL THEN
         RAISE EXCEPTION 'pgrelay.watch(%): the table needs a primary key', w.name;
     END IF;
+    -- What a truncated event keeps (see watches.max_event_bytes). Set here, which every install
+    -- runs for every watched table, so upgraded installs and changed keys get it too.
+    UPDATE pgrelay.watches AS x
+       SET key_columns = (SELECT array_agg(a.attname::text ORDER BY k.ord)
+                          FROM pg_index i
+                          CROSS JOIN unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+                          JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+                          WHERE i.indrelid = install_capture.tbl AND i.indisprimary)
+     WHERE x.tbl = install_capture.tbl;
 
     -- Rooms, as text[] expressions over the new row n, the old row o, or both (UPDATE). The
     -- templates' rooms plus the room function's answer, NULLs dropped, each room once. This runs

@@ -22,7 +22,7 @@ use serde_json::value::RawValue;
 use crate::authorize::{AccessCheck, Authorizer, Verdict};
 use crate::capture::outbox::{Change, Op};
 use crate::capture::position::{Position, PositionCodec};
-use crate::capture::reader::BatchRef;
+use crate::capture::reader::{BatchRef, Delivered};
 use crate::jwt::Principal;
 use crate::metrics::Metrics;
 use crate::protocol::{Event, Frame};
@@ -51,6 +51,7 @@ impl Visibility {
 }
 
 /// Authorizes and queues one chunk of changes (in commit order) to the members of their rooms.
+/// Fails only when the database is unreachable (then nothing of the chunk was delivered).
 pub async fn deliver(
     hub: &Hub,
     authorizer: &Authorizer,
@@ -58,7 +59,7 @@ pub async fn deliver(
     codec: &PositionCodec,
     batch: &BatchRef<'_>,
     changes: &[Change],
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Delivered> {
     // 1. Candidates.
     let mut principals: Vec<Arc<Principal>> = Vec::new();
     let mut principal_of_client: FxHashMap<u64, u32> = FxHashMap::default();
@@ -153,7 +154,9 @@ pub async fn deliver(
         revoke_lost_access(hub, authorizer, metrics, recheck).await;
         metrics.access_recheck_seconds.add(checking.elapsed());
     }
-    Ok(())
+    Ok(Delivered {
+        timed_out: verdicts.timed_out,
+    })
 }
 
 async fn revoke_lost_access(
@@ -193,6 +196,10 @@ async fn revoke_lost_access(
 }
 
 /// The `event` message for one room, as a reader with this visibility sees the change.
+///
+/// A change whose row and old values together are longer than its table's `max_event_bytes`
+/// goes out with only the primary key in `row`, no `old`, and `"truncated": true`: the client
+/// refetches the row. (Who may see it was decided on the whole row, in the database.)
 pub fn event_frame(
     room: &str,
     id: &str,
@@ -204,6 +211,13 @@ pub fn event_frame(
         Visibility::Appeared => (Op::Insert, change.row.clone(), None),
         Visibility::Vanished => (Op::Delete, previous_row(change)?, None),
     };
+    let size = row.get().len() + old.map_or(0, |o| o.get().len());
+    let truncated = size > change.max_event_bytes;
+    let (row, old) = if truncated {
+        (key_of(&row, &change.key_columns)?, None)
+    } else {
+        (row, old)
+    };
     Event {
         room,
         id,
@@ -212,9 +226,21 @@ pub fn event_frame(
         op,
         row: &row,
         old,
+        truncated,
         ts: &change.ts,
     }
     .to_frame()
+}
+
+/// Just the key columns of a row (the other values are skipped over, never copied).
+fn key_of(row: &RawValue, key_columns: &[String]) -> anyhow::Result<Box<RawValue>> {
+    let columns: std::collections::BTreeMap<String, &RawValue> = serde_json::from_str(row.get())?;
+    let key: std::collections::BTreeMap<&String, &RawValue> = columns
+        .iter()
+        .filter(|(column, _)| key_columns.contains(column))
+        .map(|(column, value)| (column, *value))
+        .collect();
+    Ok(RawValue::from_string(serde_json::to_string(&key)?)?)
 }
 
 /// The row as it was before an UPDATE: the new row with the changed columns put back.

@@ -6,7 +6,8 @@
 //!
 //! Keys: an HMAC secret (`PGRELAY_JWT_SECRET`), or `PGRELAY_JWT_PUBLIC_KEY_FILE`: a PEM public key
 //! or a JWKS document with several keys chosen by the token's `kid`, reloaded when the file
-//! changes. A key accepts only its own algorithm family, so a token signed with a public key as an
+//! changes; or `PGRELAY_JWT_JWKS_URL`, a JWKS document fetched from an identity provider and
+//! refreshed (see [`crate::jwks`]). A key accepts only its own algorithm family, so a token signed with a public key as an
 //! HMAC secret (the classic RS/HS confusion), or with `alg: none`, is refused.
 
 use std::collections::HashMap;
@@ -16,6 +17,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde_json::{Map, Value};
+
+use crate::jwks::JwksSource;
 
 /// The authenticated user of a connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,7 +56,12 @@ pub struct Verifier {
     keys: Arc<RwLock<Keys>>,
     /// Claims rules (required claims, `iss`, `aud`); the algorithms come from the key used.
     validation: Arc<Validation>,
+    /// Where the keys are fetched from, for keys from a JWKS URL.
+    remote: Option<Arc<JwksSource>>,
 }
+
+/// The refusal for a token whose `kid` no key has (what makes a JWKS URL be fetched again).
+const UNKNOWN_KID: &str = "unknown key (kid)";
 
 #[derive(Default)]
 struct Keys {
@@ -91,6 +99,56 @@ impl Verifier {
         Ok(Self::with_keys(Keys::from_file(path)?))
     }
 
+    /// Keys from a JWKS URL, fetched now (an error if that fails: there is nothing to verify
+    /// tokens with yet).
+    pub async fn from_jwks_url(source: JwksSource) -> anyhow::Result<Verifier> {
+        let keys = Keys::fetch(&source).await?;
+        let mut verifier = Self::with_keys(keys);
+        verifier.remote = Some(Arc::new(source));
+        Ok(verifier)
+    }
+
+    /// The JWKS URL the keys come from, if they do.
+    pub fn jwks_source(&self) -> Option<&Arc<JwksSource>> {
+        self.remote.as_ref()
+    }
+
+    /// Fetches the JWKS URL again (no-op without one); on error the keys in use stay.
+    pub async fn refetch(&self) -> anyhow::Result<()> {
+        if let Some(source) = &self.remote {
+            let keys = Keys::fetch(source).await?;
+            *self.keys.write().unwrap_or_else(|p| p.into_inner()) = keys;
+        }
+        Ok(())
+    }
+
+    /// Whether tokens must carry a configured `iss` or `aud`.
+    pub fn checks_issuer_or_audience(&self) -> bool {
+        self.validation.iss.is_some() || self.validation.validate_aud
+    }
+
+    /// Verifies like [`Verifier::verify`]; but a token naming a `kid` no key has makes keys
+    /// from a JWKS URL be fetched again first (rate-limited), so that a provider's new key
+    /// works from its first token.
+    pub async fn authenticate(&self, token: &str) -> Result<Principal, InvalidToken> {
+        let verified = self.verify(token);
+        match (&verified, &self.remote) {
+            (Err(err), Some(source)) if err.0 == UNKNOWN_KID => {
+                source
+                    .for_unknown_kid(|| async {
+                        match self.refetch().await {
+                            Ok(()) => tracing::info!(url = %source.url(), "fetched the JWKS again for an unknown kid"),
+                            Err(err) => tracing::warn!(error = %format!("{err:#}"), "JWKS refetch failed; keeping the keys in use"),
+                        }
+                    })
+                    .await;
+                // Also when another token's fetch just ran: it may have brought this key.
+                self.verify(token)
+            }
+            _ => verified,
+        }
+    }
+
     /// Reads the key file again; on error the keys in use stay.
     pub fn reload_from(&self, path: &std::path::Path) -> anyhow::Result<()> {
         let keys = Keys::from_file(path)?;
@@ -107,6 +165,7 @@ impl Verifier {
         Verifier {
             keys: Arc::new(RwLock::new(keys)),
             validation: Arc::new(validation),
+            remote: None,
         }
     }
 
@@ -140,7 +199,7 @@ impl Verifier {
                 None => keys.default.as_ref(),
             };
             key.cloned()
-                .ok_or_else(|| InvalidToken("unknown key (kid)".into()))?
+                .ok_or_else(|| InvalidToken(UNKNOWN_KID.into()))?
         };
         let mut validation = (*self.validation).clone();
         validation.algorithms = key.algorithms;
@@ -199,6 +258,12 @@ impl Keys {
             Keys::from_pem(&bytes)
                 .with_context(|| format!("{} is not a usable PEM key", path.display()))
         }
+    }
+
+    async fn fetch(source: &JwksSource) -> anyhow::Result<Keys> {
+        let document = source.fetch().await?;
+        Keys::from_jwks(&document)
+            .with_context(|| format!("the JWKS at {} is not usable", source.url()))
     }
 
     fn from_jwks(json: &[u8]) -> anyhow::Result<Keys> {
@@ -290,6 +355,26 @@ pub async fn watch_key_file(
                 Err(err) => {
                     tracing::warn!(error = %format!("{err:#}"), "key file changed but could not be used; keeping the old keys")
                 }
+            }
+        }
+    }
+}
+
+/// Fetches a JWKS URL's keys again every `refresh_every` until `shutdown` (no-op without one).
+/// A failed fetch is logged and the keys in use stay.
+pub async fn refresh_jwks(verifier: Verifier, shutdown: tokio_util::sync::CancellationToken) {
+    let Some(source) = verifier.jwks_source().cloned() else {
+        return;
+    };
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(source.options.refresh_every) => {}
+            () = shutdown.cancelled() => return,
+        }
+        match verifier.refetch().await {
+            Ok(()) => tracing::debug!(url = %source.url(), "refreshed the JWKS"),
+            Err(err) => {
+                tracing::warn!(error = %format!("{err:#}"), "JWKS refresh failed; keeping the keys in use")
             }
         }
     }

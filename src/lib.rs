@@ -16,7 +16,8 @@
 //! [`resume`] gives a returning client what it missed; [`subscribe`] is the join both transports use.
 //! [`presence`] (who is in a room, who is typing) runs beside the change path, never on it.
 //!
-//! [`server`] wires them together; [`db`] holds the embedded Postgres and migrations.
+//! [`server`] wires them together; [`db`] makes connections (TLS) and holds the embedded Postgres
+//! and migrations; [`jwt`] verifies tokens, with keys from [`jwks`] URLs among others.
 
 pub mod authorize;
 pub mod backoff;
@@ -25,6 +26,7 @@ pub mod config;
 pub mod db;
 pub mod fanout;
 pub mod history;
+pub mod jwks;
 pub mod jwt;
 pub mod metrics;
 pub mod open_files;

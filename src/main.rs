@@ -16,7 +16,7 @@ use pgrelay::capture::position::Position;
 use pgrelay::capture::{listener, wakeup};
 use pgrelay::config::parse_duration;
 use pgrelay::config::RelayConfig;
-use pgrelay::db::{embedded::EmbeddedPostgres, migrate};
+use pgrelay::db::{embedded::EmbeddedPostgres, migrate, Database};
 use pgrelay::jwt::{self, Verifier};
 use pgrelay::server::Relay;
 use serde_json::{Map, Value};
@@ -38,7 +38,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the relay. Without DATABASE_URL, starts an embedded Postgres with demo data.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Install or update the trigger library and the example schema in DATABASE_URL.
     Migrate {
         #[arg(long, env = "DATABASE_URL")]
@@ -59,6 +59,15 @@ enum Command {
         claims: Vec<(String, Value)>,
         #[arg(long, env = "PGRELAY_JWT_SECRET", hide_env_values = true)]
         jwt_secret: Option<String>,
+    },
+    /// Exit 0 if the relay at PGRELAY_BIND answers /healthz (or /readyz with --ready), else 1:
+    /// a container HEALTHCHECK for an image without curl.
+    Health {
+        #[arg(long, env = "PGRELAY_BIND", default_value = "127.0.0.1:8080")]
+        bind: SocketAddr,
+        /// Check /readyz (database reachable, changes flowing) instead of /healthz.
+        #[arg(long)]
+        ready: bool,
     },
     /// Print changes as the relay sees them, one JSON line each.
     Tail {
@@ -85,6 +94,16 @@ struct ServeArgs {
     /// reloaded when it changes.
     #[arg(long, env = "PGRELAY_JWT_PUBLIC_KEY_FILE")]
     jwt_public_key_file: Option<PathBuf>,
+    /// JWKS URL of an identity provider (http:// or https://) to verify tokens with: fetched at
+    /// start, again for a token with an unknown kid (at most every 10s), and periodically.
+    #[arg(long, env = "PGRELAY_JWT_JWKS_URL")]
+    jwt_jwks_url: Option<String>,
+    /// How often to fetch the JWKS URL again.
+    #[arg(long, env = "PGRELAY_JWT_JWKS_REFRESH", default_value = "5m", value_parser = parse_duration)]
+    jwt_jwks_refresh: Duration,
+    /// PEM CA certificate(s) to trust for an https JWKS URL instead of the system's CAs.
+    #[arg(long, env = "PGRELAY_JWT_JWKS_CA_FILE")]
+    jwt_jwks_ca_file: Option<PathBuf>,
     /// Where the embedded Postgres keeps its data.
     #[arg(long, env = "PGRELAY_DATA_DIR", default_value = ".pgrelay")]
     data_dir: PathBuf,
@@ -120,6 +139,28 @@ struct ServeArgs {
     /// A replay whose client takes nothing for this long is closed with 4008 (resumable).
     #[arg(long, env = "PGRELAY_REPLAY_STALL", default_value = "10s", value_parser = parse_duration)]
     replay_stall: Duration,
+    /// On SIGTERM/SIGINT: how long to keep serving open connections (with /readyz at 503 and new
+    /// connections refused) before closing them with 1001. A second signal ends it early.
+    #[arg(long, env = "PGRELAY_DRAIN_GRACE", default_value = "10s", value_parser = parse_duration)]
+    drain_grace: Duration,
+    /// Longest any database statement of the relay may run (policies included): a read policy
+    /// that takes longer for a row is denied for that row, a join policy fails that join.
+    #[arg(long, env = "PGRELAY_STATEMENT_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    statement_timeout: Duration,
+    /// A `presence_state` lists a room's connections up to this many bytes, then says
+    /// `"truncated": true`.
+    #[arg(long, env = "PGRELAY_PRESENCE_MAX_STATE_BYTES", default_value_t = 64 * 1024)]
+    presence_max_state_bytes: usize,
+    /// Connections of other relays held in this relay's presence view (all rooms).
+    #[arg(
+        long,
+        env = "PGRELAY_PRESENCE_MAX_REMOTE_ENTRIES",
+        default_value_t = 200_000
+    )]
+    presence_max_remote_entries: usize,
+    /// This relay sends its full presence state to the others at most this often.
+    #[arg(long, env = "PGRELAY_PRESENCE_RESYNC_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    presence_resync_interval: Duration,
 }
 
 /// A failure and the exit code it maps to.
@@ -166,7 +207,7 @@ fn main() -> ExitCode {
 
 async fn run(command: Command) -> Result<(), Failure> {
     match command {
-        Command::Serve(args) => serve(args).await,
+        Command::Serve(args) => serve(*args).await,
         Command::Migrate {
             database_url,
             library_only,
@@ -201,6 +242,10 @@ async fn run(command: Command) -> Result<(), Failure> {
             println!("{}", jwt::mint(secret.as_bytes(), &sub, ttl, &extra)?);
             Ok(())
         }
+        Command::Health { bind, ready } => {
+            let path = if ready { "/readyz" } else { "/healthz" };
+            health(bind, path).map_err(Failure::Runtime)
+        }
         Command::Tail { database_url, room } => tail(&database_url, room.as_deref())
             .await
             .map_err(Failure::Runtime),
@@ -216,8 +261,25 @@ async fn serve(args: ServeArgs) -> Result<(), Failure> {
         Err(err) => tracing::warn!(error = %err, "cannot read or raise the open files limit"),
     }
     let dev_mode = args.database_url.is_none();
+    if args.jwt_public_key_file.is_some() && args.jwt_jwks_url.is_some() {
+        return Err(Failure::Config(anyhow::anyhow!(
+            "set one of PGRELAY_JWT_PUBLIC_KEY_FILE and PGRELAY_JWT_JWKS_URL, not both"
+        )));
+    }
+    let public_keys = args.jwt_public_key_file.is_some() || args.jwt_jwks_url.is_some();
     let verifier = match (&args.jwt_public_key_file, &args.jwt_secret) {
         (Some(path), _) => Verifier::from_key_file(path).map_err(Failure::Config)?,
+        (None, _) if args.jwt_jwks_url.is_some() => {
+            let url = args.jwt_jwks_url.as_deref().unwrap_or_default();
+            let options = pgrelay::jwks::JwksOptions {
+                refresh_every: args.jwt_jwks_refresh,
+                ..Default::default()
+            };
+            let source =
+                pgrelay::jwks::JwksSource::new(url, args.jwt_jwks_ca_file.as_deref(), options)
+                    .map_err(Failure::Config)?;
+            Verifier::from_jwks_url(source).await?
+        }
         (None, Some(secret)) if !secret.is_empty() => Verifier::from_secret(secret.as_bytes()),
         (None, _) if dev_mode => Verifier::from_secret(DEV_SECRET.as_bytes()),
         (None, _) => {
@@ -235,6 +297,15 @@ async fn serve(args: ServeArgs) -> Result<(), Failure> {
         Some(audience) => verifier.with_audience(audience),
         None => verifier,
     };
+    if public_keys && !verifier.checks_issuer_or_audience() {
+        // An identity provider signs tokens for every application of the tenant: without an
+        // audience or issuer check, a token meant for another application gets in here too.
+        tracing::warn!(
+            "tokens are verified with public keys but neither an audience nor an issuer is required: \
+             set PGRELAY_JWT_AUDIENCE and/or PGRELAY_JWT_ISSUER so that tokens issued for other \
+             applications are refused"
+        );
+    }
 
     // Development mode: an embedded database, migrated, with demo data on first start.
     let mut embedded = None;
@@ -242,6 +313,12 @@ async fn serve(args: ServeArgs) -> Result<(), Failure> {
         Some(url) => {
             check_library(&url).await?;
             url
+        }
+        None if !EmbeddedPostgres::binaries_available() => {
+            return Err(Failure::Config(anyhow::anyhow!(
+                "DATABASE_URL is not set and there are no PostgreSQL server binaries here for an \
+                 embedded development database: set DATABASE_URL (always, in a container)"
+            )))
         }
         None => {
             let data_dir = args.data_dir.clone();
@@ -261,8 +338,12 @@ async fn serve(args: ServeArgs) -> Result<(), Failure> {
     let mut config = RelayConfig::new(database_url.clone(), verifier);
     config.bind = args.bind;
     config.poll_interval = args.poll_interval;
+    config.statement_timeout = args.statement_timeout;
     config.presence.heartbeat = args.presence_heartbeat;
     config.presence.relay_timeout = 3 * args.presence_heartbeat;
+    config.presence.max_state_bytes = args.presence_max_state_bytes;
+    config.presence.max_remote_entries = args.presence_max_remote_entries;
+    config.presence.resync_interval = args.presence_resync_interval;
     config.allowed_origins = args.allowed_origins;
     config.replay = pgrelay::config::ReplayBudget {
         reads: args.replay_reads,
@@ -272,6 +353,7 @@ async fn serve(args: ServeArgs) -> Result<(), Failure> {
         stall: args.replay_stall,
     };
     let verifier_for_reloads = config.verifier.clone();
+    let verifier_for_jwks = config.verifier.clone();
     let relay = Relay::start(config).await.map_err(Failure::Config)?;
     if let Some(path) = args.jwt_public_key_file.clone() {
         // Rotating keys (a JWKS file, say) needs no restart.
@@ -284,11 +366,23 @@ async fn serve(args: ServeArgs) -> Result<(), Failure> {
             forever,
         ));
     }
+    // Keys from a URL are refreshed until the process ends.
+    tokio::spawn(jwt::refresh_jwks(
+        verifier_for_jwks,
+        tokio_util::sync::CancellationToken::new(),
+    ));
     if embedded.is_some() {
         print_dev_banner(&relay, &database_url)?;
     }
 
     wait_for_signal().await?;
+    tokio::select! {
+        () = relay.drain(args.drain_grace) => {}
+        signalled = wait_for_signal() => {
+            signalled?;
+            tracing::info!("second signal: ending the drain early");
+        }
+    }
     tracing::info!("shutting down");
     relay.shutdown().await;
     drop(embedded);
@@ -296,9 +390,8 @@ async fn serve(args: ServeArgs) -> Result<(), Failure> {
 }
 
 async fn check_library(url: &str) -> Result<(), Failure> {
-    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .context("connecting to DATABASE_URL")?;
+    let db = Database::from_url(url).map_err(Failure::Config)?;
+    let (client, connection) = db.connect().await.context("connecting to DATABASE_URL")?;
     let io = tokio::spawn(connection);
     let installed = migrate::library_installed(&client).await?;
     drop(client);
@@ -347,7 +440,8 @@ async fn wait_for_signal() -> anyhow::Result<()> {
 
 /// `pgrelay tail`: reads the outbox like the relay does (no authorization: it is a DBA's tool).
 async fn tail(database_url: &str, room: Option<&str>) -> anyhow::Result<()> {
-    let (client, mut connection) = tokio_postgres::connect(database_url, tokio_postgres::NoTls)
+    let (client, mut connection) = Database::from_url(database_url)?
+        .connect()
         .await
         .context("connecting to DATABASE_URL")?;
     let wake = Arc::new(tokio::sync::Notify::new());
@@ -406,6 +500,36 @@ async fn tail(database_url: &str, room: Option<&str>) -> anyhow::Result<()> {
             anyhow::bail!("the database connection closed");
         }
     }
+}
+
+/// One GET on the loopback interface (a bind address of 0.0.0.0 or :: is reached there).
+fn health(bind: SocketAddr, path: &str) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let mut addr = bind;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(if addr.is_ipv4() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        });
+    }
+    let timeout = Duration::from_secs(3);
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)
+        .with_context(|| format!("connecting to {addr}"))?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream
+        .take(64 * 1024)
+        .read_to_string(&mut response)
+        .with_context(|| format!("reading the answer of {addr}{path}"))?;
+    let status = response.split_whitespace().nth(1).unwrap_or("none");
+    anyhow::ensure!(status == "200", "{addr}{path} answered {status}");
+    Ok(())
 }
 
 fn parse_claim(text: &str) -> Result<(String, Value), String> {

@@ -155,6 +155,9 @@ metrics! {
     policy_answers_asked: Counter,
     /// Times a change made a table's remembered policy answers stale.
     policy_invalidations: Counter,
+    /// (change, user) pairs denied because the read policy failed for them (an error or the
+    /// statement timeout); the relay logs each with table, op, change and user.
+    policy_errors: Counter,
     /// Successful joins.
     joins: Counter,
     /// Joins refused by the join policy.
@@ -195,6 +198,11 @@ metrics! {
     presence_connections: Gauge,
     /// Full presence states requested from another relay after missing its messages.
     presence_resyncs: Counter,
+    /// Presence bus messages ignored because no relay of this database signed them.
+    presence_bus_rejected: Counter,
+    /// Connections of other relays not shown in presence, so far, because the view held
+    /// PGRELAY_PRESENCE_MAX_REMOTE_ENTRIES.
+    presence_entries_dropped: Gauge,
 }
 
 #[cfg(test)]
@@ -231,6 +239,7 @@ mod tests {
             "policy_answers_remembered_total",
             "policy_answers_asked_total",
             "policy_invalidations_total",
+            "policy_errors_total",
             "deliveries_denied_total",
             "joins_total",
             "joins_forbidden_total",
@@ -251,6 +260,8 @@ mod tests {
             "presence_relays",
             "presence_connections",
             "presence_resyncs_total",
+            "presence_bus_rejected_total",
+            "presence_entries_dropped",
         ] {
             let name = format!("pgrelay_{name}");
             assert!(text.contains(&format!("\n{name} ")), "{name} is exported");
@@ -259,6 +270,6 @@ mod tests {
         assert!(text.contains("pgrelay_fanout_seconds_total 1.500000\n"));
         assert!(text.contains("# TYPE pgrelay_joins_total counter\npgrelay_joins_total 3\n"));
         assert!(text.contains("# TYPE pgrelay_connections gauge\n"));
-        assert_eq!(text.matches("# TYPE").count(), 41, "one each");
+        assert_eq!(text.matches("# TYPE").count(), 44, "one each");
     }
 }

@@ -11,7 +11,7 @@ use std::time::Instant;
 use crate::authorize::Authorizer;
 use crate::capture::outbox::Change;
 use crate::capture::position::{PositionCodec, Snapshot};
-use crate::capture::reader::{BatchRef, Consumer};
+use crate::capture::reader::{BatchRef, Consumer, Delivered};
 use crate::fanout;
 use crate::metrics::Metrics;
 use crate::protocol::close;
@@ -44,9 +44,9 @@ impl Consumer for Pipeline {
         self.hub.begin_batch(upto)
     }
 
-    async fn deliver(&self, batch: &BatchRef<'_>, changes: &[Change]) -> anyhow::Result<()> {
+    async fn deliver(&self, batch: &BatchRef<'_>, changes: &[Change]) -> anyhow::Result<Delivered> {
         let delivering = Instant::now();
-        fanout::deliver(
+        let delivered = fanout::deliver(
             &self.hub,
             &self.authorizer,
             &self.metrics,
@@ -56,7 +56,7 @@ impl Consumer for Pipeline {
         )
         .await?;
         self.metrics.fanout_seconds.add(delivering.elapsed());
-        Ok(())
+        Ok(delivered)
     }
 
     fn end_batch(&self, upto: Snapshot) {

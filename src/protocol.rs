@@ -226,6 +226,12 @@ pub enum ServerMessage<'a> {
     PresenceState {
         room: &'a str,
         users: &'a Map<String, Value>,
+        /// The room has more connections than one `presence_state` lists: this many in all.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        connections: Option<usize>,
+        /// Only some of them are listed (see `max_state_bytes` in [`crate::presence`]).
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        truncated: bool,
     },
     PresenceDiff {
         room: &'a str,
@@ -279,6 +285,8 @@ pub struct Event<'a> {
     pub op: Op,
     pub row: &'a RawValue,
     pub old: Option<&'a RawValue>,
+    /// `row` holds only the primary key: the row was over its table's `max_event_bytes`.
+    pub truncated: bool,
     pub ts: &'a str,
 }
 
@@ -294,6 +302,8 @@ struct EventFields<'a> {
     row: &'a RawValue,
     #[serde(skip_serializing_if = "Option::is_none")]
     old: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    truncated: bool,
     ts: &'a str,
 }
 
@@ -314,6 +324,7 @@ impl Event<'_> {
             op: self.op.as_str(),
             row: self.row,
             old: self.old,
+            truncated: self.truncated,
             ts: self.ts,
         })?;
         let position = locate(&text, ",\"id\":\"", self.id);
@@ -430,6 +441,7 @@ mod tests {
             op: Op::Update,
             row: &row,
             old: None,
+            truncated: false,
             ts: "2026-01-01T00:00:00Z",
         }
         .to_frame()

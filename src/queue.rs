@@ -6,6 +6,13 @@
 //! while everybody else carries on. A [`Frame`] shares its text, so queuing one event for a
 //! thousand clients copies no JSON.
 //!
+//! One event can be larger than the whole budget (a big row; see `max_event_bytes` in
+//! `docs/dba.md`). Such a frame is not counted against the budget: the queue takes it as long as
+//! no other such frame waits, so one big row reaches every member of its room without closing
+//! anyone, and the frames around it are bounded as usual. A second big frame while the first
+//! still waits means the client does not keep up: 4008. A queue therefore holds at most its
+//! budget plus one frame.
+//!
 //! The queue is a `VecDeque` behind a mutex rather than a tokio `mpsc` channel: an unbounded
 //! channel allocates a 32-slot block and a cache-padded header up front (about 1.6 KiB per
 //! connection, 2.2 KiB once a second block was needed), which an idle connection keeps forever.
@@ -33,7 +40,10 @@ pub struct ClientHandle {
     /// Whether the transport shows presence and typing (WebSocket does, SSE does not).
     pub sees_presence: bool,
     frames: Arc<Frames>,
+    /// The bytes of the frames waiting, but for one larger than the budget ...
     queued_bytes: AtomicUsize,
+    /// ... which is counted here.
+    oversized: AtomicBool,
     max_queued_bytes: usize,
     closing: AtomicBool,
     close: watch::Sender<Option<CloseRequest>>,
@@ -143,6 +153,7 @@ impl ClientHandle {
             sees_presence: false,
             frames: frames.clone(),
             queued_bytes: AtomicUsize::new(0),
+            oversized: AtomicBool::new(false),
             max_queued_bytes,
             closing: AtomicBool::new(false),
             close: close_tx,
@@ -158,8 +169,7 @@ impl ClientHandle {
     }
 
     /// Queues a frame. Returns false, and asks the session to close with 4008, if the frame
-    /// would take the bytes waiting past the budget (an empty queue always takes one frame, so
-    /// a single large event never closes a client that keeps up).
+    /// would take the bytes waiting past the budget (see [`ClientHandle::fits`]).
     pub fn send(&self, frame: Frame) -> bool {
         self.send_all([frame]) == 1
     }
@@ -177,7 +187,7 @@ impl ClientHandle {
                 }
                 // Checked under the lock the receiver sets it under: nothing is queued after it.
                 if self.frames.receiver_dropped.load(Ordering::Relaxed) {
-                    self.queued_bytes.fetch_sub(frame.len(), Ordering::Relaxed);
+                    self.sent_charge(self.charge(std::slice::from_ref(&frame)));
                     break;
                 }
                 queue.push_back(frame);
@@ -196,23 +206,45 @@ impl ClientHandle {
         if self.closing.load(Ordering::Relaxed) {
             return false;
         }
-        let before = self.queued_bytes.fetch_add(len, Ordering::Relaxed);
-        if !self.fits(before, len) {
-            self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+        let fits = if len > self.max_queued_bytes {
+            !self.oversized.swap(true, Ordering::Relaxed)
+        } else {
+            let before = self.queued_bytes.fetch_add(len, Ordering::Relaxed);
+            let fits = self.fits(Charge::bytes(before), len);
+            if !fits {
+                self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+            }
+            fits
+        };
+        if !fits {
             self.close_too_slow();
-            return false;
         }
-        true
+        fits
     }
 
-    /// The byte budget: `len` more bytes fit behind `queued` if they stay within it, and an
-    /// empty queue always takes one frame, so a single large event never closes a client that
-    /// keeps up. Frames held back for a client (see [`crate::rooms`]) count the same way.
-    pub fn fits(&self, queued: usize, len: usize) -> bool {
-        queued == 0 || queued + len <= self.max_queued_bytes
+    /// The byte budget: a frame of `len` bytes fits behind what is `held` if the bytes stay
+    /// within it, and an empty queue always takes one frame. A frame larger than the whole
+    /// budget fits beside the others unless another such frame is held. So a single large
+    /// event never closes a client that keeps up. Frames held back for a client (see
+    /// [`crate::rooms`]) count the same way.
+    pub fn fits(&self, held: Charge, len: usize) -> bool {
+        if len > self.max_queued_bytes {
+            !held.oversized
+        } else {
+            held.bytes == 0 || held.bytes + len <= self.max_queued_bytes
+        }
     }
 
-    /// The most bytes that may wait to be sent to the client.
+    /// What these frames count against the budget (see [`ClientHandle::fits`]); given back with
+    /// [`ClientHandle::sent_charge`] once they have been handed to the socket.
+    pub fn charge(&self, frames: &[Frame]) -> Charge {
+        let mut charge = Charge::default();
+        for frame in frames {
+            charge.add(frame.len(), self.max_queued_bytes);
+        }
+        charge
+    }
+
     pub fn max_queued_bytes(&self) -> usize {
         self.max_queued_bytes
     }
@@ -228,12 +260,15 @@ impl ClientHandle {
 
     /// Called by the session once a frame has been handed to the socket.
     pub fn sent(&self, frame: &Frame) {
-        self.sent_bytes(frame.len());
+        self.sent_charge(self.charge(std::slice::from_ref(frame)));
     }
 
-    /// Called by the session once frames of `bytes` bytes in all have been handed to the socket.
-    pub fn sent_bytes(&self, bytes: usize) {
-        self.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
+    /// Called by the session once frames have been handed to the socket, with their charge.
+    pub fn sent_charge(&self, charge: Charge) {
+        self.queued_bytes.fetch_sub(charge.bytes, Ordering::Relaxed);
+        if charge.oversized {
+            self.oversized.store(false, Ordering::Relaxed);
+        }
         self.drained.notify_one();
     }
 
@@ -242,8 +277,11 @@ impl ClientHandle {
     /// with this, so replaying to a slow reader never closes it.
     pub async fn wait_for_room(&self, len: usize) {
         loop {
-            let queued = self.queued_bytes.load(Ordering::Relaxed);
-            if self.fits(queued, len) || self.is_closing() {
+            let held = Charge {
+                bytes: self.queued_bytes.load(Ordering::Relaxed),
+                oversized: self.oversized.load(Ordering::Relaxed),
+            };
+            if self.fits(held, len) || self.is_closing() {
                 return;
             }
             let wait = self.drained.notified();
@@ -262,6 +300,32 @@ impl ClientHandle {
 
     pub fn is_closing(&self) -> bool {
         self.closing.load(Ordering::Relaxed)
+    }
+}
+
+/// What frames count against a client's byte budget: their bytes, but for one frame larger than
+/// the whole budget, which counts apart (see [`ClientHandle::fits`]).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Charge {
+    pub bytes: usize,
+    pub oversized: bool,
+}
+
+impl Charge {
+    fn bytes(bytes: usize) -> Charge {
+        Charge {
+            bytes,
+            oversized: false,
+        }
+    }
+
+    /// Counts one more frame of `len` bytes against a budget of `max`.
+    pub fn add(&mut self, len: usize, max: usize) {
+        if len > max {
+            self.oversized = true;
+        } else {
+            self.bytes += len;
+        }
     }
 }
 
@@ -305,12 +369,31 @@ mod tests {
         );
         assert_eq!(queue.close.borrow_and_update().map(|r| r.code), Some(4008));
         assert_eq!(client.send_all([Frame::from("x")]), 0, "closing");
+        let mut taken_frames = Vec::new();
+        queue.frames.take(64, &mut taken_frames);
+        let taken: Vec<&str> = taken_frames.iter().map(|f| f.as_str()).collect();
+        assert_eq!(taken, ["1234", "5678"]);
+        client.sent_charge(client.charge(&taken_frames));
+        assert_eq!(client.queued_bytes.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn one_frame_larger_than_the_budget_waits_beside_the_others() {
+        let (client, mut queue) = ClientHandle::new(10);
+        let big = || Frame::from("0123456789abcdef");
+        assert!(client.send(Frame::from("small")));
+        assert!(client.send(big()), "taken although the queue is not empty");
+        assert!(
+            client.send(Frame::from("after")),
+            "the big frame does not count against the budget"
+        );
+        assert!(!client.is_closing());
         let mut taken = Vec::new();
         queue.frames.take(64, &mut taken);
-        let taken: Vec<&str> = taken.iter().map(|f| f.as_str()).collect();
-        assert_eq!(taken, ["1234", "5678"]);
-        client.sent_bytes(8);
-        assert_eq!(client.queued_bytes.load(Ordering::Relaxed), 0);
+        client.sent_charge(client.charge(&taken));
+        assert!(client.send(big()), "the first big frame is gone");
+        assert!(!client.send(big()), "a second one while the first waits");
+        assert_eq!(queue.close.borrow_and_update().map(|r| r.code), Some(4008));
     }
 
     #[tokio::test]

@@ -187,8 +187,10 @@ struct Ask {
 }
 
 impl Replays {
+    /// `pool` for short statements (resolving positions), `read_pool` for outbox reads.
     pub fn new(
         pool: Pool,
+        read_pool: Pool,
         authorizer: Authorizer,
         hub: Arc<Hub>,
         codec: PositionCodec,
@@ -197,7 +199,7 @@ impl Replays {
     ) -> Replays {
         Replays {
             history: History::new(
-                pool.clone(),
+                read_pool,
                 budget.reads,
                 budget.window_bytes,
                 metrics.clone(),

@@ -29,7 +29,7 @@ use crate::capture::position::{Position, Snapshot};
 use crate::jwt::Principal;
 use crate::presence::Presence;
 use crate::protocol::{Frame, Room};
-use crate::queue::ClientHandle;
+use crate::queue::{Charge, ClientHandle};
 
 /// A connection in a room.
 pub struct Member {
@@ -49,7 +49,8 @@ pub struct Member {
 #[derive(Default)]
 struct Pending {
     frames: Vec<(String, Frame)>,
-    bytes: usize,
+    /// What they count against the client's budget, as if they were queued.
+    held: Charge,
 }
 
 impl Member {
@@ -72,11 +73,11 @@ impl Member {
             Some(pending) => {
                 let mut pending = pending.lock().unwrap_or_else(|p| p.into_inner());
                 let len = frame.len();
-                if !self.client.fits(pending.bytes, len) {
+                if !self.client.fits(pending.held, len) {
                     self.client.close_too_slow();
                     return false;
                 }
-                pending.bytes += len;
+                pending.held.add(len, self.client.max_queued_bytes());
                 pending.frames.push((room.to_owned(), frame));
                 true
             }
@@ -345,7 +346,7 @@ impl Hub {
                     }
                     return;
                 }
-                pending.bytes = 0;
+                pending.held = Charge::default();
                 std::mem::take(&mut pending.frames)
             };
             for (room, frame) in frames {

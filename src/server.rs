@@ -17,18 +17,18 @@ use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use deadpool_postgres::{ManagerConfig, Pool, RecyclingMethod};
 use tokio::sync::Notify;
-use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
 
 use crate::authorize::Authorizer;
 use crate::capture::position::PositionCodec;
 use crate::capture::{listener, reader::Reader, retention};
 use crate::config::RelayConfig;
+use crate::db::settings;
 use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
-use crate::presence::{self, Presence};
+use crate::presence::{self, signing::BusKey, Presence};
 use crate::resume::Replays;
 use crate::rooms::Hub;
 use crate::subscribe::Subscriptions;
@@ -40,6 +40,7 @@ pub use crate::transport::AppState;
 pub struct Relay {
     addr: SocketAddr,
     shutdown: CancellationToken,
+    draining: CancellationToken,
     metrics: Arc<Metrics>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -47,33 +48,32 @@ pub struct Relay {
 impl Relay {
     /// Binds the listen address and starts serving and reading changes.
     pub async fn start(config: RelayConfig) -> anyhow::Result<Relay> {
-        let pg_config: tokio_postgres::Config = config
-            .database_url
-            .parse()
-            .context("DATABASE_URL is not a valid connection string")?;
+        let db = crate::db::Database::from_url(&config.database_url)?;
+        anyhow::ensure!(
+            !config.statement_timeout.is_zero(),
+            "the statement timeout must be more than 0"
+        );
         // The relay's queries are short and run thousands of times a second: compiling them
         // with JIT (which Postgres does whenever an estimate is large, such as for a big chunk of
         // policy checks) costs far more than it saves.
-        let mut pool_config = pg_config.clone();
-        let options = pool_config.get_options().unwrap_or_default().to_owned();
-        pool_config.options(format!("{options} -c jit=off").trim_start());
-        let manager = Manager::from_config(
-            pool_config,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        let pool = Pool::builder(manager)
-            .max_size(config.pool_size)
-            .wait_timeout(Some(Duration::from_secs(10)))
-            .create_timeout(Some(Duration::from_secs(10)))
-            .runtime(deadpool_postgres::Runtime::Tokio1)
-            .build()
-            .context("building the connection pool")?;
-
-        let codec = load_codec(&pool).await?;
+        let no_jit = settings::with_setting(&db, "jit", "off");
+        let pool = build_pool(
+            &settings::with_statement_timeout(&no_jit, config.statement_timeout),
+            config.pool_size,
+        )?;
+        // Outbox reads stream while the relay delivers what they read (see `db::settings`).
+        let read_pool = build_pool(
+            &settings::with_statement_timeout(
+                &no_jit,
+                settings::OUTBOX_READ_TIMEOUT.max(config.statement_timeout),
+            ),
+            config.pool_size,
+        )?;
+        let timed = settings::with_statement_timeout(&db, config.statement_timeout);
+        let secret = load_secret(&pool).await?;
+        let codec = PositionCodec::new(&secret);
         let shutdown = CancellationToken::new();
+        let draining = CancellationToken::new();
         let retention_pool = pool.clone();
         let status_pool = pool.clone();
         let metrics = Arc::new(Metrics::default());
@@ -89,6 +89,7 @@ impl Relay {
         let authorizer = Authorizer::new(pool.clone(), metrics.clone());
         let replays = Arc::new(Replays::new(
             pool.clone(),
+            read_pool.clone(),
             authorizer.clone(),
             hub.clone(),
             codec.clone(),
@@ -113,9 +114,11 @@ impl Relay {
             connections_per_user: Arc::default(),
             sse_opens: Arc::new(sse_opens),
             shutdown: shutdown.clone(),
+            draining: draining.clone(),
         };
         let reader = Reader {
             pool,
+            read_pool,
             consumer: Pipeline {
                 hub: state.hub.clone(),
                 authorizer,
@@ -125,7 +128,8 @@ impl Relay {
             metrics: metrics.clone(),
             wake: wake.clone(),
             listening: listening.clone(),
-            pg_config: pg_config.clone(),
+            // The barrier waits for writers on purpose, as long as they take.
+            db: settings::with_statement_timeout(&db, Duration::ZERO),
             poll_interval: config.poll_interval,
         };
 
@@ -159,7 +163,7 @@ impl Relay {
         let interval = config.maintenance_interval;
         let tasks = vec![
             tokio::spawn(listener::run(
-                pg_config.clone(),
+                timed.clone(),
                 wake,
                 listening,
                 metrics.clone(),
@@ -175,7 +179,8 @@ impl Relay {
             )),
             tokio::spawn(retention::run(retention_pool, interval, shutdown.clone())),
             tokio::spawn(presence::bus::run(
-                pg_config.clone(),
+                timed,
+                BusKey::derive(&secret),
                 presence.clone(),
                 presence_ops,
                 metrics.clone(),
@@ -188,6 +193,7 @@ impl Relay {
         Ok(Relay {
             addr,
             shutdown,
+            draining,
             metrics,
             tasks,
         })
@@ -200,6 +206,15 @@ impl Relay {
     /// Resolves when the relay has been asked to stop.
     pub async fn stopping(&self) {
         self.shutdown.cancelled().await
+    }
+
+    /// The first half of a graceful stop: `/readyz` answers 503 from now on and new connections
+    /// are refused, while the connections already open keep being served for `grace` (time for
+    /// the load balancer to notice). [`Relay::shutdown`] then closes them.
+    pub async fn drain(&self, grace: Duration) {
+        self.draining.cancel();
+        tracing::info!(?grace, "draining: not ready, refusing new connections");
+        tokio::time::sleep(grace).await;
     }
 
     /// Stops accepting, closes every WebSocket with 1001, and waits (boundedly) for them to go.
@@ -231,8 +246,22 @@ fn without_nagle(
     })
 }
 
-/// The database's position key (see `pgrelay.secrets`).
-async fn load_codec(pool: &Pool) -> anyhow::Result<PositionCodec> {
+fn build_pool(db: &crate::db::Database, size: usize) -> anyhow::Result<Pool> {
+    let manager = db.manager(ManagerConfig {
+        recycling_method: RecyclingMethod::Fast,
+    });
+    Pool::builder(manager)
+        .max_size(size)
+        .wait_timeout(Some(Duration::from_secs(10)))
+        .create_timeout(Some(Duration::from_secs(10)))
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        .build()
+        .context("building the connection pool")
+}
+
+/// The database's secret, which seals positions and signs presence messages (see
+/// `pgrelay.secrets`).
+async fn load_secret(pool: &Pool) -> anyhow::Result<[u8; 32]> {
     let client = pool.get().await.context("connecting to the database")?;
     let row = client
         .query_one("SELECT position_key FROM pgrelay.secrets", &[])
@@ -244,11 +273,17 @@ async fn load_codec(pool: &Pool) -> anyhow::Result<PositionCodec> {
     let key: [u8; 32] = key
         .try_into()
         .map_err(|_| anyhow::anyhow!("pgrelay.secrets.position_key must be 32 bytes"))?;
-    Ok(PositionCodec::new(&key))
+    Ok(key)
 }
 
 /// Ready when the LISTEN connection is up and the last outbox read succeeded.
 async fn readyz(State(app): State<AppState>) -> impl IntoResponse {
+    if app.draining.is_cancelled() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: draining".to_string(),
+        );
+    }
     let listening = app.metrics.listener_connected.get() == 1;
     let reading = app.metrics.reader_healthy.get() == 1;
     if listening && reading {

@@ -36,6 +36,7 @@ pub enum JoinError {
 /// What joining needs: the join policy, the outbox (to resolve and replay positions), the hub.
 #[derive(Clone)]
 pub struct Subscriptions {
+    /// For short statements: they time out after the statement timeout.
     pub pool: Pool,
     /// Seals the positions clients see.
     pub codec: PositionCodec,

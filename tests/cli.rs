@@ -1,4 +1,4 @@
-//! The `pgrelay` command line (contract §1): what it prints and how it exits.
+//! The `pgrelay` command line (README.md, Commands): what it prints and how it exits.
 
 mod common;
 
@@ -14,6 +14,8 @@ fn pgrelay() -> Command {
     command
         .env_remove("DATABASE_URL")
         .env_remove("PGRELAY_JWT_SECRET")
+        // SIGTERM ends serve at once here; tests/drain.rs covers the grace period.
+        .env("PGRELAY_DRAIN_GRACE", "0s")
         .kill_on_drop(true);
     command
 }
@@ -139,16 +141,7 @@ async fn migrate_is_idempotent_and_serve_stops_cleanly_on_sigterm() {
             break;
         }
     }
-    let pid = serve.id().expect("pid").to_string();
-    std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("kill");
-    let status = tokio::time::timeout(Duration::from_secs(15), serve.wait())
-        .await
-        .expect("exits")
-        .expect("wait");
-    assert_eq!(status.code(), Some(0));
+    assert_eq!(common::terminate(&mut serve).await, Some(0));
 }
 
 #[tokio::test]

@@ -25,7 +25,7 @@ fn assert_is_fence(event: &Value) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn task_changes_have_the_contract_shape_and_reach_both_rooms() {
+async fn task_changes_have_the_documented_shape_and_reach_both_rooms() {
     let relay = TestRelay::start().await;
     let mut alice = relay.client("u1").await;
     let joined = alice.join("project:1").await;
@@ -225,7 +225,29 @@ async fn members_see_what_the_policy_allows_and_nobody_else_sees_anything() {
     relay.sql(FENCE).await;
     assert_is_fence(&alice.recv_event().await);
     assert_is_fence(&bob.recv_event().await);
-    dave.ping().await;
+    // Dave's fence: a change of his own room, committed after everything above.
+    relay
+        .sql("INSERT INTO project_members VALUES (2, 'u4', 'member')")
+        .await;
+    assert_is_membership_of(&dave.recv().await, "u4");
+}
+
+/// The `project_member_created` event a user receives in their own room: a fence for a user
+/// who is in no room the test's other changes go to.
+fn assert_is_membership_of(message: &Value, user: &str) {
+    assert_eq!(
+        (
+            message["event"].as_str(),
+            message["room"].as_str(),
+            message["row"]["user_id"].as_str()
+        ),
+        (
+            Some("project_member_created"),
+            Some(format!("user:{user}").as_str()),
+            Some(user)
+        ),
+        "expected the membership fence, got {message}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -435,7 +457,8 @@ async fn a_policy_that_throws_denies_only_the_failing_user_and_row() {
         assert_eq!(client.recv().await["type"], "ready");
         client.join("board:1").await;
     }
-    // One statement, so one chunk: a row the policy cannot read, and rows it can.
+    broken.join("user:u1").await; // for the fence below
+                                  // One statement, so one chunk: a row the policy cannot read, and rows it can.
     relay
         .sql("INSERT INTO docs VALUES (1, '1'), (2, 'oops'), (3, '3'), (4, '9')")
         .await;
@@ -453,11 +476,12 @@ async fn a_policy_that_throws_denies_only_the_failing_user_and_row() {
         [1, 3, 5],
         "row 2 throws, row 4 is above level 5; the rest arrives"
     );
-    // The user whose claim breaks the policy gets nothing, and the connection stays healthy.
-    broken.ping().await;
-    broken
-        .expect_nothing(std::time::Duration::from_millis(300))
+    // The user whose claim breaks the policy gets nothing, and the connection stays healthy:
+    // the next thing it receives is a change committed after the docs, in its own room.
+    relay
+        .sql("INSERT INTO project_members VALUES (2, 'u1', 'member')")
         .await;
+    assert_is_membership_of(&broken.recv().await, "u1");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -530,8 +554,16 @@ async fn a_user_who_loses_access_is_told_and_receives_nothing_more() {
 
     relay.sql(FENCE).await;
     assert_is_fence(&alice.recv_event().await);
-    bob.ping().await; // nothing in between
-    assert!(relay.metric("revocations_total").await >= 3);
+    // Nothing in between: the next thing bob receives is a change committed after the fence.
+    relay
+        .sql("INSERT INTO project_members VALUES (2, 'u2', 'member')")
+        .await;
+    assert_is_membership_of(&bob.recv().await, "u2");
+    assert_eq!(
+        relay.metric("revocations_total").await,
+        3,
+        "task:2, project:1, task:1"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -548,23 +580,9 @@ async fn a_join_policy_that_throws_fails_only_that_join_among_concurrent_ones() 
              $$;",
         )
         .await;
-    let mut clients = Vec::new();
-    for user in ["u1", "u2", "u3", "u4"] {
-        let mut client = relay.client(user).await;
-        client
-            .send(json!({"type": "join", "room": "project:1", "ref": user}))
-            .await;
-        clients.push(client);
-    }
-    let mut outcomes = Vec::new();
-    for client in &mut clients {
-        let reply = client.recv().await;
-        outcomes.push(if reply["type"] == "joined" {
-            "joined".to_owned()
-        } else {
-            reply["code"].as_str().unwrap_or_default().to_owned()
-        });
-    }
+    let (_clients, outcomes) = relay
+        .join_at_once(&["u1", "u2", "u3", "u4"], "project:1")
+        .await;
     assert_eq!(outcomes, ["joined", "joined", "internal", "forbidden"]);
 }
 
@@ -585,16 +603,23 @@ async fn a_remembered_answer_is_forgotten_when_the_membership_changes() {
         assert_is_fence(&bob.recv_event().await);
         assert_is_fence(&alice.recv_event().await);
     }
-    assert!(
-        relay.metric("policy_answers_remembered_total").await >= 2,
-        "the second fence was judged from memory"
+    assert_eq!(
+        relay.metric("policy_answers_remembered_total").await,
+        2,
+        "the second fence was judged from memory, for both"
     );
 
+    let stale_before = relay.metric("policy_invalidations_total").await;
     relay
         .sql("DELETE FROM project_members WHERE project_id = 1 AND user_id = 'u2'")
         .await;
     assert_eq!(bob.recv_event().await["event"], "project_member_deleted");
     alice.recv_event().await;
+    assert_eq!(
+        relay.metric("policy_invalidations_total").await - stale_before,
+        4,
+        "the removal makes stale the answers of the four tables whose policies read memberships"
+    );
 
     // The same task, the same policy key: bob must not get it, and loses the room.
     relay.sql(FENCE).await;
@@ -605,13 +630,18 @@ async fn a_remembered_answer_is_forgotten_when_the_membership_changes() {
         "{left}"
     );
     assert_is_fence(&alice.recv_event().await);
-    bob.ping().await; // nothing else came
-    assert!(relay.metric("policy_invalidations_total").await >= 1);
+    // Nothing else came: joined to his own room, the next thing bob receives is a change
+    // committed after everything above.
+    bob.join("user:u2").await;
+    relay
+        .sql("INSERT INTO project_members VALUES (2, 'u2', 'member')")
+        .await;
+    assert_is_membership_of(&bob.recv().await, "u2");
 }
 
 /// A member denied the same private task again and again is asked about the room once: a denial
-/// from memory, for an update that left what the policy reads alone, says nothing new (W2 spent
-/// 40% of its reader's time re-checking such members).
+/// from memory, for an update that left what the policy reads alone, says nothing new (re-checking
+/// such members once took 40% of a busy reader's time).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_remembered_denial_does_not_ask_the_join_policy_again() {
     let relay = TestRelay::start().await;
@@ -630,7 +660,11 @@ async fn a_remembered_denial_does_not_ask_the_join_policy_again() {
         1,
         "only the first denial, which the database decided"
     );
-    assert!(relay.metric("policy_answers_remembered_total").await >= 2);
+    assert_eq!(
+        relay.metric("policy_answers_remembered_total").await,
+        4,
+        "the second and third update and fence"
+    );
 
     // Removed from the project: the next denial is judged afresh, and bob leaves the room.
     relay
@@ -676,19 +710,11 @@ async fn a_remembered_answer_is_forgotten_when_a_table_the_policy_reads_changes(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answers_of_a_policy_reading_an_unwatched_table_are_never_remembered() {
     let relay = TestRelay::start().await;
-    relay
-        .sql(
-            "CREATE TABLE readers (user_id text PRIMARY KEY);
-             INSERT INTO readers VALUES ('u1'), ('u2');
-             CREATE TABLE notes (id int PRIMARY KEY, body text);
-             CREATE FUNCTION can_read_note(u text, c jsonb, r jsonb) RETURNS boolean
-                 LANGUAGE sql STABLE AS $$ SELECT EXISTS (SELECT FROM readers WHERE user_id = u) $$;
-             SELECT pgrelay.watch('notes', ARRAY['board:1'], 'can_read_note',
-                                  policy_columns => ARRAY['id'], policy_tables => ARRAY['readers'::regclass]);
-             CREATE FUNCTION can_join_board(u text, c jsonb, k text) RETURNS boolean LANGUAGE sql AS 'SELECT true';
-             SELECT pgrelay.allow_join('board', 'can_join_board');",
-        )
-        .await;
+    common::notes_board(
+        &relay,
+        ", policy_columns => ARRAY['id'], policy_tables => ARRAY['readers'::regclass]",
+    )
+    .await;
     let mut alice = relay.client("u1").await;
     let mut bob = relay.client("u2").await;
     for client in [&mut alice, &mut bob] {
@@ -704,7 +730,12 @@ async fn answers_of_a_policy_reading_an_unwatched_table_are_never_remembered() {
     relay.sql("DELETE FROM readers WHERE user_id = 'u2'").await;
     relay.sql("UPDATE notes SET body = 'c' WHERE id = 1").await;
     assert_eq!(alice.recv_event().await["row"]["body"], "c");
-    bob.ping().await; // the update was withheld: nothing came before the pong
+    // The update was withheld: back among the readers, bob's next event is the one after it.
+    relay
+        .sql("INSERT INTO readers VALUES ('u2'); UPDATE notes SET body = 'd' WHERE id = 1")
+        .await;
+    assert_eq!(bob.recv_event().await["row"]["body"], "d");
+    assert_eq!(alice.recv_event().await["row"]["body"], "d");
     assert_eq!(relay.metric("policy_answers_remembered_total").await, 0);
 }
 

@@ -1,8 +1,8 @@
 //! The relay prepares its outbox read once per connection and Postgres keeps that plan. It is
 //! often made while the outbox holds little (a fresh install's first data; a partition that
 //! maintain() just emptied), so it must not be a plan that is only good for a small outbox: a
-//! sequential scan chosen then scans the whole partition on every read once it has filled (W4's
-//! lag grew through each run because of it).
+//! sequential scan chosen then scans the whole partition on every read once it has filled, and
+//! under sustained writes the relay's lag grows with the partition.
 
 mod common;
 

@@ -1,4 +1,4 @@
-//! Presence and typing across relay processes (contract §4; docs/protocol.md).
+//! Presence and typing across relay processes (docs/protocol.md).
 //!
 //! Demo data: alice (u1) owns project 1, bob (u2) is a member, carol (u3) a viewer; dave (u4) has
 //! no access. Every test runs two relays on one database, as behind a load balancer.
@@ -401,10 +401,26 @@ async fn users_who_may_not_join_see_no_presence_and_revoked_ones_stop_seeing_it(
     let carol = Watcher::join(&a, "u3", "project:1").await;
     drop(carol);
     bob.client.skip_presence = false;
-    bob.client.ping().await;
-    bob.client.expect_nothing(Duration::from_millis(500)).await;
-    dave.ping().await;
-    dave.expect_nothing(Duration::from_millis(200)).await;
+    presence_fence(&a, &mut bob.client, "u2").await;
+    presence_fence(&a, &mut dave, "u4").await;
+}
+
+/// Proves that nothing of the presence that relay `a` published before reached `client` (on the
+/// other relay): `client` joins its own user room, another connection of the same user joins it
+/// on `a`, and that join must be the next thing `client` receives (the bus keeps one relay's
+/// messages in order; a pong would not be ordered with them).
+async fn presence_fence(a: &TestRelay, client: &mut WsClient, user: &str) {
+    let room = format!("user:{user}");
+    client.join(&room).await;
+    let mut other_tab = a.client(user).await;
+    other_tab.join(&room).await;
+    let next = client.recv_any().await;
+    assert_eq!(
+        (next["type"].as_str(), next["room"].as_str()),
+        (Some("presence_diff"), Some(room.as_str())),
+        "expected the fence, got {next}"
+    );
+    assert!(next["joins"][user].is_array(), "{next}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -420,7 +436,7 @@ async fn a_dropped_bus_connection_resyncs_without_ghosts_or_gaps() {
     // Both relays lose their bus connections; meanwhile bob leaves and carol arrives on b.
     a.sql(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-          WHERE application_name = 'pgrelay presence'",
+          WHERE datname = current_database() AND application_name = 'pgrelay presence'",
     )
     .await;
     bob.send(json!({"type": "leave", "room": "project:1"}))
@@ -437,4 +453,64 @@ async fn a_dropped_bus_connection_resyncs_without_ghosts_or_gaps() {
     assert!(b.metric("presence_relays").await == 1);
     alice.drain(Duration::from_millis(500)).await;
     assert_eq!(alice.present(), present(&[("u1", 1), ("u3", 1)]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_id_seen_in_conn_id_cannot_be_used_to_erase_that_relays_users() {
+    let (a, b) = two_relays().await;
+    let mut alice = Watcher::join(&a, "u1", "project:1").await;
+    let bob = Watcher::join(&b, "u2", "project:1").await;
+    let both = present(&[("u1", 1), ("u2", 1)]);
+    alice.until("bob to appear", |w| w.present() == both).await;
+    // Any session may NOTIFY, and every client sees relay ids in conn_id.
+    let conn_id = alice.users["u2"][0]["conn_id"]
+        .as_str()
+        .expect("conn_id")
+        .to_owned();
+    let (relay_b, _) = conn_id.split_once('.').expect("relay.connection");
+    for forged in [
+        json!({"n": relay_b, "s": 1_000_000, "bye": true}),
+        json!({"n": relay_b, "s": 1_000_001, "ops": [{"k": "l", "r": "project:1", "c": 1}]}),
+        json!({"n": relay_b, "s": 1_000_002, "sync": "whole", "ops": []}),
+    ] {
+        a.sql(&format!(
+            "SELECT pg_notify('pgrelay_presence', '{}')",
+            forged.to_string().replace('\'', "''")
+        ))
+        .await;
+    }
+    // Not even for a moment (a forged goodbye would be repaired by the next full state).
+    let deadline = Instant::now() + Duration::from_millis(500);
+    while let Ok(message) = tokio::time::timeout_at(deadline, alice.client.recv_any()).await {
+        alice.apply(&message);
+        assert_eq!(alice.present(), both, "bob is still there after {message}");
+    }
+    assert!(a.metric("presence_bus_rejected_total").await >= 3);
+    drop(bob);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_whose_presence_grew_large_never_closes_a_new_joiner() {
+    let relay = TestRelay::start_with(|c| c.limits.max_queued_bytes = 16 * 1024).await;
+    // Twenty connections with a 1 KB meta each: more presence than a joiner's send budget.
+    let mut crowd = Vec::new();
+    for i in 0..20 {
+        let mut client = relay.client(if i % 2 == 0 { "u1" } else { "u2" }).await;
+        client.join("project:1").await;
+        let meta = json!({"bio": "x".repeat(1000)});
+        client
+            .send(json!({"type": "presence", "room": "project:1", "meta": meta}))
+            .await;
+        client.ping().await;
+        crowd.push(client);
+    }
+    let mut carol = relay.client("u3").await;
+    carol.join("project:1").await;
+    let state = carol.presence_state.take().expect("presence_state");
+    assert_eq!(state["truncated"], true, "{state}");
+    assert_eq!(state["connections"], 21);
+    carol.ping().await;
+    for client in &mut crowd {
+        client.ping().await;
+    }
 }

@@ -1,29 +1,21 @@
 //! The WebSocket protocol at its edges: authentication, bad input, limits, shutdown.
-//! Every bad input gets the contract's error or close code, and nothing else is affected.
+//! Every bad input gets the documented error or close code, and nothing else is affected.
 
 mod common;
 
 use std::time::Duration;
 
-use common::{close_code, token, TestRelay, WsClient, SECRET};
-use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+use common::{
+    close_code, expiring_at, iso, now, now_exact, signed, token, TestRelay, WsClient, SECRET,
+};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::{self, Message};
 
-fn signed(claims: Value, secret: &[u8]) -> String {
-    encode(
-        &Header::new(Algorithm::HS256),
-        &claims,
-        &EncodingKey::from_secret(secret),
-    )
-    .expect("sign")
-}
-
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_secs()
+/// A WebSocket connection with `token` in the URL (its `ready` not read yet).
+async fn connect_with(relay: &TestRelay, token: &str) -> WsClient {
+    WsClient::connect(&format!("{}?token={token}", relay.ws_url()))
+        .await
+        .expect("connect")
 }
 
 /// Tokens that must be refused, and why.
@@ -71,7 +63,11 @@ async fn a_bad_token_at_the_upgrade_is_answered_with_401() {
         .expect("ok");
     let ready: Value = serde_json::from_str(ready.to_text().expect("text")).expect("json");
     assert_eq!(ready["user"], "u2");
-    assert!(relay.metric("auth_failures_total").await >= 5);
+    assert_eq!(
+        relay.metric("auth_failures_total").await,
+        5,
+        "one per bad token"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -88,31 +84,38 @@ async fn authenticating_by_message_refreshing_and_refusing() {
         (Some("unauthorized"), Some("early"))
     );
 
+    let first_exp = now() + 600;
     client
-        .send(json!({"type": "auth", "token": token("u1"), "ref": "a1"}))
+        .send(json!({"type": "auth", "token": expiring_at("u1", first_exp), "ref": "a1"}))
         .await;
     let ready = client.recv().await;
     assert_eq!(
         (
             ready["type"].as_str(),
             ready["user"].as_str(),
-            ready["ref"].as_str()
+            ready["ref"].as_str(),
+            ready["expires_at"].as_str()
         ),
-        (Some("ready"), Some("u1"), Some("a1"))
-    );
-    assert!(
-        ready["expires_at"]
-            .as_str()
-            .is_some_and(|s| s.ends_with('Z')),
-        "{ready}"
+        (
+            Some("ready"),
+            Some("u1"),
+            Some("a1"),
+            Some(iso(first_exp).as_str())
+        )
     );
     client.join("project:1").await;
 
     // A fresh token of the same user extends the session; another user's is refused.
+    let later_exp = first_exp + 3000;
     client
-        .send(json!({"type": "auth", "token": token("u1"), "ref": "a2"}))
+        .send(json!({"type": "auth", "token": expiring_at("u1", later_exp), "ref": "a2"}))
         .await;
-    assert_eq!(client.recv().await["type"], "ready");
+    let refreshed = client.recv().await;
+    assert_eq!(
+        (refreshed["type"].as_str(), refreshed["expires_at"].as_str()),
+        (Some("ready"), Some(iso(later_exp).as_str())),
+        "{refreshed}"
+    );
     client
         .send(json!({"type": "auth", "token": token("u2"), "ref": "a3"}))
         .await;
@@ -141,22 +144,48 @@ async fn authenticating_by_message_refreshing_and_refusing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_auth_in_time_and_an_expiring_token_close_with_4001() {
     let relay = TestRelay::start_with(|c| c.limits.auth_timeout = Duration::from_millis(300)).await;
+    let connected = std::time::Instant::now();
     let mut silent = WsClient::connect(&relay.ws_url()).await.expect("connect");
     assert_eq!(silent.closed().await, close_code(4001));
+    assert!(
+        connected.elapsed() >= Duration::from_millis(300),
+        "not before the authentication timeout"
+    );
 
-    let short = pgrelay::jwt::mint(SECRET, "u1", Duration::from_secs(2), &Default::default())
-        .expect("token");
-    let mut client = WsClient::connect(&format!("{}?token={short}", relay.ws_url()))
-        .await
-        .expect("connect");
+    let exp = now() + 2;
+    let mut client = connect_with(&relay, &expiring_at("u1", exp)).await;
     assert_eq!(client.recv().await["type"], "ready");
     client.join("project:1").await;
-    let started = std::time::Instant::now();
     assert_eq!(client.closed().await, close_code(4001));
-    assert!(
-        started.elapsed() <= Duration::from_secs(3),
-        "closed at expiry, not later"
+    common::assert_ended_at_expiry(exp);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_extends_the_session_past_the_first_tokens_expiry() {
+    let relay = TestRelay::start().await;
+    let first_exp = now() + 2;
+    let mut client = connect_with(&relay, &expiring_at("u1", first_exp)).await;
+    assert_eq!(client.recv().await["expires_at"], iso(first_exp));
+    client.join("project:1").await;
+    let later_exp = first_exp + 60;
+    client
+        .send(json!({"type": "auth", "token": expiring_at("u1", later_exp)}))
+        .await;
+    assert_eq!(client.recv().await["expires_at"], iso(later_exp));
+
+    // Well past the first token's expiry, the session is open and still receives changes.
+    let past = first_exp as f64 + 1.5 - now_exact();
+    client
+        .expect_nothing(Duration::from_secs_f64(past.max(0.0)))
+        .await;
+    relay
+        .sql("UPDATE tasks SET title = 'after the first exp' WHERE id = 1")
+        .await;
+    assert_eq!(
+        client.recv_event().await["row"]["title"],
+        "after the first exp"
     );
+    assert_eq!(relay.metric("connections").await, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -280,14 +309,7 @@ async fn a_client_that_stops_reading_is_closed_with_4008_and_others_carry_on() {
     let big = "x".repeat(200_000);
     for i in 0.. {
         assert!(i < 400, "the stalled client was never closed");
-        relay
-            .db
-            .execute(
-                "UPDATE tasks SET description = $1 || $2 WHERE id = 1",
-                &[&big, &i.to_string()],
-            )
-            .await
-            .expect("update");
+        relay.describe_task_1(&big, i).await;
         let event = reader.recv_event().await;
         assert!(event["row"]["description"]
             .as_str()
@@ -299,33 +321,40 @@ async fn a_client_that_stops_reading_is_closed_with_4008_and_others_carry_on() {
     }
     // ... and the client, reading now, finds the 4008 close after what the socket held.
     assert_eq!(stalled.closed().await, close_code(4008));
+    assert_eq!(
+        relay.metric("slow_consumer_disconnects_total").await,
+        1,
+        "only the stalled client"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_never_reads_is_still_closed_when_its_token_expires() {
     let relay = TestRelay::start().await;
-    let short = pgrelay::jwt::mint(SECRET, "u1", Duration::from_secs(2), &Default::default())
-        .expect("token");
-    let mut stalled = WsClient::connect(&format!("{}?token={short}", relay.ws_url()))
-        .await
-        .expect("connect");
+    let exp = now() + 3;
+    let mut stalled = connect_with(&relay, &expiring_at("u1", exp)).await;
     stalled
         .send(json!({"type": "join", "room": "project:1"}))
         .await;
-    // Fill the socket buffers so that writes to this client block.
-    let big = "x".repeat(100_000);
-    for i in 0..300 {
+    // Changes keep coming for this client, which reads none of them; they stay far below its
+    // 1 MiB queue, so nothing but the expiry may close it.
+    let writes = 100;
+    for i in 0..writes {
         relay
-            .db
-            .execute(
-                "UPDATE tasks SET description = $1 || $2 WHERE id = 1",
-                &[&big, &i.to_string()],
-            )
-            .await
-            .expect("update");
+            .sql(&format!("UPDATE tasks SET priority = {i} WHERE id = 1"))
+            .await;
     }
-    // Expiry at 2 s, then at most 5 s for the close frame: the session is gone without a read.
+    // The session ends at expiry without the client having read a single frame.
     wait_for_metric(&relay, "connections", |v| v == 0).await;
+    assert!(now_exact() >= exp as f64, "not before the token expired");
+    assert_eq!(relay.metric("slow_consumer_disconnects_total").await, 0);
+    // Reading now, the client finds what was sent to it, then the 4001 close (and no 4008).
+    assert_eq!(stalled.recv().await["type"], "ready");
+    assert_eq!(stalled.recv().await["type"], "joined");
+    for i in 0..writes {
+        assert_eq!(stalled.recv_event().await["row"]["priority"], i);
+    }
+    assert_eq!(stalled.closed().await, close_code(4001));
 }
 
 async fn wait_for_metric(relay: &TestRelay, name: &str, done: impl Fn(u64) -> bool) {
@@ -379,7 +408,7 @@ async fn health_readiness_and_metrics_endpoints() {
         "{metrics}"
     );
     assert_eq!(relay.metric("connections").await, 1);
-    assert!(relay.metric("events_delivered_total").await >= 1);
+    assert_eq!(relay.metric("events_delivered_total").await, 1);
     assert_eq!(relay.metric("listener_connected").await, 1);
 }
 
@@ -393,14 +422,8 @@ async fn joined_says_recovered_only_when_since_was_given() {
         "no since, no recovered: {joined}"
     );
     let position = joined["position"].as_str().expect("position").to_owned();
-    alice
-        .send(json!({"type": "join", "room": "task:1", "since": position}))
-        .await;
-    let resumed = alice.recv().await;
-    assert_eq!(
-        (resumed["type"].as_str(), resumed["recovered"].as_bool()),
-        (Some("joined"), Some(true))
-    );
+    let resumed = alice.join_since("task:1", &position).await;
+    assert_eq!(resumed["recovered"], true, "{resumed}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -422,27 +445,43 @@ async fn a_join_racing_a_batch_gets_every_change_after_its_position_and_none_bef
     let mut clients = Vec::new();
     for _ in 0..5 {
         let mut c = relay.client("u2").await;
-        c.join("task:1").await;
-        clients.push(c);
+        let position = c.join("task:1").await["position"]
+            .as_str()
+            .expect("position")
+            .to_owned();
+        clients.push((c, position));
         tokio::time::sleep(Duration::from_millis(15)).await;
     }
     writer.await.expect("writer");
     relay
         .sql("UPDATE tasks SET priority = -1 WHERE id = 1")
         .await;
-    for mut c in clients {
-        let mut last: Option<i64> = None;
+    async fn priorities_until_the_end(c: &mut WsClient) -> Vec<i64> {
+        let mut seen = Vec::new();
         loop {
             let e = c.recv_event().await;
-            let p = e["row"]["priority"].as_i64().expect("priority");
-            if p == -1 {
-                break;
+            match e["row"]["priority"].as_i64().expect("priority") {
+                -1 => return seen,
+                p => seen.push(p),
             }
-            if let Some(prev) = last {
-                assert_eq!(p, prev + 1, "gap or duplicate after {prev}");
-            }
-            last = Some(p);
         }
+    }
+    for (mut c, position) in clients {
+        let live = priorities_until_the_end(&mut c).await;
+        for pair in live.windows(2) {
+            assert_eq!(pair[1], pair[0] + 1, "gap or duplicate after {}", pair[0]);
+        }
+        // What the outbox holds after the joined position, replayed on another connection:
+        // the live client got exactly that, so it missed nothing after it and got nothing
+        // committed before it.
+        let mut replay = relay.client("u2").await;
+        let joined = replay.join_since("task:1", &position).await;
+        assert_eq!(joined["recovered"], true, "{joined}");
+        assert_eq!(
+            live,
+            priorities_until_the_end(&mut replay).await,
+            "the live client's changes are exactly those after its position"
+        );
     }
 }
 

@@ -19,12 +19,7 @@ fn priority(event: &Value) -> i64 {
 
 /// Joins `room` with `since` and returns the `joined` reply.
 async fn resume(client: &mut WsClient, room: &str, since: &str) -> Value {
-    client
-        .send(json!({"type": "join", "room": room, "since": since}))
-        .await;
-    let joined = client.recv().await;
-    assert_eq!(joined["type"], "joined", "{joined}");
-    joined
+    client.join_since(room, since).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -216,7 +211,7 @@ async fn data_read_with_pgrelay_position_plus_join_since_misses_nothing_and_repe
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn positions_past_retention_are_not_recovered_and_forged_ones_are_refused() {
+async fn positions_past_retention_are_not_recovered() {
     // Relays report their position at this interval; retention waits for live relays.
     let relay = TestRelay::start_with(|c| {
         c.maintenance_interval = Duration::from_millis(50);
@@ -272,15 +267,32 @@ async fn positions_past_retention_are_not_recovered_and_forged_ones_are_refused(
         let joined = resume(&mut alice, "task:1", since).await;
         assert_eq!(joined["recovered"], false, "{since}: {joined}");
     }
+}
 
-    // Well-formed but not issued by pgrelay: a change id that is not in the batch it names.
-    for forged in ["1.1.~999999999.999999999.~5", "3.3.~4.4.~999999"] {
+/// Well-formed but not issued by pgrelay (a plain snapshot, a change id that is not in the batch
+/// it names): `error` `bad_request`, as for any `since` pgrelay did not issue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "positions are not sealed yet: pgrelay.position() returns a plain snapshot, which the relay must accept (the `revoke` branch seals positions)"]
+async fn positions_pgrelay_did_not_issue_are_refused_with_bad_request() {
+    let relay = TestRelay::start().await;
+    let mut alice = relay.client("u1").await;
+    alice.join("project:1").await;
+    for forged in [
+        "1.1.~999999999.999999999.~5",
+        "3.3.~4.4.~999999",
+        "727.727.",
+    ] {
         alice
             .send(json!({"type": "join", "room": "task:2", "since": forged, "ref": "f"}))
             .await;
         let reply = alice.recv().await;
-        assert!(
-            reply["code"] == "bad_request" || reply["recovered"] == false,
+        assert_eq!(
+            (
+                reply["type"].as_str(),
+                reply["code"].as_str(),
+                reply["ref"].as_str()
+            ),
+            (Some("error"), Some("bad_request"), Some("f")),
             "{forged}: {reply}"
         );
     }

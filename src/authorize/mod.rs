@@ -27,7 +27,7 @@
 pub mod cache;
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use anyhow::Context;
 use deadpool_postgres::Pool;
@@ -60,19 +60,39 @@ pub struct Verdict {
 /// without it the planner may push `sees_new OR sees_old` below the join with the pairs and
 /// evaluate every policy for every user with every change of the chunk, twenty times the calls
 /// the pairs need. The outer one keeps `sees_new` evaluated once although it is used twice.
-const READERS: &str = r#"
+static READERS: LazyLock<String> =
+    LazyLock::new(|| readers_query("pgrelay.can_read", "false", "sees_new OR sees_old"));
+
+/// [`READERS`] with each policy call guarded (`pgrelay.can_read_guarded`): a policy that raises
+/// an error answers with its SQLSTATE instead of failing the whole query, so one query tells
+/// every failing pair of a chunk apart. The guard costs a subtransaction per call, so it is only
+/// asked after [`READERS`] failed. Answers are `'t'`, `'f'` or a SQLSTATE; a statement timeout is
+/// not caught (it cancels the statement, whose answers are then found by halving).
+static READERS_GUARDED: LazyLock<String> = LazyLock::new(|| {
+    readers_query(
+        "pgrelay.can_read_guarded",
+        "'f'",
+        "sees_new <> 'f' OR sees_old <> 'f'",
+    )
+});
+
+/// The verdict query with `policy` as the policy call, `no` as its "no", and `answered` as what
+/// makes a pair worth returning.
+fn readers_query(policy: &str, no: &str, answered: &str) -> String {
+    format!(
+        r#"
 SELECT change_ix, principal_ix, sees_new, sees_old, knows_old
 FROM (
     SELECT v.change_ix, v.principal_ix, v.knows_old, v.sees_new,
-           CASE WHEN NOT v.knows_old THEN false
-                WHEN v.judge_old THEN pgrelay.can_read(v.tbl, v.user_id, v.claims, v."row" || v.old)
+           CASE WHEN NOT v.knows_old THEN {no}
+                WHEN v.judge_old THEN {policy}(v.tbl, v.user_id, v.claims, v."row" || v.old)
                 ELSE v.sees_new
            END AS sees_old
     FROM (
-        SELECT x.*, pgrelay.can_read(x.tbl, x.user_id, x.claims, x."row") AS sees_new
+        SELECT x.*, {policy}(x.tbl, x.user_id, x.claims, x."row") AS sees_new
         FROM (
             SELECT p.change_ix, p.principal_ix, c.tbl, c."row", c.old, u.user_id, u.claims,
-                   ch.judge_old, (c.op = 'UPDATE' AND c.old IS NOT NULL AND c.old <> '{}') AS knows_old
+                   ch.judge_old, (c.op = 'UPDATE' AND c.old IS NOT NULL AND c.old <> '{{}}') AS knows_old
             FROM unnest($1::int4[], $2::int4[]) AS p(change_ix, principal_ix)
             JOIN unnest($3::int8[], $6::bool[]) WITH ORDINALITY AS ch(change_id, judge_old, ix)
               ON ch.ix = p.change_ix
@@ -84,8 +104,10 @@ FROM (
         OFFSET 0
     ) AS v
 ) AS answers
-WHERE sees_new OR sees_old
-"#;
+WHERE {answered}
+"#
+    )
+}
 
 /// A membership to re-check: may this user still join this room?
 #[derive(Debug, Clone)]
@@ -111,6 +133,9 @@ pub struct Authorizer {
 pub struct Verdicts {
     pub verdicts: Vec<Verdict>,
     pub judged: FxHashSet<(u32, u32)>,
+    /// A query for this chunk ran past the statement timeout: the caller should hand over fewer
+    /// changes at a time for a while.
+    pub timed_out: bool,
 }
 
 /// A join to check, and where to send the answer.
@@ -205,55 +230,95 @@ impl Authorizer {
             .policy_answers_asked
             .add(recalled.unknown.len() as u64);
         let questions = Questions::of(changes, &recalled.unknown);
-        let mut failed = Vec::new();
+        let mut isolation = Isolation::default();
         let answered = if questions.distinct.is_empty() {
             Vec::new()
         } else {
-            self.isolating(changes, principals, &questions.distinct, &mut failed)
+            self.isolating(changes, principals, &questions.distinct, &mut isolation)
                 .await?
         };
-        let (answered, failed) = questions.spread(&recalled.unknown, answered, &failed);
+        let (answered, failed) = questions.spread(&recalled.unknown, answered, &isolation.failed);
+        self.metrics.policy_errors.add(failed.len() as u64);
         self.cache
             .remember(&recalled, changes, &recalled.unknown, &answered, &failed);
         let judged = recalled.unknown.iter().copied().collect();
         let mut verdicts = recalled.verdicts;
         verdicts.extend(answered);
-        Ok(Verdicts { verdicts, judged })
+        Ok(Verdicts {
+            verdicts,
+            judged,
+            timed_out: isolation.timed_out,
+        })
     }
 
-    /// Runs the query; when a policy raises an error, splits the pairs in halves until the failing
-    /// ones are found. Those are denied (and logged, and added to `failed`); everyone else gets
-    /// their verdicts.
+    /// Runs the query; when it fails for any reason but a lost database, narrows the failure
+    /// down to the pairs that cause it. First one guarded query, which answers every pair whose
+    /// policy raised an error with that error; then, if that fails too (a statement timeout is
+    /// not something a policy can catch), halves, each asked the same way, down to single
+    /// pairs. The failing pairs are denied, logged and added to `isolation`; everyone else gets
+    /// their verdicts. Each step asks about fewer pairs, so this always ends: a pair that keeps
+    /// failing costs at most one query per halving, never a retry of the chunk.
     fn isolating<'a>(
         &'a self,
         changes: &'a [Change],
         principals: &'a [Arc<Principal>],
         pairs: &'a [(u32, u32)],
-        failed: &'a mut Vec<(u32, u32)>,
+        isolation: &'a mut Isolation,
     ) -> futures_util::future::BoxFuture<'a, anyhow::Result<Vec<Verdict>>> {
         Box::pin(async move {
-            match self.query(changes, principals, pairs).await {
-                Ok(verdicts) => Ok(verdicts),
-                Err(err) if is_policy_error(&err) => {
-                    if let [(change, principal)] = pairs {
-                        tracing::warn!(
-                            user = %principals[*principal as usize].user,
-                            change = changes[*change as usize].id,
-                            table = %changes[*change as usize].table,
-                            error = %format!("{err:#}"),
-                            "read policy failed; withholding this change from this user"
-                        );
-                        failed.push((*change, *principal));
-                        return Ok(Vec::new());
-                    }
-                    let (left, right) = pairs.split_at(pairs.len() / 2);
-                    let mut verdicts = self.isolating(changes, principals, left, failed).await?;
-                    verdicts.extend(self.isolating(changes, principals, right, failed).await?);
-                    Ok(verdicts)
-                }
-                Err(err) => Err(err),
+            let err = match self.query(changes, principals, pairs).await {
+                Ok(verdicts) => return Ok(verdicts),
+                Err(err) if is_connection_failure(&err) => return Err(err),
+                Err(err) => err,
+            };
+            isolation.timed_out |= is_timeout(&err);
+            if let [pair] = pairs {
+                self.withhold(changes, principals, *pair, &sqlstate(&err), isolation);
+                return Ok(Vec::new());
             }
+            if !is_timeout(&err) {
+                match self.query_guarded(changes, principals, pairs).await {
+                    Ok((verdicts, failures)) => {
+                        for (pair, code) in failures {
+                            self.withhold(changes, principals, pair, &code, isolation);
+                        }
+                        return Ok(verdicts);
+                    }
+                    Err(err) if is_connection_failure(&err) => return Err(err),
+                    // A library without the guard (not upgraded yet), or a timeout: halve.
+                    Err(err) => isolation.timed_out |= is_timeout(&err),
+                }
+            }
+            let (left, right) = pairs.split_at(pairs.len() / 2);
+            let mut verdicts = self.isolating(changes, principals, left, isolation).await?;
+            verdicts.extend(
+                self.isolating(changes, principals, right, isolation)
+                    .await?,
+            );
+            Ok(verdicts)
         })
+    }
+
+    /// Denies one pair whose policy failed, and says so: which table, operation, change and
+    /// user, and the SQLSTATE. Never the error's message, which may quote the row.
+    fn withhold(
+        &self,
+        changes: &[Change],
+        principals: &[Arc<Principal>],
+        (change, principal): (u32, u32),
+        code: &str,
+        isolation: &mut Isolation,
+    ) {
+        let failed = &changes[change as usize];
+        tracing::warn!(
+            table = %failed.table,
+            op = failed.op.as_str(),
+            change = failed.id,
+            user = %principals[principal as usize].user,
+            sqlstate = code,
+            "read policy failed; withholding this change from this user"
+        );
+        isolation.failed.push((change, principal));
     }
 
     async fn query(
@@ -262,29 +327,7 @@ impl Authorizer {
         principals: &[Arc<Principal>],
         pairs: &[(u32, u32)],
     ) -> anyhow::Result<Vec<Verdict>> {
-        // unnest ... WITH ORDINALITY counts from 1.
-        let change_ix: Vec<i32> = pairs.iter().map(|p| p.0 as i32 + 1).collect();
-        let principal_ix: Vec<i32> = pairs.iter().map(|p| p.1 as i32 + 1).collect();
-        let change_ids: Vec<i64> = changes.iter().map(|c| c.id).collect();
-        let judge_old: Vec<bool> = changes.iter().map(judges_old_separately).collect();
-        let users: Vec<&str> = principals.iter().map(|p| p.user.as_str()).collect();
-        let claims: Vec<&serde_json::Value> = principals.iter().map(|p| &p.claims).collect();
-
-        let client = self.pool.get().await.context("no database connection")?;
-        let statement = client.prepare_cached(READERS).await?;
-        let rows = client
-            .query(
-                &statement,
-                &[
-                    &change_ix,
-                    &principal_ix,
-                    &change_ids,
-                    &users,
-                    &claims,
-                    &judge_old,
-                ],
-            )
-            .await?;
+        let rows = self.ask(&READERS, changes, principals, pairs).await?;
         rows.iter()
             .map(|row| {
                 Ok(Verdict {
@@ -296,6 +339,102 @@ impl Authorizer {
                 })
             })
             .collect()
+    }
+
+    /// [`READERS_GUARDED`]: the verdicts, and the pairs whose policy raised an error, with its
+    /// SQLSTATE.
+    async fn query_guarded(
+        &self,
+        changes: &[Change],
+        principals: &[Arc<Principal>],
+        pairs: &[(u32, u32)],
+    ) -> anyhow::Result<(Vec<Verdict>, Vec<((u32, u32), String)>)> {
+        let rows = self
+            .ask(&READERS_GUARDED, changes, principals, pairs)
+            .await?;
+        let mut verdicts = Vec::new();
+        let mut failures = Vec::new();
+        for row in &rows {
+            let pair = (
+                (row.try_get::<_, i32>(0)? - 1) as u32,
+                (row.try_get::<_, i32>(1)? - 1) as u32,
+            );
+            let answer = |ix: usize| -> anyhow::Result<Result<bool, String>> {
+                Ok(match row.try_get::<_, Option<&str>>(ix)? {
+                    None | Some("f") => Ok(false),
+                    Some("t") => Ok(true),
+                    Some(code) => Err(code.to_owned()),
+                })
+            };
+            match (answer(2)?, answer(3)?) {
+                (Ok(sees_new), Ok(sees_old)) => verdicts.push(Verdict {
+                    change: pair.0,
+                    principal: pair.1,
+                    sees_new,
+                    sees_old,
+                    knows_old: row.try_get::<_, Option<bool>>(4)?.unwrap_or(false),
+                }),
+                (Err(code), _) | (_, Err(code)) => failures.push((pair, code)),
+            }
+        }
+        Ok((verdicts, failures))
+    }
+
+    /// Runs one of the verdict queries over these pairs.
+    async fn ask(
+        &self,
+        sql: &str,
+        changes: &[Change],
+        principals: &[Arc<Principal>],
+        pairs: &[(u32, u32)],
+    ) -> anyhow::Result<Vec<tokio_postgres::Row>> {
+        // unnest ... WITH ORDINALITY counts from 1.
+        let change_ix: Vec<i32> = pairs.iter().map(|p| p.0 as i32 + 1).collect();
+        let principal_ix: Vec<i32> = pairs.iter().map(|p| p.1 as i32 + 1).collect();
+        let change_ids: Vec<i64> = changes.iter().map(|c| c.id).collect();
+        let judge_old: Vec<bool> = changes.iter().map(judges_old_separately).collect();
+        let users: Vec<&str> = principals.iter().map(|p| p.user.as_str()).collect();
+        let claims: Vec<&serde_json::Value> = principals.iter().map(|p| &p.claims).collect();
+
+        let client = self
+            .pool
+            .get()
+            .await
+            .map_err(anyhow::Error::new)
+            .context(Unreachable)?;
+        let statement = client.prepare_cached(sql).await?;
+        Ok(client
+            .query(
+                &statement,
+                &[
+                    &change_ix,
+                    &principal_ix,
+                    &change_ids,
+                    &users,
+                    &claims,
+                    &judge_old,
+                ],
+            )
+            .await?)
+    }
+}
+
+/// What narrowing a failed chunk found.
+#[derive(Default)]
+struct Isolation {
+    /// The (change, principal) pairs whose policy failed.
+    failed: Vec<(u32, u32)>,
+    /// Some query ran past the statement timeout.
+    timed_out: bool,
+}
+
+/// No connection could be had from the pool: the database is down or unreachable.
+#[derive(Debug)]
+struct Unreachable;
+
+impl std::fmt::Display for Unreachable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("no database connection")
     }
 }
 
@@ -377,23 +516,45 @@ impl Questions {
     }
 }
 
-/// An error a policy raised for its input (bad data, a bug, an explicit RAISE), as opposed to
-/// trouble with the database itself (lost connection, cancellation, deadlock, resources), which
-/// the reader retries.
-fn is_policy_error(err: &anyhow::Error) -> bool {
-    let Some(db) = err
-        .downcast_ref::<tokio_postgres::Error>()
-        .and_then(|e| e.as_db_error())
+/// Trouble with the database itself (down, restarting, the connection lost): the chunk is
+/// retried once it is back, and nothing is denied meanwhile. Every other error, whatever its
+/// SQLSTATE (a policy's RAISE, a bad cast, `stack depth limit exceeded`, a statement timeout, a
+/// missing function), is about the query: it is narrowed to the pairs that cause it and those
+/// are denied, so that no row or user can stop delivery to the others.
+fn is_connection_failure(err: &anyhow::Error) -> bool {
+    if err.downcast_ref::<Unreachable>().is_some() {
+        return true;
+    }
+    let Some(pg) = err
+        .chain()
+        .find_map(|e| e.downcast_ref::<tokio_postgres::Error>())
     else {
         return false;
     };
-    let class = &db.code().code()[..2];
-    // 42: a missing function, column or privilege is a configuration mistake, not a verdict on
-    // this row: better to stall (loudly, retrying) than to deny every change to everyone.
-    !matches!(
-        class,
-        "08" | "25" | "40" | "42" | "53" | "54" | "55" | "57" | "58" | "XX"
-    )
+    match pg.code() {
+        // 08: connection exceptions; 57P01-57P03: the server is shutting down or starting.
+        Some(code) => {
+            let code = code.code();
+            code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03")
+        }
+        None => {
+            pg.is_closed()
+                || std::error::Error::source(pg).is_some_and(|e| e.is::<std::io::Error>())
+        }
+    }
+}
+
+/// A statement cancelled by its timeout (or by a DBA's `pg_cancel_backend`).
+fn is_timeout(err: &anyhow::Error) -> bool {
+    sqlstate(err) == tokio_postgres::error::SqlState::QUERY_CANCELED.code()
+}
+
+/// The error's SQLSTATE, or `"-----"` when it came from elsewhere.
+fn sqlstate(err: &anyhow::Error) -> String {
+    err.chain()
+        .find_map(|e| e.downcast_ref::<tokio_postgres::Error>())
+        .and_then(|e| e.code())
+        .map_or_else(|| "-----".to_owned(), |c| c.code().to_owned())
 }
 
 /// Answers join checks in batches: whatever queued while the previous batches ran goes into the

@@ -18,7 +18,9 @@ use std::time::Duration;
 
 use futures_util::future::poll_fn;
 use tokio::sync::Notify;
-use tokio_postgres::{AsyncMessage, Client, NoTls};
+use tokio_postgres::{AsyncMessage, Client};
+
+use crate::db::Database;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
@@ -54,7 +56,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// Keeps a `LISTEN` connection open until `shutdown`, reconnecting with backoff.
 pub async fn run(
-    config: tokio_postgres::Config,
+    db: Database,
     wake: Arc<Notify>,
     listening: Arc<Listening>,
     metrics: Arc<Metrics>,
@@ -62,7 +64,7 @@ pub async fn run(
 ) {
     let mut backoff = Backoff::new(MIN_BACKOFF, MAX_BACKOFF);
     loop {
-        let session = listen_once(&config, &wake, &listening, &metrics);
+        let session = listen_once(&db, &wake, &listening, &metrics);
         let outcome = tokio::select! {
             outcome = session => outcome,
             () = shutdown.cancelled() => return,
@@ -91,12 +93,12 @@ pub async fn run(
 /// One connection's life: connect, LISTEN, forward notifications until it breaks. An error means
 /// it never got as far as listening.
 async fn listen_once(
-    config: &tokio_postgres::Config,
+    db: &Database,
     wake: &Arc<Notify>,
     listening: &Listening,
     metrics: &Arc<Metrics>,
 ) -> anyhow::Result<()> {
-    let (client, mut connection) = config.connect(NoTls).await?;
+    let (client, mut connection) = db.connect().await?;
     // The connection object does the I/O and yields the notifications; it runs on its own task.
     let forward = wake.clone();
     let counted = metrics.clone();

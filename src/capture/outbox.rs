@@ -39,6 +39,11 @@ pub struct Change {
     pub ts: String,
     /// What authorization needs besides the row (see [`crate::authorize`]).
     pub policy: PolicyInputs,
+    /// An event whose `row` and `old` together are longer than this is sent truncated (see
+    /// [`crate::fanout::event_frame`]).
+    pub max_event_bytes: usize,
+    /// The table's primary key columns: what a truncated event keeps of the row.
+    pub key_columns: Vec<String>,
 }
 
 /// How a change's policy answers may be remembered (`pgrelay.read_batch` computes these from the full
@@ -79,6 +84,8 @@ impl Change {
             old: None,
             ts: String::new(),
             policy,
+            max_event_bytes: 1 << 20,
+            key_columns: vec!["id".into()],
         }
     }
 }
@@ -119,7 +126,7 @@ impl Op {
 pub const READ_BATCH: &str = r#"
 SELECT s.upto::text, (SELECT horizon FROM pgrelay.retention)::text, c.id, c.xid::text, c.txn_last, c.tbl, c.entity, c.op, c.rooms,
        c."row"::text, c.old::text, to_json(c.ts) #>> '{}',
-       c.policy_key, c.policy_key_old, c.knows_old, c.flush
+       c.policy_key, c.policy_key_old, c.knows_old, c.flush, c.max_event_bytes, c.key_columns
 FROM (SELECT coalesce($2::text::pg_snapshot, pg_current_snapshot()) AS upto) AS s
 LEFT JOIN LATERAL (
     SELECT * FROM pgrelay.read_batch($1::text::pg_snapshot, s.upto) AS b
@@ -266,6 +273,8 @@ pub fn change_from_row(row: &tokio_postgres::Row) -> anyhow::Result<Option<Chang
             knows_old: row.try_get(14)?,
             flush: row.try_get(15)?,
         },
+        max_event_bytes: usize::try_from(row.try_get::<_, i32>(16)?).unwrap_or(0),
+        key_columns: row.try_get(17)?,
     }))
 }
 

@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use anyhow::Context;
 use deadpool_postgres::Pool;
 use tokio::sync::Notify;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
 use super::listener::Listening;
@@ -28,8 +28,12 @@ use super::wakeup::{self, Sleeping};
 use crate::backoff::Backoff;
 use crate::metrics::Metrics;
 
-/// Changes handed to one authorization query.
+/// Changes handed to one authorization query, at most. After a chunk's authorization ran into
+/// the statement timeout, chunks are halved (down to [`MIN_CHUNK`]), and doubled again with each
+/// chunk that went fine: a policy that is merely slow for big chunks keeps delivering, in
+/// smaller steps, instead of timing out chunk after chunk.
 const CHUNK: usize = 1000;
+const MIN_CHUNK: usize = 8;
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Once two reads in a row found changes, reads start at most this often (the pause after a read
@@ -70,13 +74,23 @@ pub trait Consumer: Send + Sync {
         &self,
         batch: &BatchRef<'_>,
         changes: &[Change],
-    ) -> impl std::future::Future<Output = anyhow::Result<()>> + Send;
+    ) -> impl std::future::Future<Output = anyhow::Result<Delivered>> + Send;
     /// Every change of the batch ending at `upto` was delivered.
     fn end_batch(&self, upto: Snapshot);
 }
 
+/// How delivering a chunk went, besides succeeding.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Delivered {
+    /// Authorizing it ran into the statement timeout (see [`crate::authorize`]): smaller chunks
+    /// would be safer for a while.
+    pub timed_out: bool,
+}
+
 pub struct Reader<C> {
     pub pool: Pool,
+    /// For the outbox reads, which stream while the batch is delivered (a longer timeout).
+    pub read_pool: Pool,
     /// What the reader hands its chunks to.
     pub consumer: C,
     pub metrics: Arc<Metrics>,
@@ -84,7 +98,8 @@ pub struct Reader<C> {
     /// The LISTEN connection, on which the reader announces that it sleeps.
     pub listening: Arc<Listening>,
     /// For the barrier connection (see [`wakeup::barrier`]).
-    pub pg_config: tokio_postgres::Config,
+    /// For the barrier connection.
+    pub db: crate::db::Database,
     /// Read at least this often, even without a notification.
     pub poll_interval: Duration,
 }
@@ -272,8 +287,8 @@ impl<C: Consumer> Reader<C> {
             .context("the LISTEN connection is down")?;
         if barrier_connection.as_ref().is_none_or(|c| c.is_closed()) {
             let (client, connection) = self
-                .pg_config
-                .connect(NoTls)
+                .db
+                .connect()
                 .await
                 .context("opening the barrier connection")?;
             tokio::spawn(async move {
@@ -374,7 +389,7 @@ impl<C: Consumer> Reader<C> {
     /// Reads and delivers everything committed since the cursor; returns how many changes.
     async fn read(&self, cursor: &mut Cursor) -> anyhow::Result<u64> {
         let reading = Instant::now();
-        let client = self.pool.get().await?;
+        let client = self.read_pool.get().await?;
         let statement = client.prepare_cached(outbox::READ_BATCH).await?;
         let mut batch = Batch::read(
             &client,
@@ -404,7 +419,9 @@ impl<C: Consumer> Reader<C> {
             // Retrying an interrupted batch: skip what was delivered before.
             let done = cursor.delivered_through;
             let chunk = batch
-                .next_kept(CHUNK, |c| done.is_none_or(|done| (c.txn_last, c.id) > done))
+                .next_kept(cursor.chunk, |c| {
+                    done.is_none_or(|done| (c.txn_last, c.id) > done)
+                })
                 .await?;
             self.metrics.outbox_read_seconds.add(reading.elapsed());
             self.metrics.changes_read.add(batch.changes_read() - read);
@@ -417,12 +434,19 @@ impl<C: Consumer> Reader<C> {
                 since: &batch.since,
                 upto: &batch.upto,
             };
-            self.consumer.deliver(&at, &chunk).await?;
+            let delivered = self.consumer.deliver(&at, &chunk).await?;
+            cursor.chunk = if delivered.timed_out {
+                (cursor.chunk / 2).max(MIN_CHUNK)
+            } else {
+                (cursor.chunk * 2).min(CHUNK)
+            };
             cursor.delivered_through = chunk.last().map(|c| (c.txn_last, c.id));
         }
         self.metrics.batches_read.inc();
         self.consumer.end_batch(batch.upto.clone());
+        let chunk = cursor.chunk;
         *cursor = Cursor::at(batch.upto);
+        cursor.chunk = chunk;
         Ok(read)
     }
 }
@@ -433,6 +457,8 @@ struct Cursor {
     since: Snapshot,
     upto: Option<Snapshot>,
     delivered_through: Option<(i64, i64)>,
+    /// How many changes the next chunk may hold (see [`CHUNK`]).
+    chunk: usize,
 }
 
 impl Cursor {
@@ -441,6 +467,7 @@ impl Cursor {
             since,
             upto: None,
             delivered_through: None,
+            chunk: CHUNK,
         }
     }
 }

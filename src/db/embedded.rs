@@ -100,6 +100,11 @@ impl EmbeddedPostgres {
         Ok(pg)
     }
 
+    /// Whether this machine has PostgreSQL server binaries to start one with.
+    pub fn binaries_available() -> bool {
+        find_bin_dir().is_ok()
+    }
+
     /// Starts a stopped server again, on the same port and data (for testing restarts).
     pub fn start_again(&mut self) -> anyhow::Result<()> {
         self.launch()
@@ -209,8 +214,18 @@ impl Drop for EmbeddedPostgres {
     }
 }
 
-/// The newest `/usr/lib/postgresql/<version>/bin`, else wherever `initdb` is on the PATH.
+/// `PGRELAY_PG_BIN_DIR` if set, else the newest `/usr/lib/postgresql/<version>/bin`, else
+/// wherever `initdb` is on the PATH.
 fn find_bin_dir() -> anyhow::Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("PGRELAY_PG_BIN_DIR") {
+        let dir = PathBuf::from(dir);
+        anyhow::ensure!(
+            dir.join("initdb").exists() && dir.join("postgres").exists(),
+            "PGRELAY_PG_BIN_DIR={}: no initdb and postgres there",
+            dir.display()
+        );
+        return Ok(dir);
+    }
     let mut versions: Vec<(u32, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
         .into_iter()
         .flatten()

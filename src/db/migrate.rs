@@ -5,7 +5,6 @@
 //! two relays at once, is safe (the library takes an advisory lock).
 
 use anyhow::Context;
-use tokio_postgres::NoTls;
 
 /// The trigger library.
 pub const LIBRARY: &str = include_str!("../../sql/pgrelay.sql");
@@ -49,7 +48,8 @@ fn library_files(library_only: bool) -> Vec<(&'static str, &'static str)> {
 }
 
 async fn run_files(database_url: &str, files: &[(&str, &str)]) -> anyhow::Result<()> {
-    let (mut client, connection) = tokio_postgres::connect(database_url, NoTls)
+    let (mut client, connection) = super::Database::from_url(database_url)?
+        .connect()
         .await
         .context("connecting to DATABASE_URL")?;
     let io = tokio::spawn(connection);

@@ -23,9 +23,10 @@ use futures_util::future::poll_fn;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::mpsc;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
 
+use super::signing::BusKey;
 use super::Presence;
 use crate::backoff::Backoff;
 use crate::metrics::Metrics;
@@ -34,7 +35,8 @@ use crate::protocol::Room;
 /// The channel presence travels on (the change path uses `pgrelay`).
 pub const CHANNEL: &str = "pgrelay_presence";
 
-/// The largest message published (Postgres refuses NOTIFY payloads of 8000 bytes or more).
+/// The largest message published (Postgres refuses NOTIFY payloads of 8000 bytes or more; the
+/// signature adds 44).
 pub const MAX_PAYLOAD: usize = 7000;
 
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
@@ -226,14 +228,17 @@ fn coalesce(ops: Vec<Op>) -> Vec<Op> {
 
 /// Runs the bus until `shutdown`: publishes this relay's ops, applies everyone else's.
 pub async fn run(
-    mut config: tokio_postgres::Config,
+    db: crate::db::Database,
+    key: BusKey,
     presence: Arc<Presence>,
     mut ops: mpsc::UnboundedReceiver<Op>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
     // So a DBA can tell this connection apart in pg_stat_activity.
-    config.application_name("pgrelay presence");
+    let db = db.with_config(|config| {
+        config.application_name("pgrelay presence");
+    });
     let mut packer = Packer {
         node: presence.node().to_owned(),
         seq: 0,
@@ -241,7 +246,7 @@ pub async fn run(
     let mut backoff = Backoff::new(MIN_BACKOFF, MAX_BACKOFF);
     loop {
         let connected = tokio::select! {
-            connected = config.connect(NoTls) => connected,
+            connected = db.connect() => connected,
             () = shutdown.cancelled() => return,
         };
         let failed = match connected {
@@ -249,6 +254,7 @@ pub async fn run(
                 backoff.reset();
                 let session = Session {
                     client,
+                    key: &key,
                     presence: &presence,
                     packer: &mut packer,
                     metrics: &metrics,
@@ -264,7 +270,7 @@ pub async fn run(
         };
         let wait = backoff.next_wait();
         if let Some(err) = failed {
-            tracing::warn!(error = %err, "presence bus: cannot connect; retrying in {wait:?}");
+            tracing::warn!(error = %format!("{err:#}"), "presence bus: cannot connect; retrying in {wait:?}");
         }
         // Ops queued while disconnected are covered by the full state sent on reconnecting.
         while ops.try_recv().is_ok() {}
@@ -277,6 +283,7 @@ pub async fn run(
 
 struct Session<'a> {
     client: tokio_postgres::Client,
+    key: &'a BusKey,
     presence: &'a Presence,
     packer: &'a mut Packer,
     metrics: &'a Metrics,
@@ -286,10 +293,7 @@ impl Session<'_> {
     /// One connection's life. Returns true when the relay is shutting down.
     async fn serve(
         mut self,
-        mut connection: tokio_postgres::Connection<
-            tokio_postgres::Socket,
-            tokio_postgres::tls::NoTlsStream,
-        >,
+        mut connection: crate::db::connect::Connection,
         ops: &mut mpsc::UnboundedReceiver<Op>,
         shutdown: &CancellationToken,
     ) -> bool {
@@ -340,6 +344,11 @@ impl Session<'_> {
 
         let every = self.presence.timings().heartbeat;
         let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        // Full states go out at most once per resync interval, however many relays ask (or
+        // however often one does): each is as many NOTIFYs as this relay has connections.
+        let resync = self.presence.timings().resync_interval;
+        let mut last_sync = tokio::time::Instant::now();
+        let mut sync_due: Option<tokio::time::Instant> = None;
         loop {
             let mut payloads = Vec::new();
             tokio::select! {
@@ -358,6 +367,11 @@ impl Session<'_> {
                     }
                 }
                 () = self.presence.sync_wanted.notified() => {
+                    sync_due.get_or_insert(last_sync + resync);
+                }
+                () = tokio::time::sleep_until(sync_due.unwrap_or_else(tokio::time::Instant::now)), if sync_due.is_some() => {
+                    sync_due = None;
+                    last_sync = tokio::time::Instant::now();
                     payloads.extend(self.packer.pack(self.presence.local_entries(), true));
                 }
                 op = ops.recv() => {
@@ -381,7 +395,13 @@ impl Session<'_> {
 
     /// Applies a message from the bus; asks for a relay's full state if we missed some of it.
     fn receive(&mut self, payload: &str, payloads: &mut Vec<String>) {
-        let envelope: Envelope = match serde_json::from_str(payload) {
+        let Some(message) = self.key.open(payload) else {
+            // Not from a relay of this database (see `signing`).
+            self.metrics.presence_bus_rejected.inc();
+            tracing::debug!("presence bus: ignoring a message without a valid signature");
+            return;
+        };
+        let envelope: Envelope = match serde_json::from_str(message) {
             Ok(envelope) => envelope,
             Err(err) => {
                 tracing::warn!(error = %err, "presence bus: ignoring a malformed message");
@@ -396,6 +416,7 @@ impl Session<'_> {
 
     /// Sends payloads in one transaction: in order, and all or none.
     async fn publish(&self, payloads: Vec<String>) -> anyhow::Result<()> {
+        let payloads: Vec<String> = payloads.iter().map(|p| self.key.sign(p)).collect();
         self.client
             .execute(
                 "SELECT pg_notify($1, payload) FROM unnest($2::text[]) AS payload",

@@ -20,6 +20,7 @@
 //! in that relay's sequence numbers, or a relay it has never heard of) asks it for its full state.
 
 pub mod bus;
+pub mod signing;
 mod typing;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -38,13 +39,22 @@ use typing::Typing;
 /// The largest meta a connection may set (serialized), so that any presence op fits one NOTIFY.
 pub const MAX_META_BYTES: usize = 1024;
 
-/// How often a relay says it is alive, how long its silence is tolerated, and how long a typing
-/// indicator lasts without a refresh.
+/// How often a relay says it is alive, how long its silence is tolerated, how long a typing
+/// indicator lasts without a refresh; and the limits on what presence costs a relay and its
+/// clients, whatever other relays or large rooms send its way.
 #[derive(Clone, Debug)]
 pub struct PresenceTimings {
     pub heartbeat: Duration,
     pub relay_timeout: Duration,
     pub typing_timeout: Duration,
+    /// A `presence_state` lists a room's connections up to about this many bytes (and at most a
+    /// quarter of the joiner's send budget); beyond, it says `"truncated": true`. So a room
+    /// whose presence grew large never closes a new joiner as too slow.
+    pub max_state_bytes: usize,
+    /// Connections of other relays held in the view, all rooms together; more are not shown.
+    pub max_remote_entries: usize,
+    /// This relay sends its full state at most this often, however often it is asked.
+    pub resync_interval: Duration,
 }
 
 impl Default for PresenceTimings {
@@ -53,6 +63,9 @@ impl Default for PresenceTimings {
             heartbeat: Duration::from_secs(5),
             relay_timeout: Duration::from_secs(15),
             typing_timeout: Duration::from_secs(5),
+            max_state_bytes: 64 * 1024,
+            max_remote_entries: 200_000,
+            resync_interval: Duration::from_secs(1),
         }
     }
 }
@@ -85,6 +98,10 @@ struct State {
     rooms: HashMap<Room, RoomPresence>,
     relays: HashMap<String, RelayState>,
     typing: Typing,
+    /// Entries of other relays, all rooms together (bounded by `max_remote_entries`).
+    remote_entries: usize,
+    /// Joins of other relays not shown because of that bound.
+    dropped_entries: u64,
 }
 
 #[derive(Default)]
@@ -252,7 +269,11 @@ impl Presence {
             ));
         }
         if let Some(presence) = state.rooms.get(room) {
-            client.send(presence_state(room, presence));
+            let limit = self
+                .timings
+                .max_state_bytes
+                .min(client.max_queued_bytes() / 4);
+            client.send(presence_state(room, presence, limit));
         }
         // Who is typing right now.
         let typing_now: Vec<String> = state.typing.typing_in(room).cloned().collect();
@@ -380,6 +401,15 @@ impl Presence {
         }
         let now = Instant::now();
         let mut state = self.lock();
+        // A relay publishes in order, from one connection: a number below the next one
+        // expected is a message heard before, replayed by someone else. It changes nothing.
+        if state
+            .relays
+            .get(&envelope.node)
+            .is_some_and(|relay| envelope.seq < relay.next_seq)
+        {
+            return None;
+        }
         let mut diffs = Diffs::default();
         if envelope.bye {
             forget_relay(&mut state, &envelope.node, &mut diffs);
@@ -489,6 +519,17 @@ impl Presence {
                     user,
                     meta: stored_meta(&key, meta),
                 };
+                let known = state
+                    .rooms
+                    .get(&room)
+                    .is_some_and(|p| p.entries.contains_key(&key));
+                if !known {
+                    if state.remote_entries >= self.timings.max_remote_entries {
+                        state.dropped_entries += 1;
+                        return;
+                    }
+                    state.remote_entries += 1;
+                }
                 let presence = state.rooms.entry(room.clone()).or_default();
                 let previous = presence.entries.insert(key.clone(), entry.clone());
                 if previous.as_ref() != Some(&entry) {
@@ -532,20 +573,23 @@ impl Presence {
         finish(&mut state, diffs);
     }
 
-    /// How many other relays the view knows, and how many connections it holds (all relays).
-    pub fn size(&self) -> (usize, usize) {
+    /// How many other relays the view knows, how many connections it holds (all relays), and
+    /// how many joins of other relays it did not show (see `max_remote_entries`).
+    pub fn size(&self) -> (usize, usize, u64) {
         let state = self.lock();
         let connections = state.rooms.values().map(|p| p.entries.len()).sum();
-        (state.relays.len(), connections)
+        (state.relays.len(), connections, state.dropped_entries)
     }
 }
 
+/// Removes an entry of another relay.
 fn remove_entry(state: &mut State, room: &Room, key: &ConnectionKey, diffs: &mut Diffs) {
     if let Some(entry) = state
         .rooms
         .get_mut(room)
         .and_then(|p| p.entries.remove(key))
     {
+        state.remote_entries -= 1;
         diffs.leave(room, key, &entry);
     }
 }
@@ -561,6 +605,7 @@ fn forget_relay(state: &mut State, node: &str, diffs: &mut Diffs) {
             .collect();
         for key in gone {
             if let Some(entry) = presence.entries.remove(&key) {
+                state.remote_entries -= 1;
                 diffs.leave(room, &key, &entry);
             }
         }
@@ -592,6 +637,11 @@ fn finish(state: &mut State, diffs: Diffs) {
         .retain(|_, p| !p.entries.is_empty() || !p.audience.is_empty());
 }
 
+/// A `presence_diff` lists at most about this many bytes of metas; a bigger change (a relay
+/// with thousands of connections in a room went away) is sent as several diffs, its leaves
+/// before its joins, so that no single diff closes a member as too slow.
+const MAX_DIFF_BYTES: usize = 32 * 1024;
+
 fn send_diffs(rooms: &HashMap<Room, RoomPresence>, diffs: Diffs, except: Option<u64>) {
     for (room, Diff { joins, leaves }) in diffs.0 {
         let Some(presence) = rooms.get(&room) else {
@@ -600,18 +650,56 @@ fn send_diffs(rooms: &HashMap<Room, RoomPresence>, diffs: Diffs, except: Option<
         if presence.audience.is_empty() {
             continue;
         }
-        let frame = ServerMessage::PresenceDiff {
-            room: room.as_str(),
-            joins: &joins,
-            leaves: &leaves,
-        }
-        .to_frame();
-        for (id, watcher) in &presence.audience {
-            if Some(*id) != except {
-                watcher.client.send(frame.clone());
+        let empty = Map::new();
+        let leaves = split_metas(leaves);
+        let joins = split_metas(joins);
+        // Usually one diff, leaves and joins together; a big one in parts, leaves first.
+        let parts: Vec<(&Metas, &Metas)> =
+            if let ([leaves], [joins]) = (leaves.as_slice(), joins.as_slice()) {
+                vec![(joins, leaves)]
+            } else {
+                let leaving = leaves.iter().filter(|p| !p.is_empty());
+                let joining = joins.iter().filter(|p| !p.is_empty());
+                leaving
+                    .map(|part| (&empty, part))
+                    .chain(joining.map(|part| (part, &empty)))
+                    .collect()
+            };
+        for (joins, leaves) in parts {
+            let frame = ServerMessage::PresenceDiff {
+                room: room.as_str(),
+                joins,
+                leaves,
+            }
+            .to_frame();
+            for (id, watcher) in &presence.audience {
+                if Some(*id) != except {
+                    watcher.client.send(frame.clone());
+                }
             }
         }
     }
+}
+
+/// Each user's metas, as in `presence_state` and `presence_diff`.
+type Metas = Map<String, Value>;
+
+/// Metas by user, in parts of at most about [`MAX_DIFF_BYTES`] (a user's metas stay together).
+fn split_metas(users: Map<String, Value>) -> Vec<Map<String, Value>> {
+    let mut parts = vec![Map::new()];
+    let mut bytes = 0;
+    for (user, metas) in users {
+        let size = user.len() + serde_json::to_string(&metas).map_or(0, |m| m.len());
+        if bytes > 0 && bytes + size > MAX_DIFF_BYTES {
+            parts.push(Map::new());
+            bytes = 0;
+        }
+        bytes += size;
+        if let Some(part) = parts.last_mut() {
+            part.insert(user, metas);
+        }
+    }
+    parts
 }
 
 fn tell_typing(rooms: &HashMap<Room, RoomPresence>, room: &Room, user: &str, typing: bool) {
@@ -633,14 +721,33 @@ fn typing_message(room: &Room, user: &str, typing: bool) -> Frame {
     .to_frame()
 }
 
-fn presence_state(room: &Room, presence: &RoomPresence) -> Frame {
+/// The room's presence for a joiner, listing connections up to `limit` bytes of metas. Beyond
+/// that it says `"truncated": true` and how many connections there are in all: the diffs that
+/// follow still apply (a leave of someone not listed changes nothing).
+fn presence_state(room: &Room, presence: &RoomPresence, limit: usize) -> Frame {
     let mut users = Map::new();
+    let mut bytes = 0;
+    let mut truncated = false;
     for (key, entry) in &presence.entries {
-        push(&mut users, key, entry);
+        let meta = rendered_meta(key, entry);
+        // The meta, the user's name and the quotes and commas around them.
+        bytes += serde_json::to_string(&meta).map_or(0, |m| m.len()) + entry.user.len() + 6;
+        if bytes > limit {
+            truncated = true;
+            break;
+        }
+        if let Value::Array(metas) = users
+            .entry(entry.user.clone())
+            .or_insert_with(|| Value::Array(Vec::new()))
+        {
+            metas.push(meta);
+        }
     }
     ServerMessage::PresenceState {
         room: room.as_str(),
         users: &users,
+        connections: truncated.then_some(presence.entries.len()),
+        truncated,
     }
     .to_frame()
 }
@@ -656,9 +763,10 @@ pub async fn sweep(
         tokio::select! {
             _ = every.tick() => {
                 presence.sweep();
-                let (relays, connections) = presence.size();
+                let (relays, connections, dropped) = presence.size();
                 metrics.presence_relays.set(relays as u64);
                 metrics.presence_connections.set(connections as u64);
+                metrics.presence_entries_dropped.set(dropped);
             }
             () = shutdown.cancelled() => return,
         }
@@ -686,6 +794,88 @@ mod tests {
             want: None,
             bye: false,
         }
+    }
+
+    fn remote_join(connection: u64) -> Op {
+        Op::Join {
+            room: "task:1".into(),
+            connection,
+            user: format!("u{connection}"),
+            meta: json!({"status": "x".repeat(100)}),
+        }
+    }
+
+    #[test]
+    fn other_relays_entries_are_bounded_and_replayed_messages_change_nothing() {
+        let (presence, _published) = Presence::new(PresenceTimings {
+            max_remote_entries: 2,
+            ..Default::default()
+        });
+        let ops = (1..=3).map(remote_join).collect();
+        presence.apply(from_relay("other", 1, ops));
+        assert_eq!(presence.size(), (1, 2, 1), "two shown, one dropped");
+        // A leave makes room again.
+        let leave = Op::Leave {
+            room: "task:1".into(),
+            connection: 1,
+        };
+        presence.apply(from_relay("other", 2, vec![leave]));
+        presence.apply(from_relay("other", 3, vec![remote_join(3)]));
+        assert_eq!(presence.size(), (1, 2, 1));
+        // The relay's first message, heard again, does not bring connection 1 back.
+        presence.apply(from_relay("other", 1, vec![remote_join(1)]));
+        let bye = Envelope {
+            bye: true,
+            ..from_relay("other", 2, Vec::new())
+        };
+        presence.apply(bye);
+        assert_eq!(presence.size(), (1, 2, 1), "nor does an old message end it");
+    }
+
+    #[test]
+    fn a_relay_leaving_with_many_connections_is_told_in_bounded_diffs() {
+        let (presence, _published) = Presence::new(Default::default());
+        let room = Room::parse("task:1").expect("room");
+        let (client, mut queue) = ClientHandle::websocket(1 << 20);
+        let client = Arc::new(client);
+        presence.joined(&room, &client, "u0");
+        let ops = (1..=1000).map(remote_join).collect();
+        presence.apply(from_relay("other", 1, ops));
+        let _ = frames(&mut queue);
+        presence.apply(Envelope {
+            bye: true,
+            ..from_relay("other", 2, Vec::new())
+        });
+        let diffs = frames(&mut queue);
+        assert!(diffs.len() > 1, "in parts");
+        let mut gone = 0;
+        for diff in &diffs {
+            assert!(diff.to_string().len() <= MAX_DIFF_BYTES + 1024);
+            assert_eq!(diff["joins"], json!({}));
+            gone += diff["leaves"].as_object().map_or(0, |l| l.len());
+        }
+        assert_eq!(gone, 1000, "every connection left");
+    }
+
+    #[test]
+    fn a_large_rooms_presence_state_is_cut_to_the_joiners_budget() {
+        let (presence, _published) = Presence::new(Default::default());
+        let room = Room::parse("task:1").expect("room");
+        let ops = (1..=100).map(remote_join).collect();
+        presence.apply(from_relay("other", 1, ops));
+        let (client, mut queue) = ClientHandle::websocket(16 * 1024);
+        let client = Arc::new(client);
+        presence.joined(&room, &client, "u1");
+        let frame = queue.frames.try_recv().expect("presence_state");
+        assert!(
+            frame.as_str().len() <= 4 * 1024 + 200,
+            "{} bytes",
+            frame.as_str().len()
+        );
+        let state: Value = serde_json::from_str(frame.as_str()).expect("json");
+        assert_eq!(state["truncated"], true);
+        assert_eq!(state["connections"], 101);
+        assert!(!client.is_closing());
     }
 
     /// Metas are kept without their conn_id (it costs a map per membership) and shown with it:

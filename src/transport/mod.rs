@@ -37,6 +37,8 @@ pub struct AppState {
     /// SSE streams opened per user: each open asks the join policy for all its rooms.
     pub sse_opens: Arc<limits::BucketPerUser>,
     pub shutdown: CancellationToken,
+    /// Cancelled when the relay starts draining (see [`crate::server::Relay::drain`]).
+    pub draining: CancellationToken,
 }
 
 impl AppState {
@@ -51,13 +53,25 @@ impl AppState {
         }
     }
 
-    /// What both edges check before a socket or stream opens: the origin (403), then the token
-    /// of the header or query, if there is one (401 if it does not verify).
-    pub fn check_request(
+    /// What both edges check before a socket or stream opens: that the relay is not draining
+    /// (503 with `Retry-After`: the load balancer, which sees `/readyz` fail too, sends the
+    /// client's retry to another replica), the origin (403), then the token of the header or
+    /// query, if there is one (401 if it does not verify).
+    pub async fn check_request(
         &self,
         headers: &HeaderMap,
         query_token: Option<String>,
     ) -> Result<Option<Principal>, Box<Response>> {
+        if self.draining.is_cancelled() {
+            return Err(Box::new(
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    [(header::RETRY_AFTER, "1")],
+                    "relay draining: connect to another replica",
+                )
+                    .into_response(),
+            ));
+        }
         if !self.origin_allowed(headers) {
             return Err(Box::new(refuse(
                 StatusCode::FORBIDDEN,
@@ -68,7 +82,7 @@ impl AppState {
         let Some(token) = token_from_request(headers, query_token) else {
             return Ok(None);
         };
-        match self.verifier.verify(&token) {
+        match self.verifier.authenticate(&token).await {
             Ok(principal) => Ok(Some(principal)),
             Err(err) => {
                 self.metrics.auth_failures.inc();

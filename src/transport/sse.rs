@@ -48,7 +48,7 @@ pub async fn stream(
     Query(params): Query<SseParams>,
 ) -> Response {
     use super::refuse;
-    let principal = match app.check_request(&headers, params.token) {
+    let principal = match app.check_request(&headers, params.token).await {
         Ok(Some(principal)) => Arc::new(principal),
         Ok(None) => {
             return refuse(

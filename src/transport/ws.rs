@@ -50,7 +50,7 @@ pub async fn upgrade(
     headers: HeaderMap,
     Query(params): Query<WsParams>,
 ) -> Response {
-    let principal = match app.check_request(&headers, params.token) {
+    let principal = match app.check_request(&headers, params.token).await {
         Ok(principal) => principal,
         Err(refused) => return *refused,
     };
@@ -224,7 +224,7 @@ impl Session {
         };
         let reference = reference.as_deref();
         match message {
-            ClientMessage::Auth { token } => self.on_auth(&token, reference),
+            ClientMessage::Auth { token } => self.on_auth(&token, reference).await,
             ClientMessage::Ping => {
                 self.reply(ServerMessage::Pong { reference });
                 Flow::Continue
@@ -270,8 +270,8 @@ impl Session {
         }
     }
 
-    fn on_auth(&mut self, token: &str, reference: Option<&str>) -> Flow {
-        let principal = match self.app.verifier.verify(token) {
+    async fn on_auth(&mut self, token: &str, reference: Option<&str>) -> Flow {
+        let principal = match self.app.verifier.authenticate(token).await {
             Ok(principal) => principal,
             Err(err) => {
                 self.app.metrics.auth_failures.inc();
@@ -472,12 +472,12 @@ async fn write_batch(
 ) -> Result<(), axum::Error> {
     let mut frames = vec![first];
     queue.frames.take(63, &mut frames);
-    let bytes = frames.iter().map(Frame::len).sum();
+    let charge = client.charge(&frames);
     for frame in frames {
         sink.feed(Message::Text(frame.into_text())).await?;
     }
     sink.flush().await?;
-    client.sent_bytes(bytes);
+    client.sent_charge(charge);
     Ok(())
 }
 

@@ -77,6 +77,13 @@ pub async fn cluster_url(database: &str) -> String {
         .expect("cluster")
 }
 
+/// The data directory of this binary's cluster (to configure it, as tests/tls.rs does).
+pub async fn cluster_data_dir() -> PathBuf {
+    tokio::task::spawn_blocking(|| cluster().data_dir().to_owned())
+        .await
+        .expect("cluster")
+}
+
 /// Stops this binary's cluster (every test in the binary loses its database until it restarts).
 pub async fn stop_cluster() {
     tokio::task::spawn_blocking(|| cluster().stop())
@@ -114,7 +121,9 @@ fn remove_stale_clusters(root: &std::path::Path) {
 }
 
 pub async fn execute(url: &str, sql: &str) {
-    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+    let (client, connection) = pgrelay::db::Database::from_url(url)
+        .expect("a valid url")
+        .connect()
         .await
         .expect("connect");
     let io = tokio::spawn(connection);
@@ -219,6 +228,17 @@ impl TestRelay {
         })
     }
 
+    /// Sets task 1's description to `text` followed by `n`: large rows, for tests of slow clients.
+    pub async fn describe_task_1(&self, text: &str, n: impl std::fmt::Display) {
+        self.db
+            .execute(
+                "UPDATE tasks SET description = $1 || $2 WHERE id = 1",
+                &[&text, &n.to_string()],
+            )
+            .await
+            .expect("update");
+    }
+
     /// A connected, authenticated client of `user`.
     pub async fn client(&self, user: &str) -> WsClient {
         let url = format!("{}?token={}", self.ws_url(), token(user));
@@ -226,6 +246,29 @@ impl TestRelay {
         let ready = client.recv().await;
         assert_eq!(ready["type"], "ready", "{ready}");
         client
+    }
+
+    /// Clients of `users`, each asking to join `room` at once (so their checks share a batch);
+    /// returns them and each one's outcome: `joined` or the error code.
+    pub async fn join_at_once(&self, users: &[&str], room: &str) -> (Vec<WsClient>, Vec<String>) {
+        let mut clients = Vec::new();
+        for &user in users {
+            let mut client = self.client(user).await;
+            client
+                .send(json!({"type": "join", "room": room, "ref": user}))
+                .await;
+            clients.push(client);
+        }
+        let mut outcomes = Vec::new();
+        for client in &mut clients {
+            let reply = client.recv().await;
+            outcomes.push(if reply["type"] == "joined" {
+                "joined".to_owned()
+            } else {
+                reply["code"].as_str().unwrap_or_default().to_owned()
+            });
+        }
+        (clients, outcomes)
     }
 
     pub async fn metric(&self, name: &str) -> u64 {
@@ -260,8 +303,11 @@ pub async fn kill_sleeping_listen_connection(db: &tokio_postgres::Client) -> i64
     0
 }
 
+/// A connection made the way the relay makes them (so TLS settings in the URL apply).
 pub async fn connect(url: &str) -> tokio_postgres::Client {
-    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+    let (client, connection) = pgrelay::db::Database::from_url(url)
+        .expect("a valid url")
+        .connect()
         .await
         .expect("connect");
     tokio::spawn(connection);
@@ -270,6 +316,89 @@ pub async fn connect(url: &str) -> tokio_postgres::Client {
 
 pub fn token(user: &str) -> String {
     jwt::mint(SECRET, user, Duration::from_secs(3600), &Map::new()).expect("token")
+}
+
+/// An HS256 token with exactly these claims.
+pub fn signed(claims: Value, secret: &[u8]) -> String {
+    use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+    encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(secret),
+    )
+    .expect("sign")
+}
+
+/// A token of `user` that expires at `exp` (seconds since the epoch).
+pub fn expiring_at(user: &str, exp: u64) -> String {
+    signed(json!({"sub": user, "exp": exp}), SECRET)
+}
+
+/// Whole seconds since the epoch, as in a token's `exp`.
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+}
+
+/// Seconds since the epoch, with the fraction: to compare with a token's `exp`.
+pub fn now_exact() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64()
+}
+
+/// Asserts that now is within the second after `exp`: a session ends at its token's expiry,
+/// never before it (`exp` counts whole seconds, so it may end up to a second after).
+pub fn assert_ended_at_expiry(exp: u64) {
+    let ended_at = now_exact();
+    assert!(
+        ended_at >= exp as f64,
+        "ended {:.2} s before the token expired",
+        exp as f64 - ended_at
+    );
+    assert!(ended_at <= exp as f64 + 1.5, "ended at expiry, not later");
+}
+
+/// Sends SIGTERM to a relay process and returns its exit code once it has exited.
+pub async fn terminate(child: &mut tokio::process::Child) -> Option<i32> {
+    let pid = child.id().expect("pid").to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    tokio::time::timeout(Duration::from_secs(15), child.wait())
+        .await
+        .expect("exits")
+        .expect("wait")
+        .code()
+}
+
+/// Creates a `board:N` room kind anyone may join and a `notes` table in `board:1` that exactly the
+/// users listed in `readers` (u1 and u2) may read. `watch_options` go to its `pgrelay.watch()`.
+pub async fn notes_board(relay: &TestRelay, watch_options: &str) {
+    relay
+        .sql(&format!(
+            "CREATE TABLE readers (user_id text PRIMARY KEY);
+             INSERT INTO readers VALUES ('u1'), ('u2');
+             CREATE TABLE notes (id int PRIMARY KEY, body text);
+             CREATE FUNCTION can_read_note(u text, c jsonb, r jsonb) RETURNS boolean
+                 LANGUAGE sql STABLE AS $$ SELECT EXISTS (SELECT FROM readers WHERE user_id = u) $$;
+             SELECT pgrelay.watch('notes', ARRAY['board:1'], 'can_read_note'{watch_options});
+             CREATE FUNCTION can_join_board(u text, c jsonb, k text) RETURNS boolean LANGUAGE sql AS 'SELECT true';
+             SELECT pgrelay.allow_join('board', 'can_join_board');"
+        ))
+        .await;
+}
+
+/// `exp` as `ready.expires_at` shows it.
+pub fn iso(exp: u64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(exp as i64)
+        .expect("timestamp")
+        .format(&time::format_description::well_known::Rfc3339)
+        .expect("format")
 }
 
 /// Minimal HTTP/1.1 GET (status, body) without pulling in an HTTP client.
@@ -320,7 +449,13 @@ pub enum Ended {
 
 impl WsClient {
     pub async fn connect(url: &str) -> Result<WsClient, tokio_tungstenite::tungstenite::Error> {
-        let (stream, _) = tokio_tungstenite::connect_async(url).await?;
+        // Browsers take messages of any size; tungstenite's client stops at 16 MiB frames,
+        // below the largest events the relay sends.
+        let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+            .max_frame_size(None)
+            .max_message_size(None);
+        let (stream, _) =
+            tokio_tungstenite::connect_async_with_config(url, Some(config), false).await?;
         Ok(WsClient {
             stream,
             skip_presence: true,
@@ -370,6 +505,15 @@ impl WsClient {
         message
     }
 
+    /// The next `n` messages, each an event.
+    pub async fn recv_events(&mut self, n: usize) -> Vec<Value> {
+        let mut events = Vec::with_capacity(n);
+        for _ in 0..n {
+            events.push(self.recv_event().await);
+        }
+        events
+    }
+
     /// Asserts no message arrives for `quiet` (pings and pongs are answered and ignored).
     pub async fn expect_nothing(&mut self, quiet: Duration) {
         let deadline = tokio::time::Instant::now() + quiet;
@@ -398,6 +542,18 @@ impl WsClient {
         assert_eq!(state["type"], "presence_state", "after joined: {state}");
         self.presence_state = Some(state);
         reply
+    }
+
+    /// Joins with `since` and returns the `joined` reply (replayed events follow it).
+    pub async fn join_since(&mut self, room: &str, since: &str) -> Value {
+        self.send(json!({"type": "join", "room": room, "since": since}))
+            .await;
+        let joined = self.recv().await;
+        assert_eq!(
+            joined["type"], "joined",
+            "joining {room} since {since}: {joined}"
+        );
+        joined
     }
 
     /// Round trip proving the connection still works and everything before it has been read.
@@ -473,13 +629,25 @@ impl SseClient {
 
     /// The next message (comments and chunked-encoding size lines are skipped).
     pub async fn next(&mut self) -> SseMessage {
+        tokio::time::timeout(WAIT, self.next_or_end())
+            .await
+            .expect("timed out waiting for an SSE message")
+            .expect("the stream ended")
+    }
+
+    /// The next message, or `None` once the stream has ended (the relay's last chunk, or the
+    /// connection closing).
+    pub async fn next_or_end(&mut self) -> Option<SseMessage> {
         let mut message = SseMessage::default();
         loop {
-            let line = tokio::time::timeout(WAIT, self.lines.next_line())
-                .await
-                .expect("timed out waiting for an SSE message")
-                .expect("read")
-                .expect("the stream ended");
+            let line = match self.lines.next_line().await {
+                Ok(Some(line)) => line,
+                Ok(None) | Err(_) => return None,
+            };
+            if line == "0" {
+                // The zero-length chunk that ends a chunked body (SSE lines never read "0").
+                return None;
+            }
             if let Some(v) = line
                 .strip_prefix("data: ")
                 .or_else(|| line.strip_prefix("data:"))
@@ -496,7 +664,32 @@ impl SseClient {
             {
                 message.event = Some(v.to_owned());
             } else if line.is_empty() && !message.data.is_empty() {
-                return message;
+                return Some(message);
+            }
+        }
+    }
+
+    /// Waits for the stream to end, reading past whatever it still sends. False if it is still
+    /// open after [`WAIT`].
+    pub async fn ended(&mut self) -> bool {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            match tokio::time::timeout_at(deadline, self.next_or_end()).await {
+                Err(_) => return false,
+                Ok(None) => return true,
+                Ok(Some(_)) => continue,
+            }
+        }
+    }
+
+    /// Whether the stream ends (the server closes it) within [`WAIT`], whatever comes before.
+    pub async fn ends(&mut self) -> bool {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            match tokio::time::timeout_at(deadline, self.lines.next_line()).await {
+                Err(_) => return false,
+                Ok(Ok(Some(_))) => continue,
+                Ok(Ok(None) | Err(_)) => return true,
             }
         }
     }
@@ -517,13 +710,24 @@ impl SseClient {
 /// waits until it is ready. Returns the process and its address.
 #[allow(dead_code)]
 pub async fn spawn_relay(db_url: &str, extra_args: &[&str]) -> (tokio::process::Child, String) {
+    spawn_relay_with(db_url, extra_args, |_| {}).await
+}
+
+/// [`spawn_relay`], with the command adjusted before it starts (its environment, where its
+/// output goes: by default nowhere).
+pub async fn spawn_relay_with(
+    db_url: &str,
+    extra_args: &[&str],
+    adjust: impl FnOnce(&mut tokio::process::Command),
+) -> (tokio::process::Child, String) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .expect("port")
         .local_addr()
         .expect("addr")
         .port();
     let addr = format!("127.0.0.1:{port}");
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgrelay"))
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgrelay"));
+    command
         .args(["serve", "--bind", &addr])
         .args(extra_args)
         .env("DATABASE_URL", db_url)
@@ -532,9 +736,9 @@ pub async fn spawn_relay(db_url: &str, extra_args: &[&str]) -> (tokio::process::
             std::str::from_utf8(SECRET).expect("utf8"),
         )
         .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn");
+        .kill_on_drop(true);
+    adjust(&mut command);
+    let child = command.spawn().expect("spawn");
     for _ in 0..200 {
         if http_get(&format!("http://{addr}/readyz")).await.0 == 200 {
             return (child, addr);
@@ -542,6 +746,14 @@ pub async fn spawn_relay(db_url: &str, extra_args: &[&str]) -> (tokio::process::
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     panic!("the relay did not become ready");
+}
+
+/// Sends SIGTERM to a relay started by a test (it drains, then exits).
+#[allow(dead_code)]
+pub fn sigterm(child: &tokio::process::Child) {
+    let pid = child.id().expect("the relay is running") as libc::pid_t;
+    // SAFETY: kill(2) on our own child's pid; no memory is involved.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0, "SIGTERM");
 }
 
 /// A connected, authenticated client of `user` on the relay at `addr`.
@@ -552,4 +764,48 @@ pub async fn client_at(addr: &str, user: &str) -> WsClient {
     let ready = client.recv().await;
     assert_eq!(ready["type"], "ready", "{ready}");
     client
+}
+
+/// One ```sql block of a Markdown file: the line of its first line in the file, and its text.
+pub struct Snippet {
+    pub line: usize,
+    pub sql: String,
+}
+
+pub fn sql_snippets(markdown: &str) -> Vec<Snippet> {
+    let mut snippets = Vec::new();
+    let mut open: Option<Snippet> = None;
+    for (index, line) in markdown.lines().enumerate() {
+        let fence = line.trim_start();
+        match open.as_mut() {
+            None if fence.starts_with("```") => {
+                if fence.trim_end() == "```sql" {
+                    open = Some(Snippet {
+                        line: index + 2,
+                        sql: String::new(),
+                    });
+                } else {
+                    // Another kind of block: skip to its end, so that its content is not read.
+                    open = Some(Snippet {
+                        line: 0,
+                        sql: String::new(),
+                    });
+                }
+            }
+            None => {}
+            Some(_) if fence.trim_end() == "```" => {
+                let done = open.take().expect("open block");
+                if done.line > 0 {
+                    snippets.push(done);
+                }
+            }
+            Some(block) if block.line > 0 => {
+                block.sql.push_str(line);
+                block.sql.push('\n');
+            }
+            Some(_) => {}
+        }
+    }
+    assert!(open.is_none(), "a code block is never closed");
+    snippets
 }
