@@ -14,6 +14,10 @@ use serde_json::{json, Value};
 use tokio::process::Child;
 use tokio_tungstenite::tungstenite::Message;
 
+/// A SIGTERMed relay drains for a second (its clients keep receiving, then get 1001), not the
+/// default ten.
+const RELAY_ARGS: &[&str] = &["--drain-grace", "1s"];
+
 /// The relays' current addresses (a restarted relay listens on a new port).
 type Addresses = Arc<Mutex<[String; 2]>>;
 
@@ -124,7 +128,7 @@ async fn kill(relay: &mut Child, signal: &str) {
 /// Stops the relay in `slot` with `signal` and starts a new one in its place.
 async fn restart(relays: &Addresses, db_url: &str, slot: usize, relay: &mut Child, signal: &str) {
     kill(relay, signal).await;
-    let (fresh, addr) = common::spawn_relay(db_url, &[]).await;
+    let (fresh, addr) = common::spawn_relay(db_url, RELAY_ARGS).await;
     *relay = fresh;
     relays.lock().expect("addresses")[slot] = addr;
 }
@@ -156,8 +160,8 @@ fn of_task(received: &Received, task: i64) -> Vec<i64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resuming_clients_on_two_relays_get_everything_once_in_order_through_chaos() {
     let db_url = common::fresh_database().await;
-    let (mut a, addr_a) = common::spawn_relay(&db_url, &[]).await;
-    let (mut b, addr_b) = common::spawn_relay(&db_url, &[]).await;
+    let (mut a, addr_a) = common::spawn_relay(&db_url, RELAY_ARGS).await;
+    let (mut b, addr_b) = common::spawn_relay(&db_url, RELAY_ARGS).await;
     let relays: Addresses = Arc::new(Mutex::new([addr_a, addr_b]));
     let stop_clients = Arc::new(AtomicBool::new(false));
     let stop_writers = Arc::new(AtomicBool::new(false));
