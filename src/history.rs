@@ -46,12 +46,12 @@ const PAGES_PER_READ: usize = 16;
 const MAX_RANGES: usize = 512;
 
 /// `$1` since, `$2` upto, `$3`/`$4` the commit-order key the read starts after, `$5` how many.
-/// The columns are those of [`outbox::READ_BATCH`], so rows convert the same way; the retention
+/// The columns must be those of [`outbox::READ_BATCH`], so rows convert the same way; the retention
 /// horizon comes first in every row, and alone in an empty page.
 const READ_PAGE: &str = r#"
 SELECT $2::text, (h.horizon)::text, c.id, c.xid::text, c.txn_last, c.tbl, c.entity, c.op, c.rooms,
        c."row"::text, c.old::text, to_json(c.ts) #>> '{}',
-       c.policy_key, c.policy_key_old, c.knows_old, c.flush
+       c.policy_key, c.policy_key_old, c.knows_old, c.flush, c.max_event_bytes, c.key_columns
 FROM pgrelay.retention AS h
 LEFT JOIN LATERAL (
     SELECT * FROM pgrelay.read_batch($1::text::pg_snapshot, $2::text::pg_snapshot) AS b
