@@ -145,5 +145,9 @@ SELECT pgrelay.watch('comments', rooms => ARRAY['project:{project_id}', 'task:{t
                      policy_columns => ARRAY['task_id'],
                      policy_tables => ARRAY['tasks'::regclass, 'project_members'::regclass]);
 
-SELECT pgrelay.allow_join('project', 'can_join_project');
-SELECT pgrelay.allow_join('task', 'can_join_task');
+-- policy_tables: what each join policy reads, so that a membership change re-checks the members of
+-- those rooms at once (a removed member leaves them, presence and typing included, right after the
+-- change). A task's own changes need no declaration: a member who can no longer read the task is
+-- denied its next change, which re-checks access to the room.
+SELECT pgrelay.allow_join('project', 'can_join_project', policy_tables => ARRAY['project_members'::regclass]);
+SELECT pgrelay.allow_join('task', 'can_join_task', policy_tables => ARRAY['project_members'::regclass]);

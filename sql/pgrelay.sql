@@ -10,7 +10,8 @@
 --   1. pgrelay.watch('tasks', ...) installs three statement-level triggers on `tasks`. Each one runs
 --      once per INSERT/UPDATE/DELETE statement, however many rows the statement touched, and copies
 --      the touched rows into the outbox `pgrelay.changes` inside the writing transaction. The change
---      therefore commits, or rolls back, together with the data.
+--      therefore commits, or rolls back, together with the data. (A fourth, AFTER TRUNCATE,
+--      records an invalidation: see "Invalidations".)
 --   2. If a relay is asleep, the trigger then sends `NOTIFY pgrelay` with an empty payload (see
 --      "Waking relays" below: a relay that is busy reading needs no wake-up, and a NOTIFY costs
 --      the commit a cluster-wide lock). It is only a wake-up: Postgres folds identical
@@ -183,6 +184,12 @@ CREATE TABLE IF NOT EXISTS pgrelay.join_rules (
     kind   text PRIMARY KEY CHECK (kind ~ '^[a-z_]+$'),
     policy regprocedure NOT NULL         -- fn(user_id text, claims jsonb, key text) -> boolean
 );
+-- The tables the join policy reads (pgrelay.allow_join(policy_tables => ...)). A change to one of them
+-- makes relays ask the policy again, right after delivering that change, for every member of every
+-- room of this kind, so that a member removed from a project leaves its rooms (events, presence and
+-- typing) at that change. NULL: not declared; access is then re-checked only when a member is
+-- denied a change in the room, and periodically (every relay, PGRELAY_RECHECK_INTERVAL).
+ALTER TABLE pgrelay.join_rules ADD COLUMN IF NOT EXISTS policy_tables regclass[];
 COMMENT ON TABLE pgrelay.join_rules IS 'Who may join rooms of each kind (the part before the colon); edit with pgrelay.allow_join()';
 
 -- ---------------------------------------------------------------------------------------------
@@ -227,7 +234,14 @@ DROP FUNCTION IF EXISTS pgrelay.changed_values(jsonb, jsonb);
 --                   the table's answers must not be remembered;
 --   policy_key_old  the same for the row before an UPDATE;
 --   knows_old       an UPDATE that recorded previous values, so its old version can be judged too;
---   flush           the tables whose remembered answers this change may have made wrong.
+--   flush           the tables whose remembered answers this change may have made wrong;
+--   recheck         the kinds of rooms whose join policy reads this change's table
+--                   (pgrelay.allow_join(policy_tables => ...)): relays ask that policy again for
+--                   the members of those rooms once the change is delivered;
+--   control         not a row change but an invalidation (pgrelay.capture_truncate(),
+--                   pgrelay.function_changed()): relays forget every remembered answer and
+--                   re-check every room. It is reported as an UPDATE with no rooms, so a relay
+--                   older than this column delivers it to nobody.
 -- `old` is the whole row before an UPDATE, with the same columns left out as from `row`: the
 -- relay reduces it to the columns that changed (src/capture/changed.rs). Doing that here, with
 -- jsonb_each over the old row, was the largest part of the read, on a backend that shares the
@@ -260,14 +274,15 @@ $$;
 COMMENT ON FUNCTION pgrelay.outbox_between(pg_snapshot, pg_snapshot) IS
     'The outbox rows between two snapshots, before visibility: index scans whatever the partitions'' size';
 
--- (Upgrades: a result without max_event_bytes and key_columns cannot be replaced in place. Only
--- SQL function bodies call it, which Postgres does not track, so dropping it is safe; this runs
--- in the install's transaction, so no relay sees it missing.)
+-- (Upgrades: a result without max_event_bytes and key_columns, or without recheck and control,
+-- cannot be replaced in place. Only SQL function bodies call it, which Postgres does not track, so
+-- dropping it is safe; this runs in the install's transaction, so no relay sees it missing.
+-- Relays select its columns by name, so older relays keep working with this one.)
 DO $$
 BEGIN
     IF EXISTS (SELECT FROM pg_proc
                WHERE oid = to_regprocedure('pgrelay.read_batch(pg_snapshot, pg_snapshot)')
-                 AND NOT 'key_columns' = ANY (proargnames)) THEN
+                 AND NOT 'control' = ANY (proargnames)) THEN
         DROP FUNCTION pgrelay.read_batch(pg_snapshot, pg_snapshot);
     END IF;
 END $$;
@@ -276,7 +291,7 @@ RETURNS TABLE (
     id bigint, xid xid8, tbl text, entity text, op text, rooms text[], "row" jsonb, old jsonb,
     ts timestamptz, txn_last bigint,
     policy_key text, policy_key_old text, knows_old boolean, flush text[],
-    max_event_bytes int, key_columns text[]
+    max_event_bytes int, key_columns text[], recheck text[], control boolean
 )
 LANGUAGE sql STABLE AS $$
     -- What depends only on the table is computed once per read, one row per watched table, and
@@ -298,10 +313,15 @@ LANGUAGE sql STABLE AS $$
                -- The tables whose policies read this one.
                coalesce((SELECT array_agg(DISTINCT w.name)
                          FROM pgrelay.watches AS w CROSS JOIN unnest(w.policy_tables) AS d(t)
-                         WHERE d.t = x.tbl), '{}') AS flush
+                         WHERE d.t = x.tbl), '{}') AS flush,
+               -- The kinds of rooms whose join policy reads this one.
+               coalesce((SELECT array_agg(j.kind ORDER BY j.kind) FROM pgrelay.join_rules AS j
+                         WHERE x.tbl = ANY (j.policy_tables)), '{}') AS recheck
         FROM pgrelay.watches AS x
     )
-    SELECT c.id, c.xid, c.tbl, c.entity, c.op, c.rooms,
+    SELECT c.id, c.xid, c.tbl, c.entity,
+           CASE WHEN c.op IN ('TRUNCATE', 'INVALIDATE') THEN 'UPDATE' ELSE c.op END,
+           c.rooms,
            -- What clients see, written out rather than calling SQL functions: Postgres cannot
            -- inline pgrelay.shipped() or a function with a FROM clause, and calling them was
            -- most of what a read cost.
@@ -328,7 +348,9 @@ LANGUAGE sql STABLE AS $$
            -- What the relay needs to cut an oversized event down to its key (a table no longer
            -- watched: the default, and no key columns, so an oversized row becomes {}).
            coalesce(k.max_event_bytes, 1048576),
-           coalesce(k.key_columns, '{}')
+           coalesce(k.key_columns, '{}'),
+           coalesce(k.recheck, '{}'),
+           c.op IN ('TRUNCATE', 'INVALIDATE')
     FROM (
         SELECT o.*, max(o.id) OVER (PARTITION BY o.xid) AS txn_last,
                (o.op = 'UPDATE' AND o.old IS NOT NULL AND o.old <> '{}') AS knows_old
@@ -382,12 +404,70 @@ COMMENT ON FUNCTION pgrelay.changes_between(pg_snapshot, pg_snapshot) IS
 
 -- A resume token for the calling transaction's snapshot. An API that reads its data and this
 -- position in one transaction can hand both to a client; joining a room with `since` = the position
--- yields exactly the changes the data does not contain yet. The format is the relay's: the snapshot
--- with URL-safe separators ('.' between its parts, '_' inside the in-progress list).
+-- yields exactly the changes the data does not contain yet.
+--
+-- The token is sealed exactly as the relay seals the positions it hands out (the relay's source,
+-- src/capture/seal.rs, explains the construction): encrypted and authenticated with the key in
+-- pgrelay.secrets, so it tells the client nothing and the relay accepts only tokens made here or by
+-- a relay. A plain snapshot sent by a client is refused. The sealed bytes are the snapshot in the
+-- relay's binary form: a 0 tag, then LEB128 varints of xmin, xmax - xmin, the number of
+-- in-progress transactions and each one's distance from xmin.
+--
+-- It needs pgcrypto (HMAC-SHA256 and AES-CBC), available on every managed Postgres we know of
+-- (RDS, Cloud SQL, Azure, Supabase). Installed here if missing, in the install's default schema;
+-- if it is installed already, wherever it is (pgrelay.position() calls it schema-qualified).
+CREATE EXTENSION IF NOT EXISTS pgcrypto;
+
+-- One LEB128 varint (the relay's encoding): 7 bits a byte, low bits first.
+CREATE OR REPLACE FUNCTION pgrelay.varint(v bigint) RETURNS bytea
+LANGUAGE plpgsql IMMUTABLE STRICT AS $$
+DECLARE
+    out bytea := '';
+BEGIN
+    IF v < 0 THEN
+        RAISE EXCEPTION 'pgrelay.varint: % is negative', v;
+    END IF;
+    WHILE v >= 128 LOOP
+        out := out || set_byte('\x00'::bytea, 0, ((v & 127) | 128)::int);
+        v := v >> 7;
+    END LOOP;
+    RETURN out || set_byte('\x00'::bytea, 0, v::int);
+END $$;
+
+-- SECURITY DEFINER: the calling roles (the application's) may not read pgrelay.secrets; only this
+-- function and the relay's role do. Its search_path is pinned, and pgcrypto is called by its
+-- schema-qualified name, so no role can slip in functions of its own. Generated, to find pgcrypto.
+DO $install$
+DECLARE
+    crypto text := (SELECT n.nspname FROM pg_extension AS e
+                    JOIN pg_namespace AS n ON n.oid = e.extnamespace WHERE e.extname = 'pgcrypto');
+BEGIN
+    EXECUTE format($f$
 CREATE OR REPLACE FUNCTION pgrelay.position() RETURNS text
-LANGUAGE sql STABLE AS $$
-    SELECT translate(pg_current_snapshot()::text, ':,', '._')
-$$;
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $body$
+DECLARE
+    snap  pg_snapshot := pg_current_snapshot();
+    xmin  bigint := pg_snapshot_xmin(snap)::text::bigint;
+    k     bytea := (SELECT position_key FROM pgrelay.secrets);
+    plain bytea;
+    iv    bytea;
+    body  bytea;
+BEGIN
+    plain := '\x00'::bytea || pgrelay.varint(xmin)
+             || pgrelay.varint(pg_snapshot_xmax(snap)::text::bigint - xmin)
+             || pgrelay.varint((SELECT count(*) FROM pg_snapshot_xip(snap)))
+             || coalesce((SELECT string_agg(pgrelay.varint(x::text::bigint - xmin), ''::bytea ORDER BY x)
+                          FROM pg_snapshot_xip(snap) AS x), ''::bytea);
+    -- The derived keys, the synthetic IV, CBC, then the tag over IV and ciphertext.
+    iv := substring(%1$I.hmac(plain, %1$I.hmac('pgrelay position iv'::bytea, k, 'sha256'), 'sha256') FROM 1 FOR 16);
+    body := iv || %1$I.encrypt_iv(plain, %1$I.hmac('pgrelay position enc'::bytea, k, 'sha256'), iv, 'aes-cbc/pad:pkcs');
+    body := body || substring(%1$I.hmac(body, %1$I.hmac('pgrelay position mac'::bytea, k, 'sha256'), 'sha256') FROM 1 FOR 16);
+    -- base64url without padding (encode() also breaks lines every 76 characters).
+    RETURN 'q' || translate(encode(body, 'base64'), E'+/=\n', '-_');
+END
+$body$
+$f$, crypto);
+END $install$;
 COMMENT ON FUNCTION pgrelay.position() IS 'Resume position for this transaction''s snapshot (join with since = it)';
 
 -- ---------------------------------------------------------------------------------------------
@@ -398,8 +478,8 @@ COMMENT ON FUNCTION pgrelay.position() IS 'Resume position for this transaction'
 CREATE OR REPLACE FUNCTION pgrelay.is_self(user_id text, claims jsonb, key text) RETURNS boolean
 LANGUAGE sql IMMUTABLE AS $$ SELECT user_id = key $$;
 
-INSERT INTO pgrelay.join_rules (kind, policy)
-VALUES ('user', 'pgrelay.is_self(text, jsonb, text)'::regprocedure)
+INSERT INTO pgrelay.join_rules (kind, policy, policy_tables)
+VALUES ('user', 'pgrelay.is_self(text, jsonb, text)'::regprocedure, '{}')
 ON CONFLICT (kind) DO NOTHING;
 
 -- (Re)writes pgrelay.can_read() and pgrelay.can_join() from the configuration tables, so that the
@@ -461,16 +541,23 @@ LANGUAGE sql STABLE AS $$
     WHERE p.oid = fn
 $$;
 
--- Register who may join rooms of a kind: pgrelay.allow_join('project', 'can_join_project').
--- The policy is called as policy(user_id text, claims jsonb, key text), key being the part after
--- the first colon ('42' for 'project:42'), and must return boolean.
-CREATE OR REPLACE FUNCTION pgrelay.allow_join(kind text, policy regproc) RETURNS void
+-- Register who may join rooms of a kind: pgrelay.allow_join('project', 'can_join_project',
+-- policy_tables => ARRAY['project_members'::regclass]). The policy is called as
+-- policy(user_id text, claims jsonb, key text), key being the part after the first colon ('42' for
+-- 'project:42'), and must return boolean. policy_tables: the tables it reads (see
+-- pgrelay.join_rules.policy_tables); they must be watched to have an effect.
+-- (Upgrades: the signature before policy_tables, which would make calls ambiguous.)
+DROP FUNCTION IF EXISTS pgrelay.allow_join(text, regproc);
+CREATE OR REPLACE FUNCTION pgrelay.allow_join(kind text, policy regproc, policy_tables regclass[] DEFAULT NULL)
+RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
     fn regprocedure := pgrelay.check_policy(policy, 'text');
 BEGIN
-    INSERT INTO pgrelay.join_rules AS r (kind, policy) VALUES (allow_join.kind, fn)
-    ON CONFLICT ON CONSTRAINT join_rules_pkey DO UPDATE SET policy = excluded.policy;
+    INSERT INTO pgrelay.join_rules AS r (kind, policy, policy_tables)
+    VALUES (allow_join.kind, fn, allow_join.policy_tables)
+    ON CONFLICT ON CONSTRAINT join_rules_pkey
+        DO UPDATE SET policy = excluded.policy, policy_tables = excluded.policy_tables;
     PERFORM pgrelay.rebuild_dispatch();
 END $$;
 
@@ -681,6 +768,63 @@ END $$;
 -- `SELECT * FROM pg_locks WHERE locktype = 'advisory' AND classid = 1885827692` shows them:
 -- objid 1 are sleeping relays, objid 2 writers that did not notify.
 
+-- Invalidations
+-- -------------
+--
+-- Relays remember policy answers and re-check room access when a change says that access may have
+-- changed (see pgrelay.read_batch(): flush, recheck). Two things change access without a row
+-- change: a TRUNCATE of a watched table, and a policy function replaced in place (CREATE OR
+-- REPLACE keeps its OID, so nothing else tells). Both record an *invalidation*: an outbox row with
+-- op 'TRUNCATE' or 'INVALIDATE' and no rooms. It is read in commit order like every change, and a
+-- relay that reads it forgets every remembered answer before judging anything committed after it,
+-- and asks the join policies again for every member of every room. It is delivered to nobody.
+-- What neither can show (triggers disabled, session_replication_role = replica, a function the
+-- policy calls replaced without the event trigger) is caught by the relays' periodic re-check.
+
+-- The TRUNCATE trigger of every watched table (statement-level, AFTER TRUNCATE; installed by
+-- pgrelay.watch()). SECURITY DEFINER like the capture functions: whoever may truncate the table
+-- records the invalidation without any right on schema pgrelay.
+CREATE OR REPLACE FUNCTION pgrelay.capture_truncate() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    INSERT INTO pgrelay.changes (tbl, entity, op, rooms, "row")
+    SELECT w.name, w.entity, 'TRUNCATE', '{}', '{}' FROM pgrelay.watches AS w WHERE w.tbl = TG_RELID;
+    -- Rare: always wake sleeping relays (the capture functions' lock dance saves commit-time
+    -- NOTIFYs for frequent writes, which this is not).
+    PERFORM pg_notify('pgrelay', '');
+    RETURN NULL;
+END $$;
+COMMENT ON FUNCTION pgrelay.capture_truncate() IS
+    'pgrelay: TRUNCATE of a watched table; records an invalidation so relays forget remembered answers';
+REVOKE ALL ON FUNCTION pgrelay.capture_truncate() FROM PUBLIC;
+
+-- The event trigger pgrelay_function_changed (installed below when the installing role is a
+-- superuser, which event triggers require): a CREATE FUNCTION or ALTER FUNCTION of any function
+-- outside schema pgrelay records an invalidation. Any function, not only registered policies:
+-- policies call helpers (the example's project_role()), and replacing a helper changes answers as
+-- much. Function DDL is rare (migrations), and an invalidation costs the relays one fresh policy
+-- evaluation per (user, kind of row) and one join check per membership.
+CREATE OR REPLACE FUNCTION pgrelay.function_changed() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    fn record;
+    recorded boolean := false;
+BEGIN
+    FOR fn IN SELECT c.object_identity FROM pg_event_trigger_ddl_commands() AS c
+              WHERE c.classid = 'pg_catalog.pg_proc'::regclass
+                AND c.schema_name IS DISTINCT FROM 'pgrelay' LOOP
+        INSERT INTO pgrelay.changes (tbl, entity, op, rooms, "row")
+        VALUES (fn.object_identity, '', 'INVALIDATE', '{}', '{}');
+        recorded := true;
+    END LOOP;
+    IF recorded THEN
+        PERFORM pg_notify('pgrelay', '');
+    END IF;
+END $$;
+COMMENT ON FUNCTION pgrelay.function_changed() IS
+    'pgrelay: a function was created or altered; records an invalidation (event trigger pgrelay_function_changed)';
+REVOKE ALL ON FUNCTION pgrelay.function_changed() FROM PUBLIC;
+
 -- Generates the table's capture function from its pgrelay.watches row and makes sure its three
 -- triggers exist. The function runs static, pre-planned SQL: one INSERT ... SELECT per statement,
 -- whatever the number of rows. It runs with the rights of whoever called watch() (SECURITY
@@ -843,6 +987,11 @@ $f$, w.name, w.entity, rooms_n, rooms_o, hide, old_expr, pk, pk_join, NULL, room
                            fn_name);
         END IF;
     END LOOP;
+    -- A TRUNCATE records an invalidation (see "Invalidations").
+    IF NOT EXISTS (SELECT FROM pg_trigger WHERE tgrelid = tbl AND tgname = 'pgrelay_capture_truncate') THEN
+        EXECUTE format('CREATE TRIGGER pgrelay_capture_truncate AFTER TRUNCATE ON %s '
+                       'FOR EACH STATEMENT EXECUTE FUNCTION pgrelay.capture_truncate()', tbl);
+    END IF;
 END $$;
 
 -- Stop capturing a table's changes. Changes already in the outbox are still delivered.
@@ -853,6 +1002,7 @@ BEGIN
     EXECUTE format('DROP TRIGGER IF EXISTS pgrelay_capture_insert ON %s', tbl);
     EXECUTE format('DROP TRIGGER IF EXISTS pgrelay_capture_update ON %s', tbl);
     EXECUTE format('DROP TRIGGER IF EXISTS pgrelay_capture_delete ON %s', tbl);
+    EXECUTE format('DROP TRIGGER IF EXISTS pgrelay_capture_truncate ON %s', tbl);
     EXECUTE format('DROP FUNCTION IF EXISTS pgrelay.%I()', 'capture_' || tbl::oid);
     PERFORM pgrelay.rebuild_dispatch();
 END $$;
@@ -996,6 +1146,22 @@ BEGIN
 END $$;
 
 SELECT pgrelay.rebuild_dispatch();
+
+-- The event trigger for replaced functions (see "Invalidations"). Only a superuser may create event
+-- triggers; without one, a replaced policy takes effect when the relays' remembered answers expire
+-- (a minute at most) and their periodic re-check of room access (PGRELAY_RECHECK_INTERVAL).
+DO $$
+BEGIN
+    IF EXISTS (SELECT FROM pg_event_trigger WHERE evtname = 'pgrelay_function_changed') THEN
+        RETURN;
+    ELSIF (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
+        CREATE EVENT TRIGGER pgrelay_function_changed ON ddl_command_end
+            WHEN TAG IN ('CREATE FUNCTION', 'ALTER FUNCTION')
+            EXECUTE FUNCTION pgrelay.function_changed();
+    ELSE
+        RAISE NOTICE 'pgrelay: not a superuser, so no event trigger: a replaced policy function takes effect within a minute (see docs/dba.md, Invalidations)';
+    END IF;
+END $$;
 
 -- Nothing in pgrelay is for application roles: the capture triggers write with their owner's
 -- rights. Grant the relay's role what it needs (see docs/dba.md); nobody else gets anything.

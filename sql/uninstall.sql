@@ -13,4 +13,5 @@ BEGIN
     END IF;
 END $$;
 
+DROP EVENT TRIGGER IF EXISTS pgrelay_function_changed;
 DROP SCHEMA IF EXISTS pgrelay CASCADE;

@@ -14,10 +14,14 @@ pub struct RelayConfig {
     /// How often to run outbox retention (`pgrelay.maintain()`).
     pub maintenance_interval: Duration,
     pub pool_size: usize,
+    /// How often every room membership is re-checked against its join policy.
+    pub recheck_interval: Duration,
     pub limits: Limits,
     /// Browser origins allowed to connect (`Origin` header); empty = any.
     pub allowed_origins: Vec<String>,
     pub presence: crate::presence::PresenceTimings,
+    /// Development mode only: serve the live board and its demo endpoints ([`crate::demo`]).
+    pub demo: Option<crate::demo::Demo>,
     /// Longest a database statement of the relay may run (`statement_timeout` on its
     /// connections). A policy that runs longer for some row is denied for that row, and nothing
     /// else waits for it; see [`crate::authorize`].
@@ -106,10 +110,12 @@ impl RelayConfig {
             poll_interval: Duration::from_secs(1),
             maintenance_interval: Duration::from_secs(10),
             pool_size: 16,
+            recheck_interval: Duration::from_secs(30),
             limits: Limits::default(),
             allowed_origins: Vec::new(),
             presence: Default::default(),
             replay: ReplayBudget::default(),
+            demo: None,
             statement_timeout: Duration::from_secs(5),
         }
     }

@@ -19,14 +19,14 @@ use std::sync::Arc;
 
 use serde_json::value::RawValue;
 
-use crate::authorize::{AccessCheck, Authorizer, Verdict};
+use crate::authorize::{Authorizer, Verdict};
 use crate::capture::outbox::{Change, Op};
 use crate::capture::position::{Position, PositionCodec};
 use crate::capture::reader::{BatchRef, Delivered};
 use crate::jwt::Principal;
 use crate::metrics::Metrics;
 use crate::protocol::{Event, Frame};
-use crate::rooms::Hub;
+use crate::rooms::{Hub, Membership};
 
 /// How a change looks to one reader.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -146,53 +146,39 @@ pub async fn deliver(
     )?;
     metrics.events_delivered.add(delivered);
 
-    // 4. Revoke: members who were denied a change, or saw a row leave their view, may have lost
-    // access to the room. Ask the join policy once for all of them; those refused leave the room.
-    if !recheck.is_empty() {
-        let checking = std::time::Instant::now();
-        metrics.access_rechecks.add(recheck.len() as u64);
-        revoke_lost_access(hub, authorizer, metrics, recheck).await;
-        metrics.access_recheck_seconds.add(checking.elapsed());
+    // 4. Revoke (see `crate::recheck`): members who were denied a change, or saw a row leave
+    // their view, may have lost access to the room; so may every member of the rooms whose join
+    // policy reads a table that changed, and everyone after an invalidation. Asked once the
+    // chunk is delivered, so a removed member still gets the change that removed it (when it may
+    // read it) and then `left`; presence and typing end with it.
+    let mut memberships: Vec<Membership> = recheck
+        .into_iter()
+        .filter_map(|((room, client, join_id), principal)| {
+            Some(Membership {
+                room: crate::protocol::Room::parse(&room)?,
+                client,
+                join_id,
+                principal,
+            })
+        })
+        .collect();
+    let everyone = changes.iter().any(|c| c.control);
+    let mut kinds: Vec<&str> = changes
+        .iter()
+        .flat_map(|c| c.policy.recheck.iter().map(String::as_str))
+        .collect();
+    kinds.sort_unstable();
+    kinds.dedup();
+    if everyone || !kinds.is_empty() {
+        let named = |m: &Membership| (m.room.clone(), m.client, m.join_id);
+        let already: std::collections::HashSet<_> = memberships.iter().map(named).collect();
+        let more = hub.memberships(|room| everyone || kinds.contains(&room.kind()));
+        memberships.extend(more.into_iter().filter(|m| !already.contains(&named(m))));
     }
+    crate::recheck::recheck_or_log(hub, authorizer, metrics, &memberships, "after a change").await;
     Ok(Delivered {
         timed_out: verdicts.timed_out,
     })
-}
-
-async fn revoke_lost_access(
-    hub: &Hub,
-    authorizer: &Authorizer,
-    metrics: &Metrics,
-    recheck: HashMap<(String, u64, u64), Arc<Principal>>,
-) {
-    let (memberships, checks): (Vec<u64>, Vec<AccessCheck>) = recheck
-        .into_iter()
-        .map(|((room, client_id, join_id), principal)| {
-            let check = AccessCheck {
-                room,
-                client_id,
-                principal,
-            };
-            (join_id, check)
-        })
-        .unzip();
-    let allowed = match authorizer.still_allowed(&checks).await {
-        Ok(allowed) => allowed,
-        Err(err) => {
-            // Nothing leaks meanwhile: every event is authorized on its own. Retried next time.
-            tracing::warn!(error = %format!("{err:#}"), "re-checking room access failed");
-            return;
-        }
-    };
-    for ((check, allowed), join_id) in checks.iter().zip(allowed).zip(memberships) {
-        let Some(room) = crate::protocol::Room::parse(&check.room) else {
-            continue;
-        };
-        // Only the membership that was checked: the client may have left and joined again since.
-        if !allowed && hub.revoke(&room, check.client_id, join_id) {
-            metrics.revocations.inc();
-        }
-    }
 }
 
 /// The `event` message for one room, as a reader with this visibility sees the change.

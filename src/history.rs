@@ -46,12 +46,12 @@ const PAGES_PER_READ: usize = 16;
 const MAX_RANGES: usize = 512;
 
 /// `$1` since, `$2` upto, `$3`/`$4` the commit-order key the read starts after, `$5` how many.
-/// The columns must be those of [`outbox::READ_BATCH`], so rows convert the same way; the retention
+/// The columns are those of [`outbox::READ_BATCH`], so rows convert the same way; the retention
 /// horizon comes first in every row, and alone in an empty page.
-const READ_PAGE: &str = r#"
-SELECT $2::text, (h.horizon)::text, c.id, c.xid::text, c.txn_last, c.tbl, c.entity, c.op, c.rooms,
-       c."row"::text, c.old::text, to_json(c.ts) #>> '{}',
-       c.policy_key, c.policy_key_old, c.knows_old, c.flush, c.max_event_bytes, c.key_columns
+const READ_PAGE: &str = concat!(
+    "SELECT $2::text, (h.horizon)::text, ",
+    outbox::change_columns!(),
+    r#"
 FROM pgrelay.retention AS h
 LEFT JOIN LATERAL (
     SELECT * FROM pgrelay.read_batch($1::text::pg_snapshot, $2::text::pg_snapshot) AS b
@@ -60,7 +60,8 @@ LEFT JOIN LATERAL (
     LIMIT $5
 ) AS c ON true
 ORDER BY c.txn_last, c.id
-"#;
+"#
+);
 
 /// One page of a range: up to [`PAGE_CHANGES`] changes in commit order.
 pub struct Page {

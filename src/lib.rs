@@ -9,7 +9,8 @@
 //!    chunks to a [`capture::reader::Consumer`].
 //! 2. [`pipeline`]: the relay's consumer. [`authorize`]: SQL policy functions decide, in one
 //!    batched query, which of the users in a change's rooms may read it; [`fanout`] turns the
-//!    answers into frames for the members of [`rooms`] (who is in which room).
+//!    answers into frames for the members of [`rooms`] (who is in which room); [`recheck`]
+//!    removes members who lost access to a room.
 //! 3. [`queue`]: each client's send queue, bounded in bytes.
 //! 4. [`transport`]: the edges that drain the queues, WebSocket sessions and SSE streams.
 //!
@@ -24,6 +25,7 @@ pub mod backoff;
 pub mod capture;
 pub mod config;
 pub mod db;
+pub mod demo;
 pub mod fanout;
 pub mod history;
 pub mod jwks;
@@ -34,9 +36,11 @@ pub mod pipeline;
 pub mod presence;
 pub mod protocol;
 pub mod queue;
+pub mod recheck;
 pub mod resume;
 pub mod rooms;
 pub mod server;
 pub mod status;
 pub mod subscribe;
+pub mod sync;
 pub mod transport;

@@ -60,6 +60,9 @@ enum Command {
         #[arg(long, env = "PGRELAY_JWT_SECRET", hide_env_values = true)]
         jwt_secret: Option<String>,
     },
+    /// The development board's helpers.
+    #[command(subcommand)]
+    Demo(DemoCommand),
     /// Exit 0 if the relay at PGRELAY_BIND answers /healthz (or /readyz with --ready), else 1:
     /// a container HEALTHCHECK for an image without curl.
     Health {
@@ -76,6 +79,22 @@ enum Command {
         /// Only changes published to this room.
         #[arg(long)]
         room: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum DemoCommand {
+    /// Write realistic activity (tasks moving, created, commented) to the demo schema with SQL.
+    Simulate {
+        /// The database (`pgrelay serve` in development mode prints it).
+        #[arg(long, env = "DATABASE_URL")]
+        database_url: String,
+        /// Changes per second.
+        #[arg(long, default_value_t = 2.0)]
+        rate: f64,
+        /// Stop after this long (default: until Ctrl-C).
+        #[arg(long, value_parser = parse_duration)]
+        duration: Option<Duration>,
     },
 }
 
@@ -139,6 +158,10 @@ struct ServeArgs {
     /// A replay whose client takes nothing for this long is closed with 4008 (resumable).
     #[arg(long, env = "PGRELAY_REPLAY_STALL", default_value = "10s", value_parser = parse_duration)]
     replay_stall: Duration,
+    /// How often every room membership is put to its join policy again (what the outbox cannot
+    /// show: changes made with triggers disabled, a policy replaced without the event trigger).
+    #[arg(long, env = "PGRELAY_RECHECK_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    recheck_interval: Duration,
     /// On SIGTERM/SIGINT: how long to keep serving open connections (with /readyz at 503 and new
     /// connections refused) before closing them with 1001. A second signal ends it early.
     #[arg(long, env = "PGRELAY_DRAIN_GRACE", default_value = "10s", value_parser = parse_duration)]
@@ -242,6 +265,13 @@ async fn run(command: Command) -> Result<(), Failure> {
             println!("{}", jwt::mint(secret.as_bytes(), &sub, ttl, &extra)?);
             Ok(())
         }
+        Command::Demo(DemoCommand::Simulate {
+            database_url,
+            rate,
+            duration,
+        }) => pgrelay::demo::simulate::run(&database_url, rate, duration)
+            .await
+            .map_err(Failure::Runtime),
         Command::Health { bind, ready } => {
             let path = if ready { "/readyz" } else { "/healthz" };
             health(bind, path).map_err(Failure::Runtime)
@@ -338,6 +368,7 @@ async fn serve(args: ServeArgs) -> Result<(), Failure> {
     let mut config = RelayConfig::new(database_url.clone(), verifier);
     config.bind = args.bind;
     config.poll_interval = args.poll_interval;
+    config.recheck_interval = args.recheck_interval;
     config.statement_timeout = args.statement_timeout;
     config.presence.heartbeat = args.presence_heartbeat;
     config.presence.relay_timeout = 3 * args.presence_heartbeat;
@@ -352,6 +383,12 @@ async fn serve(args: ServeArgs) -> Result<(), Failure> {
         window_bytes: args.replay_window_mb.saturating_mul(1024 * 1024),
         stall: args.replay_stall,
     };
+    if embedded.is_some() {
+        // The board and its demo endpoints: development mode only, never with a real database.
+        config.demo = Some(pgrelay::demo::Demo {
+            secret: DEV_SECRET.as_bytes().to_vec(),
+        });
+    }
     let verifier_for_reloads = config.verifier.clone();
     let verifier_for_jwks = config.verifier.clone();
     let relay = Relay::start(config).await.map_err(Failure::Config)?;
@@ -407,16 +444,13 @@ async fn check_library(url: &str) -> Result<(), Failure> {
 fn print_dev_banner(relay: &Relay, database_url: &str) -> anyhow::Result<()> {
     let addr = relay.local_addr();
     println!("pgrelay is running (development mode, embedded Postgres)\n");
+    println!("  Live board  http://{addr}/");
     println!("  WebSocket   ws://{addr}/ws?token=<token>");
     println!("  Health      http://{addr}/readyz   Metrics http://{addr}/metrics");
-    println!("  Database    psql {database_url}\n");
+    println!("  Database    psql {database_url}");
+    println!("  Activity    DATABASE_URL={database_url} pgrelay demo simulate\n");
     println!("Dev tokens (valid 24h):");
-    for (user, name, note) in [
-        ("u1", "alice", "owner of project 1"),
-        ("u2", "bob", "member of project 1"),
-        ("u3", "carol", "viewer of project 1, owner of project 2"),
-        ("u4", "dave", "in no project"),
-    ] {
+    for (user, name, note) in pgrelay::demo::USERS {
         let token = jwt::mint(
             DEV_SECRET.as_bytes(),
             user,
@@ -483,8 +517,14 @@ async fn tail(database_url: &str, room: Option<&str>) -> anyhow::Result<()> {
                     upto: batch.upto.clone(),
                     change_id: change.id,
                 };
+                // An invalidation (a TRUNCATE, a replaced function) is no row change.
+                let op = if change.control {
+                    "INVALIDATE"
+                } else {
+                    change.op.as_str()
+                };
                 let line = serde_json::json!({
-                    "id": id.to_string(), "table": change.table, "op": change.op.as_str(),
+                    "id": id.to_string(), "table": change.table, "op": op,
                     "entity": change.entity, "rooms": change.rooms, "row": change.row,
                     "old": change.old, "ts": change.ts,
                 });

@@ -37,6 +37,11 @@ pub enum ClientMessage {
         typing: bool,
     },
     Ping,
+    /// Answered with `synced` once the room's stream has reached `position` ([`crate::sync`]).
+    Sync {
+        room: Room,
+        position: String,
+    },
 }
 
 /// A client message that could not be understood, with the `ref` to answer it with.
@@ -92,6 +97,12 @@ pub fn parse(text: &str) -> Result<(ClientMessage, Option<String>), BadMessage> 
             })
         }),
         "ping" => Ok(ClientMessage::Ping),
+        "sync" => serde_json::from_value::<SyncFields>(fields).and_then(|f| {
+            Ok(ClientMessage::Sync {
+                room: room_or_err(f.room)?,
+                position: f.position,
+            })
+        }),
         other => return Err(bad(reference, format!("unknown message type {other:?}"))),
     };
     parsed
@@ -134,6 +145,11 @@ struct PresenceFields {
     meta: Map<String, Value>,
 }
 #[derive(Deserialize)]
+struct SyncFields {
+    room: String,
+    position: String,
+}
+#[derive(Deserialize)]
 struct TypingFields {
     room: String,
     typing: bool,
@@ -162,6 +178,11 @@ impl Room {
 
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// The part before the first colon (`project` for `project:42`): which join policy decides.
+    pub fn kind(&self) -> &str {
+        self.0.split_once(':').map_or(&*self.0, |(kind, _)| kind)
     }
 }
 
@@ -216,6 +237,12 @@ pub enum ServerMessage<'a> {
         #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
         reference: Option<&'a str>,
     },
+    Synced {
+        room: &'a str,
+        position: &'a str,
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        reference: Option<&'a str>,
+    },
     Error {
         code: ErrorCode,
         message: &'a str,
@@ -264,6 +291,7 @@ impl ServerMessage<'_> {
             ServerMessage::PresenceState { .. } => (Kind::PresenceState, None),
             ServerMessage::PresenceDiff { .. } => (Kind::PresenceDiff, None),
             ServerMessage::Typing { .. } => (Kind::Typing, None),
+            ServerMessage::Synced { .. } => (Kind::Synced, None),
         };
         Frame {
             text: text.into(),
@@ -358,6 +386,7 @@ pub enum Kind {
     PresenceState,
     PresenceDiff,
     Typing,
+    Synced,
 }
 
 impl Kind {
@@ -372,6 +401,7 @@ impl Kind {
             Kind::PresenceState => "presence_state",
             Kind::PresenceDiff => "presence_diff",
             Kind::Typing => "typing",
+            Kind::Synced => "synced",
         }
     }
 }

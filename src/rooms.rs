@@ -66,8 +66,8 @@ impl Member {
     }
 
     /// Queues a live frame, or holds it back while a replay is running. False if it was dropped
-    /// (the client is too slow and is being closed).
-    fn deliver(&mut self, room: &str, frame: Frame) -> bool {
+    /// (the client is too slow and is being closed). `sync` replies go this way too.
+    pub(crate) fn deliver(&mut self, room: &str, frame: Frame) -> bool {
         match &self.pending {
             None => self.client.send(frame),
             Some(pending) => {
@@ -107,6 +107,18 @@ struct State {
     in_flight: Option<(u64, Snapshot)>,
     last_batch: u64,
     last_join: u64,
+    /// `sync` requests waiting for a batch to cover their position.
+    syncs: Vec<crate::sync::Waiting>,
+}
+
+/// One client's membership of one room, as the access re-checks see it ([`crate::recheck`]).
+#[derive(Clone)]
+pub struct Membership {
+    pub room: Room,
+    pub client: u64,
+    /// Which membership: a revocation must not end a later one of the same client and room.
+    pub join_id: u64,
+    pub principal: Arc<Principal>,
 }
 
 /// Why a join could not be registered (yet).
@@ -166,6 +178,8 @@ impl Hub {
     pub fn end_batch(&self, upto: Snapshot) {
         let mut state = self.lock();
         state.in_flight = None;
+        let State { rooms, syncs, .. } = &mut *state;
+        crate::sync::batch_delivered(rooms, syncs, &upto);
         state.delivered = Some(upto);
     }
 
@@ -236,6 +250,32 @@ impl Hub {
             delivered += client.send_all(frames) as u64;
         }
         Ok(delivered)
+    }
+
+    /// A `sync` request: `reply` is queued to the member once the delivered batches cover
+    /// `target` (see [`crate::sync`]); returns whether it waits.
+    pub fn sync(
+        &self,
+        room: &Room,
+        client_id: u64,
+        target: Snapshot,
+        reply: Frame,
+    ) -> Result<bool, crate::sync::SyncError> {
+        let mut state = self.lock();
+        let State {
+            rooms,
+            delivered,
+            syncs,
+            ..
+        } = &mut *state;
+        crate::sync::answer_or_wait(
+            rooms,
+            delivered.as_ref(),
+            syncs,
+            (room, client_id),
+            target,
+            reply,
+        )
     }
 
     /// Adds the client to the rooms and queues `reply(room, position)` for each, atomically with
@@ -428,6 +468,43 @@ impl Hub {
                     .is_some_and(|m| m.contains_key(&client_id))
             })
             .cloned()
+            .collect()
+    }
+
+    /// The memberships of the rooms `wanted` names (all of them: live, replaying, and those that
+    /// joined while a batch was in flight).
+    pub fn memberships(&self, wanted: impl Fn(&Room) -> bool) -> Vec<Membership> {
+        let state = self.lock();
+        state
+            .rooms
+            .iter()
+            .filter(|(room, _)| wanted(room))
+            .flat_map(|(room, members)| {
+                members.values().map(move |m| Membership {
+                    room: room.clone(),
+                    client: m.client.id,
+                    join_id: m.join_id,
+                    principal: m.principal.clone(),
+                })
+            })
+            .collect()
+    }
+
+    /// One client's memberships.
+    pub fn memberships_of(&self, client_id: u64) -> Vec<Membership> {
+        let state = self.lock();
+        state
+            .rooms
+            .iter()
+            .filter_map(|(room, members)| {
+                let m = members.get(&client_id)?;
+                Some(Membership {
+                    room: room.clone(),
+                    client: client_id,
+                    join_id: m.join_id,
+                    principal: m.principal.clone(),
+                })
+            })
             .collect()
     }
 

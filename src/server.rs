@@ -56,6 +56,7 @@ impl Relay {
         // The relay's queries are short and run thousands of times a second: compiling them
         // with JIT (which Postgres does whenever an estimate is large, such as for a big chunk of
         // policy checks) costs far more than it saves.
+        let demo = config.demo.clone();
         let no_jit = settings::with_setting(&db, "jit", "off");
         let pool = build_pool(
             &settings::with_statement_timeout(&no_jit, config.statement_timeout),
@@ -116,6 +117,8 @@ impl Relay {
             shutdown: shutdown.clone(),
             draining: draining.clone(),
         };
+        let recheck_hub = state.hub.clone();
+        let recheck_authorizer = authorizer.clone();
         let reader = Reader {
             pool,
             read_pool,
@@ -148,8 +151,12 @@ impl Relay {
             )
             .route("/healthz", get(|| async { "ok" }))
             .route("/readyz", get(readyz))
-            .route("/metrics", get(metrics_text))
-            .with_state(state);
+            .route("/metrics", get(metrics_text));
+        let app = match demo {
+            Some(demo) => app.merge(crate::demo::routes(demo)),
+            None => app,
+        }
+        .with_state(state);
 
         let graceful = shutdown.clone();
         let serve = async move {
@@ -187,6 +194,13 @@ impl Relay {
                 shutdown.clone(),
             )),
             tokio::spawn(presence::sweep(presence, metrics.clone(), shutdown.clone())),
+            tokio::spawn(crate::recheck::periodically(
+                recheck_hub,
+                recheck_authorizer,
+                metrics.clone(),
+                config.recheck_interval.max(Duration::from_millis(10)),
+                shutdown.clone(),
+            )),
             tokio::spawn(serve),
         ];
         tracing::info!(%addr, "pgrelay listening");

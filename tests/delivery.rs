@@ -67,7 +67,7 @@ async fn task_changes_have_the_documented_shape_and_reach_both_rooms() {
         assert!(
             event["id"]
                 .as_str()
-                .is_some_and(|id| id.starts_with('p') && !id.contains('~')),
+                .is_some_and(|id| id.starts_with('q') && !id.contains('~')),
             "{event}"
         );
     }

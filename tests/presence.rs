@@ -372,7 +372,8 @@ async fn users_who_may_not_join_see_no_presence_and_revoked_ones_stop_seeing_it(
     alice.until("bob", |w| w.users.contains_key("u2")).await;
     // Alice's join may reach bob's relay over the bus after his presence_state.
     bob.until("alice", |w| w.users.contains_key("u1")).await;
-    // Revocation takes effect at the room's next change (here, an update of task 1).
+    // Revocation takes effect at the membership change itself (the update after it is there to
+    // show that nothing more reaches bob).
     a.sql("DELETE FROM project_members WHERE project_id = 1 AND user_id = 'u2'")
         .await;
     a.sql("UPDATE tasks SET priority = coalesce(priority, 0) + 1 WHERE id = 1")

@@ -272,7 +272,6 @@ async fn positions_past_retention_are_not_recovered() {
 /// Well-formed but not issued by pgrelay (a plain snapshot, a change id that is not in the batch
 /// it names): `error` `bad_request`, as for any `since` pgrelay did not issue.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "positions are not sealed yet: pgrelay.position() returns a plain snapshot, which the relay must accept (the `revoke` branch seals positions)"]
 async fn positions_pgrelay_did_not_issue_are_refused_with_bad_request() {
     let relay = TestRelay::start().await;
     let mut alice = relay.client("u1").await;

@@ -22,8 +22,10 @@
 //! * **Races.** A replay judges changes beside the live reader, and its query may have started
 //!   before a membership change was forgotten. Every forgetting starts a new *generation*; answers
 //!   are kept only if no generation began while they were being computed.
-//! * **What the outbox cannot show** (a policy function rewritten, a table truncated): answers are
-//!   forgotten after [`MAX_AGE`] at the latest. Each policy key's answers expire at a random point
+//! * **Invalidations.** A `TRUNCATE` of a watched table and a replaced function (with the event
+//!   trigger installed) come through the outbox as invalidations: every answer is forgotten.
+//! * **What the outbox cannot show** (disabled triggers, a function replaced without the event
+//!   trigger): answers are forgotten after [`MAX_AGE`] at the latest. Each policy key's answers expire at a random point
 //!   in the second half of that age, so a busy relay re-asks a little at a time instead of
 //!   everything at once (which stalled delivery for a second every minute).
 //! * **Failures.** A pair whose policy raised an error is denied this time and not remembered.
@@ -112,6 +114,9 @@ impl VerdictCache {
     /// Forgets the answers that any of `changes` may have made wrong. Returns the number of tables
     /// whose answers were forgotten.
     pub fn flush(&self, changes: &[Change]) -> usize {
+        if changes.iter().any(|c| c.control) {
+            return self.forget_all();
+        }
         let mut tables: Vec<&str> = changes
             .iter()
             .flat_map(|c| c.policy.flush.iter().map(String::as_str))
@@ -133,6 +138,17 @@ impl VerdictCache {
         // Even with nothing remembered yet: a query running now must not store what it computes.
         state.generation += 1;
         tables.len()
+    }
+
+    /// Forgets every answer (an invalidation the outbox carries: a `TRUNCATE`, a replaced
+    /// function). Returns the number of tables whose answers were forgotten.
+    pub fn forget_all(&self) -> usize {
+        let mut state = self.lock();
+        let tables = state.answers.len();
+        state.answers.clear();
+        state.count = 0;
+        state.generation += 1;
+        tables
     }
 
     /// Splits `pairs` into verdicts known from memory and pairs the database must judge.
@@ -361,6 +377,19 @@ mod tests {
         cache.remember(&recalled, &changes, &recalled.unknown, &[allow(0, 0)], &[]);
         let again = cache.recall(&changes, &people, &[(0, 0)]);
         assert_eq!(again.unknown, [(0, 0)], "the stale answer was dropped");
+    }
+
+    #[test]
+    fn an_invalidation_from_the_outbox_forgets_everything() {
+        let cache = VerdictCache::default();
+        let changes = [change("k1", &[])];
+        let people = [principal("u1", 1)];
+        let recalled = cache.recall(&changes, &people, &[(0, 0)]);
+        cache.remember(&recalled, &changes, &recalled.unknown, &[allow(0, 0)], &[]);
+        let mut truncated = change("t", &[]);
+        truncated.control = true;
+        cache.flush(&[truncated]);
+        assert_eq!(cache.recall(&changes, &people, &[(0, 0)]).unknown, [(0, 0)]);
     }
 
     #[test]

@@ -38,6 +38,7 @@ use crate::capture::outbox::Change;
 use crate::jwt::Principal;
 use crate::metrics::Metrics;
 use crate::protocol::Room;
+use crate::rooms::Membership;
 use cache::VerdictCache;
 
 /// What one user may see of one change.
@@ -109,15 +110,6 @@ WHERE {answered}
     )
 }
 
-/// A membership to re-check: may this user still join this room?
-#[derive(Debug, Clone)]
-pub struct AccessCheck {
-    pub room: String,
-    /// The connection whose membership it is.
-    pub client_id: u64,
-    pub principal: Arc<Principal>,
-}
-
 #[derive(Clone)]
 pub struct Authorizer {
     pool: Pool,
@@ -180,8 +172,8 @@ impl Authorizer {
             .map_err(|_| anyhow::anyhow!("the join check was dropped"))?
     }
 
-    /// For each check: may the user still join the room? One query for all.
-    pub async fn still_allowed(&self, checks: &[AccessCheck]) -> anyhow::Result<Vec<bool>> {
+    /// For each membership: may its user still join the room? One query for all.
+    pub async fn still_allowed(&self, checks: &[Membership]) -> anyhow::Result<Vec<bool>> {
         let asks: Vec<(&str, &Principal)> = checks
             .iter()
             .map(|c| (c.room.as_str(), &*c.principal))

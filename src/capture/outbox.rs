@@ -44,6 +44,10 @@ pub struct Change {
     pub max_event_bytes: usize,
     /// The table's primary key columns: what a truncated event keeps of the row.
     pub key_columns: Vec<String>,
+    /// Not a row change but an invalidation (a `TRUNCATE`, a replaced function; see
+    /// "Invalidations" in `sql/pgrelay.sql`): delivered to nobody, it makes the relay forget every
+    /// remembered answer and re-check every room.
+    pub control: bool,
 }
 
 /// How a change's policy answers may be remembered (`pgrelay.read_batch` computes these from the full
@@ -58,6 +62,8 @@ pub struct PolicyInputs {
     pub knows_old: bool,
     /// Tables whose remembered answers this change may have made wrong.
     pub flush: Vec<String>,
+    /// Kinds of rooms whose join policy reads this change's table: their members are re-checked.
+    pub recheck: Vec<String>,
 }
 
 impl PolicyInputs {
@@ -86,6 +92,7 @@ impl Change {
             policy,
             max_event_bytes: 1 << 20,
             key_columns: vec!["id".into()],
+            control: false,
         }
     }
 }
@@ -116,6 +123,19 @@ impl Op {
     }
 }
 
+/// The columns of a change (of `pgrelay.read_batch()` as `c`), as [`change_from_row`] reads them
+/// after the two every read starts with (a snapshot and the retention horizon). Every query whose
+/// rows become changes selects them with this, so none can fall behind when a column is added.
+macro_rules! change_columns {
+    () => {
+        r#"c.id, c.xid::text, c.txn_last, c.tbl, c.entity, c.op, c.rooms,
+       c."row"::text, c.old::text, to_json(c.ts) #>> '{}',
+       c.policy_key, c.policy_key_old, c.knows_old, c.flush, c.max_event_bytes, c.key_columns,
+       c.recheck, c.control"#
+    };
+}
+pub(crate) use change_columns;
+
 /// `$1` = since, `$2` = upto or NULL for "now", `$3` = only changes to these rooms, or NULL for
 /// all. The snapshot comes first in every row so an empty batch still reports how far it read.
 /// The `ORDER BY` is what puts the changes in commit order: `pgrelay.read_batch()` leaves them
@@ -123,17 +143,18 @@ impl Op {
 ///
 /// Prepare it once per connection ([`Batch::read`] takes the statement): planning the inlined
 /// `pgrelay.read_batch()` costs about as much as running it, on every read.
-pub const READ_BATCH: &str = r#"
-SELECT s.upto::text, (SELECT horizon FROM pgrelay.retention)::text, c.id, c.xid::text, c.txn_last, c.tbl, c.entity, c.op, c.rooms,
-       c."row"::text, c.old::text, to_json(c.ts) #>> '{}',
-       c.policy_key, c.policy_key_old, c.knows_old, c.flush, c.max_event_bytes, c.key_columns
+pub const READ_BATCH: &str = concat!(
+    "SELECT s.upto::text, (SELECT horizon FROM pgrelay.retention)::text, ",
+    change_columns!(),
+    r#"
 FROM (SELECT coalesce($2::text::pg_snapshot, pg_current_snapshot()) AS upto) AS s
 LEFT JOIN LATERAL (
     SELECT * FROM pgrelay.read_batch($1::text::pg_snapshot, s.upto) AS b
     WHERE $3::text[] IS NULL OR b.rooms && $3::text[]
 ) AS c ON true
 ORDER BY c.txn_last, c.id
-"#;
+"#
+);
 
 /// The changes of one batch, streaming from the database.
 pub struct Batch {
@@ -272,9 +293,11 @@ pub fn change_from_row(row: &tokio_postgres::Row) -> anyhow::Result<Option<Chang
             key_old: row.try_get(13)?,
             knows_old: row.try_get(14)?,
             flush: row.try_get(15)?,
+            recheck: row.try_get(18)?,
         },
         max_event_bytes: usize::try_from(row.try_get::<_, i32>(16)?).unwrap_or(0),
         key_columns: row.try_get(17)?,
+        control: row.try_get(19)?,
     }))
 }
 

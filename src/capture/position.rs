@@ -11,14 +11,14 @@
 //!   <since>~<upto>~<change id>           ... plus the part of batch since→upto up to that change
 //! ```
 //!
-//! A snapshot is written as Postgres prints it with URL-safe separators (`.` for `:`, `_` for `,`),
-//! so `pgrelay.position()` can produce the same token in SQL. Positions carry no server state: any
-//! relay process, now or after a restart, can interpret one.
+//! A snapshot is written as Postgres prints it with URL-safe separators (`.` for `:`, `_` for `,`):
+//! the form logs and tests use. Positions carry no server state: any relay process, now or after
+//! a restart, can interpret one.
 //!
-//! Positions the relay hands to clients (event ids, `joined.position`) are sealed by
-//! [`PositionCodec`]: encrypted and authenticated with a key kept in the database
-//! (`pgrelay.secrets`), so all relays share it. Plain positions would tell a user how many changes
-//! and transactions happened between two of their events, including ones they may not see.
+//! Clients only ever see positions sealed by [`PositionCodec`] (see [`super::seal`]): event ids,
+//! `joined.position`, and `pgrelay.position()`, which seals in SQL. Plain positions would tell a
+//! user how many changes and transactions happened between two of their events, including ones
+//! they may not see, and would let anyone name a position pgrelay never issued.
 
 use std::fmt;
 use std::str::FromStr;
@@ -197,75 +197,15 @@ impl FromStr for Position {
     }
 }
 
-/// Seals positions for clients, and opens sealed or plain ones.
-///
-/// AES-256-GCM-SIV with a fixed nonce: deterministic (the same position always gives the same
-/// token, so a change's id is the same in every room) and still authenticated; it reveals only
-/// whether two tokens are equal.
-#[derive(Clone)]
-pub struct PositionCodec {
-    cipher: std::sync::Arc<aes_gcm_siv::Aes256GcmSiv>,
-}
+pub use super::seal::PositionCodec;
 
 /// Positions grow with the number of transactions in progress (a snapshot lists them); this is
 /// far beyond any real one and still bounds the work a client can cause.
-const MAX_POSITION_TEXT: usize = 1 << 20;
+pub(crate) const MAX_POSITION_TEXT: usize = 1 << 20;
 
-/// Sealed tokens start with this (plain ones start with a digit).
-const SEALED: char = 'p';
-
-impl PositionCodec {
-    pub fn new(key: &[u8; 32]) -> PositionCodec {
-        use aes_gcm_siv::KeyInit;
-        PositionCodec {
-            cipher: std::sync::Arc::new(aes_gcm_siv::Aes256GcmSiv::new(key.into())),
-        }
-    }
-
-    /// The token a client sees.
-    pub fn seal(&self, position: &Position) -> String {
-        use aes_gcm_siv::aead::Aead;
-        use base64::Engine;
-        let plain = to_bytes(position);
-        // Encrypting a few dozen bytes in memory cannot fail.
-        let sealed = self
-            .cipher
-            .encrypt(&Default::default(), plain.as_slice())
-            .unwrap_or_default();
-        format!(
-            "{SEALED}{}",
-            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sealed)
-        )
-    }
-
-    /// A sealed token from any relay sharing the key, or a plain position (`pgrelay.position()`).
-    pub fn open(&self, token: &str) -> Result<Position, BadPosition> {
-        use aes_gcm_siv::aead::Aead;
-        use base64::Engine;
-        let Some(body) = token.strip_prefix(SEALED) else {
-            // Plain positions come from pgrelay.position(): snapshots only. A plain position
-            // inside a batch would let a client probe change ids it may not know about.
-            return match token.parse()? {
-                position @ Position::At(_) => Ok(position),
-                Position::Within { .. } => Err(BadPosition),
-            };
-        };
-        if body.len() > MAX_POSITION_TEXT {
-            return Err(BadPosition);
-        }
-        let sealed = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(body)
-            .map_err(|_| BadPosition)?;
-        let plain = self
-            .cipher
-            .decrypt(&Default::default(), sealed.as_slice())
-            .map_err(|_| BadPosition)?;
-        from_bytes(&plain)
-    }
-}
-
-/// Compact binary form: a tag, then LEB128 varints (snapshots relative to their xmin).
-fn to_bytes(position: &Position) -> Vec<u8> {
+/// Compact binary form: a tag, then LEB128 varints (snapshots relative to their xmin). What is
+/// sealed; `pgrelay.position()` writes the same bytes for a snapshot (tag 0) in SQL.
+pub(crate) fn to_bytes(position: &Position) -> Vec<u8> {
     let mut out = Vec::with_capacity(32);
     let snapshot = |out: &mut Vec<u8>, s: &Snapshot, base: u64| {
         varint(out, s.xmin - base);
@@ -294,7 +234,7 @@ fn to_bytes(position: &Position) -> Vec<u8> {
     out
 }
 
-fn from_bytes(bytes: &[u8]) -> Result<Position, BadPosition> {
+pub(crate) fn from_bytes(bytes: &[u8]) -> Result<Position, BadPosition> {
     let mut input = bytes;
     let snapshot = |input: &mut &[u8], base: u64| -> Result<Snapshot, BadPosition> {
         let xmin = base.checked_add(read_varint(input)?).ok_or(BadPosition)?;
@@ -369,59 +309,6 @@ mod tests {
         assert_eq!(s.to_string(), "100.105.100_103");
         let empty = Snapshot::from_pg("7:7:").expect("valid snapshot");
         assert_eq!(empty.to_string(), "7.7.");
-    }
-
-    #[test]
-    fn sealed_positions_round_trip_and_reveal_nothing() {
-        let codec = PositionCodec::new(&[7; 32]);
-        for text in [
-            "774.774.",
-            "100.105.100_103~104.110.104~42",
-            "5000000.5000010.5000001~5000012.5000012.~99999999",
-        ] {
-            let position: Position = text.parse().expect("valid");
-            let token = codec.seal(&position);
-            assert!(token.starts_with('p') && token.len() < 100, "{token}");
-            assert!(!token.contains("774") && !token.contains("42"), "{token}");
-            assert!(
-                token
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'),
-                "URL-safe: {token}"
-            );
-            assert_eq!(codec.open(&token), Ok(position.clone()));
-            assert_eq!(codec.seal(&position), token, "deterministic");
-        }
-        // Plain snapshots (pgrelay.position()) are accepted too, plain batch positions are not.
-        assert!(codec.open("774.774.").is_ok());
-        assert_eq!(
-            codec.open("100.105.100_103~104.110.104~42"),
-            Err(BadPosition)
-        );
-        // A snapshot with thousands of transactions in progress still round-trips.
-        let xip: Vec<String> = (1000..6000).map(|x| x.to_string()).collect();
-        let busy: Position = format!("1000.7000.{}", xip.join("_"))
-            .parse()
-            .expect("valid");
-        assert_eq!(codec.open(&codec.seal(&busy)), Ok(busy));
-    }
-
-    #[test]
-    fn tampered_or_foreign_tokens_do_not_open() {
-        let codec = PositionCodec::new(&[7; 32]);
-        let token = codec.seal(&"100.105.100_103~104.110.104~42".parse().expect("valid"));
-        let mut flipped = token.clone().into_bytes();
-        flipped[5] = if flipped[5] == b'A' { b'B' } else { b'A' };
-        let flipped = String::from_utf8(flipped).expect("ascii");
-        assert_eq!(codec.open(&flipped), Err(BadPosition));
-        assert_eq!(
-            PositionCodec::new(&[8; 32]).open(&token),
-            Err(BadPosition),
-            "another database's key"
-        );
-        for garbage in ["p", "p!!!", "pAAAA", "p____________________________"] {
-            assert_eq!(codec.open(garbage), Err(BadPosition), "{garbage}");
-        }
     }
 
     #[test]

@@ -261,6 +261,23 @@ impl Session {
                 self.presence_reply(done, reference);
                 Flow::Continue
             }
+            ClientMessage::Sync { room, position } => {
+                if let Err(err) = crate::sync::request(
+                    &self.app.subscriptions,
+                    &self.client,
+                    &room,
+                    &position,
+                    reference,
+                ) {
+                    let code = match err {
+                        crate::sync::SyncError::BadPosition => ErrorCode::BadRequest,
+                        crate::sync::SyncError::NotJoined => ErrorCode::NotJoined,
+                        crate::sync::SyncError::TooMany => ErrorCode::RateLimited,
+                    };
+                    self.error(code, &err.to_string(), reference);
+                }
+                Flow::Continue
+            }
             ClientMessage::Typing { room, typing } => {
                 let presence = self.app.hub.presence();
                 let done = presence.typing(&room, self.client.id, typing);
@@ -321,6 +338,9 @@ impl Session {
             }
         }
         let principal = Arc::new(principal);
+        let claims_changed = self.principal.as_ref().is_some_and(|before| {
+            crate::recheck::claims_changed(&before.claims, &principal.claims)
+        });
         self.deadline = Instant::now() + principal.remaining();
         self.reply(ServerMessage::Ready {
             user: &principal.user,
@@ -331,6 +351,23 @@ impl Session {
             .hub
             .update_principal(self.client.id, &self.rooms, &principal);
         self.principal = Some(principal);
+        if claims_changed {
+            // Other claims may mean other rooms: ask again about every room of this connection
+            // (events are judged with the new claims from now on anyway).
+            let app = self.app.clone();
+            let client = self.client.id;
+            tokio::spawn(async move {
+                let mine = app.hub.memberships_of(client);
+                crate::recheck::recheck_or_log(
+                    &app.hub,
+                    &app.subscriptions.authorizer,
+                    &app.metrics,
+                    &mine,
+                    "refresh",
+                )
+                .await;
+            });
+        }
         Ok(())
     }
 
