@@ -13,6 +13,10 @@
 //! cargo bench --bench loadgen -- bulk   --db URL --relay ADDR [--rows 100000]
 //! cargo bench --bench loadgen -- joins  --db URL --relay ADDR [--connections 500 --joins 20 --rounds 1]
 //! cargo bench --bench loadgen -- idle   --relay ADDR [--connections 20000 --pid RELAY_PID]
+//! cargo bench --bench loadgen -- storm  --db URL --relay ADDR --relay-cmd "pgrelay serve ..."
+//!                                        [--rooms 20 --clients-per-room 100 --changes 200]
+//! cargo bench --bench loadgen -- stall  --db URL --relay ADDR [--users 10 --per-user 18
+//!                                        --backlog 20000 --seconds 60]
 //! ```
 //!
 //! Each run prints one JSON line of results. The bench data lives in projects 1000.. and users
@@ -874,13 +878,349 @@ fn own_cpu_seconds() -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
+/// Starts the relay with `command` (run by `sh -c`, `exec`ed so the child is the relay) and
+/// waits until it is ready.
+async fn start_relay(command: &str, relay: SocketAddr) -> anyhow::Result<tokio::process::Child> {
+    let child = tokio::process::Command::new("sh")
+        .args(["-c", &format!("exec {command}")])
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting the relay")?;
+    for _ in 0..400 {
+        if let Ok(mut stream) = tokio::net::TcpStream::connect(relay).await {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let request =
+                format!("GET /readyz HTTP/1.1\r\nHost: {relay}\r\nConnection: close\r\n\r\n");
+            stream.write_all(request.as_bytes()).await?;
+            let mut response = String::new();
+            let _ = stream.read_to_string(&mut response).await;
+            if response.starts_with("HTTP/1.1 200") {
+                return Ok(child);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    bail!("the relay did not become ready")
+}
+
+/// One of the relay's counters (from /metrics).
+async fn relay_metric(relay: SocketAddr, name: &str) -> anyhow::Result<u64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(relay).await?;
+    let request = format!("GET /metrics HTTP/1.1\r\nHost: {relay}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    response
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("pgrelay_{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .with_context(|| format!("metric {name}"))
+}
+
+/// W8: a reconnect storm. Clients in project rooms receive one change each, the relay is
+/// SIGKILLed, `--changes` changes per room commit while it is down, it restarts, and every
+/// client resumes with its last id at once. Each must receive exactly the changes it may read,
+/// once, in order; the result is how long after the restart the last one had them all.
+async fn storm(args: &Args) -> anyhow::Result<Value> {
+    let shape = Shape::from(args)?;
+    let relay: SocketAddr = args.text("relay", "127.0.0.1:8080").parse()?;
+    let command = args.text("relay-cmd", "");
+    anyhow::ensure!(!command.is_empty(), "--relay-cmd: how to start the relay");
+    let rooms = args.num("rooms", 20)? as i64;
+    let per_room = args.num("clients-per-room", 100)? as i64;
+    let changes = args.num("changes", 200)? as i64;
+    let db_url = args.text("db", "");
+    let db = db(&db_url).await?;
+    let base: i32 = db
+        .query_one(
+            "SELECT coalesce(max(priority), 0) FROM tasks WHERE project_id >= $1",
+            &[&FIRST_PROJECT],
+        )
+        .await?
+        .get(0);
+    let mut child = start_relay(&command, relay).await?;
+
+    // Connect and join; then one change per room gives every client an event id.
+    let mut clients = Vec::new();
+    for p in 0..rooms {
+        for i in 0..per_room {
+            let n = i % shape.members;
+            let mut ws = connect(relay, &Shape::user(p, n), clients.len()).await?;
+            anyhow::ensure!(join(&mut ws, &format!("project:{}", FIRST_PROJECT + p)).await?);
+            clients.push((p, n, ws));
+        }
+    }
+    let first = base + 1;
+    for p in 0..rooms {
+        // Task 1 is public: everyone in the room may read it.
+        db.execute(
+            "UPDATE tasks SET priority = $1 WHERE id = $2",
+            &[&(first + p as i32), &Shape::task_id(p, 1)],
+        )
+        .await?;
+    }
+    let mut positions = Vec::new();
+    for (p, n, mut ws) in clients {
+        let id = loop {
+            let text = next_text(&mut ws).await?;
+            if text.starts_with("{\"type\":\"event\"") {
+                break field(&text, "id").context("an event id")?.to_owned();
+            }
+        };
+        positions.push((p, n, id));
+    }
+
+    child.start_kill().context("SIGKILL")?;
+    child.wait().await?;
+    let killed = Instant::now();
+    // While it is down: `changes` per room, each room's in order, to tasks 0..tasks.
+    let mut expected: HashMap<(i64, i64), Vec<i32>> = HashMap::new();
+    let seq0 = first + rooms as i32;
+    let mut writers = Vec::new();
+    for p in 0..rooms {
+        let url = db_url.clone();
+        writers.push(tokio::spawn(async move {
+            let db = self::db(&url).await?;
+            let mut written = Vec::new();
+            for k in 0..changes {
+                let seq = seq0 + (p * changes + k) as i32;
+                let t = k % shape.tasks;
+                db.execute(
+                    "UPDATE tasks SET priority = $1 WHERE id = $2",
+                    &[&seq, &Shape::task_id(p, t)],
+                )
+                .await?;
+                written.push((t, seq));
+            }
+            anyhow::Ok((p, written))
+        }));
+    }
+    for writer in writers {
+        let (p, written) = writer.await??;
+        for n in 0..shape.members {
+            let mine = written
+                .iter()
+                .filter(|(t, _)| shape.may_read(n, *t))
+                .map(|(_, seq)| *seq)
+                .collect();
+            expected.insert((p, n), mine);
+        }
+    }
+    let down_s = killed.elapsed().as_secs_f64();
+
+    let restarted = Instant::now();
+    let child = start_relay(&command, relay).await?;
+    let ready_s = restarted.elapsed().as_secs_f64();
+    let expected = Arc::new(expected);
+    let resumers: Vec<_> = positions
+        .into_iter()
+        .enumerate()
+        .map(|(k, (p, n, since))| {
+            let expected = expected.clone();
+            tokio::spawn(async move {
+                let want = expected.get(&(p, n)).cloned().unwrap_or_default();
+                let outcome = resume_one(relay, p, n, k, &since, &want).await;
+                (outcome, restarted.elapsed())
+            })
+        })
+        .collect();
+    let (mut lost, mut repeated, mut failed, mut done) = (0u64, 0u64, 0u64, Vec::new());
+    for resumer in resumers {
+        let (outcome, at) = resumer.await?;
+        match outcome {
+            Ok(Resumed { missing, repeats }) => {
+                lost += missing;
+                repeated += repeats;
+                done.push(at.as_secs_f64());
+            }
+            Err(err) => {
+                eprintln!("a resume failed: {err:#}");
+                failed += 1;
+            }
+        }
+    }
+    done.sort_by(f64::total_cmp);
+    let quantile = |q: f64| {
+        done.get(((done.len().max(1) - 1) as f64 * q) as usize)
+            .copied()
+    };
+    let replay_read = relay_metric(relay, "replay_changes_read_total").await?;
+    let replay_failures = relay_metric(relay, "replay_failures_total").await?;
+    drop(child);
+    Ok(json!({
+        "workload": "storm",
+        "clients": rooms * per_room,
+        "rooms": rooms,
+        "changes_per_room": changes,
+        "relay_down_s": down_s,
+        "restart_to_ready_s": ready_s,
+        "all_caught_up_s": quantile(1.0),
+        "median_caught_up_s": quantile(0.5),
+        "lost": lost,
+        "repeated": repeated,
+        "failed_resumes": failed,
+        "relay_replay_failures": replay_failures,
+        "relay_replay_changes_read": replay_read,
+    }))
+}
+
+struct Resumed {
+    missing: u64,
+    repeats: u64,
+}
+
+/// Reconnects (retrying while the relay starts to accept), joins with `since` and reads until it
+/// has every sequence number in `want`; anything else it receives counts as repeated.
+async fn resume_one(
+    relay: SocketAddr,
+    p: i64,
+    n: i64,
+    k: usize,
+    since: &str,
+    want: &[i32],
+) -> anyhow::Result<Resumed> {
+    let mut ws = connect(relay, &Shape::user(p, n), k).await?;
+    let room = format!("project:{}", FIRST_PROJECT + p);
+    ws.send(Message::Text(
+        json!({"type": "join", "room": room, "since": since})
+            .to_string()
+            .into(),
+    ))
+    .await?;
+    let scan = EventScan::new();
+    let (mut got, mut repeats) = (0usize, 0u64);
+    loop {
+        let text = next_text(&mut ws).await?;
+        if text.starts_with("{\"type\":\"joined\"") {
+            anyhow::ensure!(field(&text, "recovered") == Some("true"), "{text}");
+            if want.is_empty() {
+                return Ok(Resumed {
+                    missing: 0,
+                    repeats,
+                });
+            }
+            continue;
+        }
+        if text.starts_with("{\"type\":\"left\"") || text.starts_with("{\"type\":\"error\"") {
+            bail!("{text}");
+        }
+        let Some((_, priority)) = scan.scan(&text) else {
+            continue;
+        };
+        let seq: i32 = priority.and_then(|v| v.parse().ok()).unwrap_or(-1);
+        if want.get(got) == Some(&seq) {
+            got += 1;
+            if got == want.len() {
+                return Ok(Resumed {
+                    missing: 0,
+                    repeats,
+                });
+            }
+        } else if want[..got].contains(&seq) {
+            repeats += 1;
+        } else {
+            // Out of order or not owed: the stream is wrong; count what it still lacks.
+            return Ok(Resumed {
+                missing: (want.len() - got) as u64,
+                repeats: repeats + 1,
+            });
+        }
+    }
+}
+
+/// Stalled replays beside another workload: `--users` users of one project, `--per-user`
+/// connections each, join with a position from before a backlog of `--backlog` changes and never
+/// read. Runs for `--seconds`, then reports how many the relay closed as too slow (4008).
+async fn stall(args: &Args) -> anyhow::Result<Value> {
+    let shape = Shape::from(args)?;
+    let relay: SocketAddr = args.text("relay", "127.0.0.1:8080").parse()?;
+    let project = args.num("project", 19)? as i64;
+    let users = args.num("users", 10)? as i64;
+    let per_user = args.num("per-user", 18)? as usize;
+    let backlog = args.num("backlog", 20_000)? as i64;
+    let seconds = args.num("seconds", 60)?;
+    let db = db(&args.text("db", "")).await?;
+    let room = format!("project:{}", FIRST_PROJECT + project);
+    let mut probe = connect(relay, &Shape::user(project, 1), 0).await?;
+    probe
+        .send(Message::Text(
+            json!({"type": "join", "room": room}).to_string().into(),
+        ))
+        .await?;
+    let since = loop {
+        let text = next_text(&mut probe).await?;
+        if text.starts_with("{\"type\":\"joined\"") {
+            break field(&text, "position").context("position")?.to_owned();
+        }
+    };
+    drop(probe);
+    db.execute(
+        "INSERT INTO comments (task_id, project_id, author_id, body)
+         SELECT $1, $2, $3, repeat('x', 600) || g FROM generate_series(1, $4::int) g",
+        &[
+            &Shape::task_id(project, 1),
+            &(FIRST_PROJECT + project),
+            &Shape::user(project, 0),
+            &(backlog as i32),
+        ],
+    )
+    .await?;
+    // Each connection joins, reads nothing, and after `hold` seconds (longer than the relay lets
+    // a replay stall) reconnects and does it again: an adversary keeping the flood up.
+    let hold = Duration::from_secs(args.num("hold", 15)?);
+    let until = Instant::now() + Duration::from_secs(seconds);
+    let (opened, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut tasks = Vec::new();
+    for u in 0..users {
+        for c in 0..per_user {
+            let user = Shape::user(project, 1 + u % (shape.members - 1));
+            let (room, since) = (room.clone(), since.clone());
+            let (opened, failed) = (opened.clone(), failed.clone());
+            let k = 1 + (u as usize) * per_user + c;
+            tasks.push(tokio::spawn(async move {
+                while Instant::now() < until {
+                    let Ok(mut ws) = connect(relay, &user, k).await else {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    };
+                    let join = json!({"type": "join", "room": room, "since": since});
+                    if ws
+                        .send(Message::Text(join.to_string().into()))
+                        .await
+                        .is_ok()
+                    {
+                        opened.fetch_add(1, Ordering::Relaxed);
+                    }
+                    let left = until.saturating_duration_since(Instant::now());
+                    tokio::time::sleep(hold.min(left)).await;
+                }
+            }));
+        }
+    }
+    eprintln!("stall: {} stalled replays open", users as usize * per_user);
+    for task in tasks {
+        task.await?;
+    }
+    Ok(json!({
+        "workload": "stall",
+        "stalled_connections": users as usize * per_user,
+        "stalled_replays_opened": opened.load(Ordering::Relaxed),
+        "connects_failed": failed.load(Ordering::Relaxed),
+        "backlog": backlog,
+        "relay_replay_stalls": relay_metric(relay, "replay_stalls_total").await?,
+        "relay_replays_waiting": relay_metric(relay, "replays_waiting").await?,
+    }))
+}
+
 fn main() -> anyhow::Result<()> {
     let argv: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| a != "--bench")
         .collect();
     let Some(command) = argv.first().cloned() else {
-        bail!("usage: loadgen <setup|fanout|bulk|joins|idle> [--option value]...");
+        bail!("usage: loadgen <setup|fanout|bulk|joins|idle|storm|stall> [--option value]...");
     };
     let args = Args::parse(&argv[1..])?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -894,6 +1234,8 @@ fn main() -> anyhow::Result<()> {
             "bulk" => bulk(&args).await,
             "joins" => joins(&args).await,
             "idle" => idle(&args).await,
+            "storm" => storm(&args).await,
+            "stall" => stall(&args).await,
             other => bail!("unknown workload {other}"),
         }
     })?;

@@ -45,6 +45,35 @@ pub struct RelayConfig {
     /// connections). A policy that runs longer for some row is denied for that row, and nothing
     /// else waits for it; see [`crate::authorize`].
     pub statement_timeout: Duration,
+    pub replay: ReplayBudget,
+}
+
+/// What replays (resuming clients) may use, apart from everything else (see [`crate::resume`]).
+#[derive(Clone, Debug)]
+pub struct ReplayBudget {
+    /// Database queries for replays at once, relay-wide (outbox reads and their authorization):
+    /// the rest of the pool stays free for joins and live delivery.
+    pub reads: usize,
+    /// Replays served at once, relay-wide; more wait their turn, in arrival order.
+    pub running: usize,
+    /// Replays of one user served at once; more wait their turn, in arrival order.
+    pub per_user: usize,
+    /// Bytes of outbox pages kept in memory for replays to share.
+    pub window_bytes: usize,
+    /// A replay whose client takes nothing for this long is closed with 4008 (resumable).
+    pub stall: Duration,
+}
+
+impl Default for ReplayBudget {
+    fn default() -> ReplayBudget {
+        ReplayBudget {
+            reads: 2,
+            running: 1024,
+            per_user: 4,
+            window_bytes: 64 * 1024 * 1024,
+            stall: Duration::from_secs(10),
+        }
+    }
 }
 
 /// Per-connection limits.
@@ -108,6 +137,7 @@ impl RelayConfig {
             limits: Limits::default(),
             allowed_origins: Vec::new(),
             presence: Default::default(),
+            replay: ReplayBudget::default(),
             demo: None,
             statement_timeout: Duration::from_secs(5),
         }
@@ -201,6 +231,22 @@ pub struct Settings {
     /// change must fit one NOTIFY).
     #[arg(long, env = "PGRELAY_MAX_PRESENCE_META", default_value = "1KiB", value_name = "SIZE", value_parser = parse_size)]
     pub max_presence_meta: usize,
+    /// Database queries replays may run at once (outbox reads and their authorization); the rest
+    /// of the pool is kept for joins and live delivery.
+    #[arg(long, env = "PGRELAY_REPLAY_READS", default_value = "2", value_name = "N", value_parser = parse_count::<usize>)]
+    pub replay_reads: usize,
+    /// Replays served at once; more wait their turn in arrival order.
+    #[arg(long, env = "PGRELAY_REPLAYS", default_value = "1024", value_name = "N", value_parser = parse_count::<usize>)]
+    pub replays: usize,
+    /// Replays of one user served at once; more wait their turn in arrival order.
+    #[arg(long, env = "PGRELAY_REPLAYS_PER_USER", default_value = "4", value_name = "N", value_parser = parse_count::<usize>)]
+    pub replays_per_user: usize,
+    /// Memory for outbox pages kept for replays to share.
+    #[arg(long, env = "PGRELAY_REPLAY_WINDOW", default_value = "64MiB", value_name = "SIZE", value_parser = parse_size)]
+    pub replay_window: usize,
+    /// A replay whose client takes nothing for this long is closed with 4008 (resumable).
+    #[arg(long, env = "PGRELAY_REPLAY_STALL", default_value = "10s", value_name = "DURATION", value_parser = parse_interval)]
+    pub replay_stall: Duration,
 }
 
 /// A setting that parsed but cannot work, with the flag and variable that set it.
@@ -280,6 +326,13 @@ impl Settings {
         presence.max_state_bytes = self.presence_max_state_bytes;
         presence.max_remote_entries = self.presence_max_remote_entries;
         presence.resync_interval = self.presence_resync_interval;
+        config.replay = ReplayBudget {
+            reads: self.replay_reads,
+            running: self.replays,
+            per_user: self.replays_per_user,
+            window_bytes: self.replay_window,
+            stall: self.replay_stall,
+        };
         Ok(())
     }
 }

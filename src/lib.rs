@@ -27,6 +27,7 @@ pub mod config;
 pub mod db;
 pub mod demo;
 pub mod fanout;
+pub mod history;
 pub mod jwks;
 pub mod jwt;
 pub mod metrics;

@@ -288,8 +288,8 @@ metrics! {
     /// Read-policy queries (pgrelay.can_read over a chunk of changes and their readers), each
     /// from asking for a pooled connection to the last row.
     policy_query_seconds: Histogram,
-    /// Replays of resuming clients, from start to the last missed change queued (paced by how
-    /// fast the client reads).
+    /// Replays of resuming clients, from the join to the hand-over to live delivery (waiting for
+    /// the replay budget included; paced by how fast the client reads).
     replay_seconds: Histogram,
     /// Changes committed that this relay has not delivered yet, as of its last status report
     /// (every maintenance interval).
@@ -356,6 +356,18 @@ metrics! {
     client_errors: Counter,
     /// Resumes whose replay failed (the client was told to resume again).
     replay_failures: Counter,
+    /// Pages of outbox ranges read from the database for replays.
+    replay_pages_read: Counter,
+    /// Replay pages served from memory or from a read another replay started.
+    replay_pages_shared: Counter,
+    /// Changes read from the database for replays.
+    replay_changes_read: Counter,
+    /// Replays being served now.
+    replays_running: Gauge,
+    /// Replays waiting for their user's or the relay's replay budget.
+    replays_waiting: Gauge,
+    /// Replays whose client stopped reading: closed with 4008 (resumable).
+    replay_stalls: Counter,
     /// Members removed from a room because they lost access (left, reason revoked).
     revocations: Counter,
     /// Room memberships whose join policy was asked again after a denied change.
@@ -424,6 +436,12 @@ mod tests {
             "access_rechecks_total",
             "revocations_total",
             "replay_failures_total",
+            "replay_pages_read_total",
+            "replay_pages_shared_total",
+            "replay_changes_read_total",
+            "replays_running",
+            "replays_waiting",
+            "replay_stalls_total",
             "presence_bus_connected",
             "presence_relays",
             "presence_connections",
@@ -456,7 +474,7 @@ mod tests {
             "\npgrelay_build_info{{version=\"{}\"}} 1\n",
             env!("CARGO_PKG_VERSION")
         )));
-        assert_eq!(text.matches("# TYPE").count(), 47, "one each");
+        assert_eq!(text.matches("# TYPE").count(), 53, "one each");
     }
 
     #[test]

@@ -40,13 +40,15 @@ pub struct Member {
     /// Identifies this membership: a replay or a revocation started for an earlier membership of
     /// the same client in the same room must not touch this one.
     pub join_id: u64,
-    /// While its missed changes are being replayed, live frames wait here.
-    pending: Option<Pending>,
+    /// While its missed changes are being replayed, live frames wait here: one buffer for all
+    /// the rooms of the join, so they are released in the order they were delivered, which is
+    /// commit order across rooms (an SSE stream has one position for all its rooms).
+    pending: Option<Arc<Mutex<Pending>>>,
 }
 
 #[derive(Default)]
 struct Pending {
-    frames: Vec<Frame>,
+    frames: Vec<(String, Frame)>,
     /// What they count against the client's budget, as if they were queued.
     held: Charge,
 }
@@ -65,17 +67,18 @@ impl Member {
 
     /// Queues a live frame, or holds it back while a replay is running. False if it was dropped
     /// (the client is too slow and is being closed). `sync` replies go this way too.
-    pub(crate) fn deliver(&mut self, frame: Frame) -> bool {
-        match &mut self.pending {
+    pub(crate) fn deliver(&mut self, room: &str, frame: Frame) -> bool {
+        match &self.pending {
             None => self.client.send(frame),
             Some(pending) => {
+                let mut pending = pending.lock().unwrap_or_else(|p| p.into_inner());
                 let len = frame.len();
                 if !self.client.fits(pending.held, len) {
                     self.client.close_too_slow();
                     return false;
                 }
                 pending.held.add(len, self.client.max_queued_bytes());
-                pending.frames.push(frame);
+                pending.frames.push((room.to_owned(), frame));
                 true
             }
         }
@@ -232,7 +235,7 @@ impl Hub {
                         continue;
                     };
                     if member.is_replaying() {
-                        delivered += u64::from(member.deliver(frame));
+                        delivered += u64::from(member.deliver(room, frame));
                     } else {
                         outgoing
                             .entry(member.client.id)
@@ -300,13 +303,14 @@ impl Hub {
         let at = Position::At(position.clone());
         state.last_join += 1;
         let join_id = state.last_join;
+        let pending = resume_from.map(|_| Arc::new(Mutex::new(Pending::default())));
         for room in rooms {
             let member = Member {
                 client: client.clone(),
                 principal: principal.clone(),
                 first_batch,
                 join_id,
-                pending: resume_from.map(|_| Pending::default()),
+                pending: pending.clone(),
             };
             state
                 .rooms
@@ -320,46 +324,77 @@ impl Hub {
     }
 
     /// Queues a replayed frame to a member that is still replaying; false if it left meanwhile.
-    pub fn replay_send(&self, room: &Room, client_id: u64, join_id: u64, frame: Frame) -> bool {
+    pub fn replay_send(&self, room: &str, client_id: u64, join_id: u64, frame: Frame) -> bool {
         let state = self.lock();
         match state.rooms.get(room).and_then(|m| m.get(&client_id)) {
-            Some(member) if member.join_id == join_id && member.pending.is_some() => {
+            Some(member) if member.join_id == join_id && member.is_replaying() => {
                 member.client.send(frame)
             }
             _ => false,
         }
     }
 
-    /// Ends a member's replay: the live frames that waited are queued after the replayed ones,
-    /// paced like the replay. Frames that arrive meanwhile keep waiting behind them, so the
-    /// member leaves replay mode only once nothing is held back.
-    pub async fn finish_replay(&self, room: &Room, client: &ClientHandle, join_id: u64) {
+    /// Queues replayed frames, in order, to a join that is still replaying, under one hold of
+    /// the lock; false (and nothing queued) if the client left one of their rooms meanwhile, or
+    /// fewer were queued than given (it is too slow and being closed).
+    pub fn replay_send_all(
+        &self,
+        client: &ClientHandle,
+        join_id: u64,
+        frames: Vec<(Room, Frame)>,
+    ) -> bool {
+        let state = self.lock();
+        let still = |room: &Room| {
+            state
+                .rooms
+                .get(room)
+                .and_then(|m| m.get(&client.id))
+                .is_some_and(|m| m.join_id == join_id && m.is_replaying())
+        };
+        if !frames.iter().all(|(room, _)| still(room)) {
+            return false;
+        }
+        let count = frames.len();
+        client.send_all(frames.into_iter().map(|(_, frame)| frame)) == count
+    }
+
+    /// Ends a join's replay: the live frames that waited are queued after the replayed ones, in
+    /// the order they were delivered (one buffer for all the join's rooms), paced like the
+    /// replay. Frames that arrive meanwhile keep waiting behind them, so the members leave replay
+    /// mode only once nothing is held back. A frame for a room the client has left is dropped.
+    pub async fn finish_replay(&self, rooms: &[Room], client: &ClientHandle, join_id: u64) {
         loop {
             let frames = {
                 let mut state = self.lock();
-                let member = state
-                    .rooms
-                    .get_mut(room)
-                    .and_then(|m| m.get_mut(&client.id));
-                let Some(member) = member.filter(|m| m.join_id == join_id) else {
+                let Some(pending) = rooms.iter().find_map(|room| {
+                    let member = state.rooms.get(room)?.get(&client.id)?;
+                    (member.join_id == join_id).then(|| member.pending.clone())?
+                }) else {
                     return;
                 };
-                match &mut member.pending {
-                    Some(pending) if !pending.frames.is_empty() => {
-                        pending.held = Charge::default();
-                        std::mem::take(&mut pending.frames)
+                let mut pending = pending.lock().unwrap_or_else(|p| p.into_inner());
+                if pending.frames.is_empty() {
+                    for room in rooms {
+                        let member = state
+                            .rooms
+                            .get_mut(room)
+                            .and_then(|m| m.get_mut(&client.id))
+                            .filter(|m| m.join_id == join_id);
+                        if let Some(member) = member {
+                            member.pending = None;
+                        }
                     }
-                    _ => {
-                        member.pending = None;
-                        return;
-                    }
-                }
-            };
-            for frame in frames {
-                client.wait_for_room(frame.len()).await;
-                if client.is_closing() || !self.replay_send(room, client.id, join_id, frame) {
                     return;
                 }
+                pending.held = Charge::default();
+                std::mem::take(&mut pending.frames)
+            };
+            for (room, frame) in frames {
+                client.wait_for_room(frame.len()).await;
+                if client.is_closing() {
+                    return;
+                }
+                self.replay_send(&room, client.id, join_id, frame);
             }
         }
     }
@@ -540,7 +575,7 @@ mod tests {
             .expect("join");
         let big = |n: usize| Frame::from(format!("{n}{}", "x".repeat(1500)).as_str());
         assert!(
-            hub.replay_send(&room, client.id, join_id, big(0)),
+            hub.replay_send(room.as_str(), client.id, join_id, big(0)),
             "replayed"
         );
         for n in 1..3 {
@@ -550,7 +585,7 @@ mod tests {
                 .get_mut(&room)
                 .and_then(|m| m.get_mut(&client.id));
             assert!(
-                member.expect("member").deliver(big(n)),
+                member.expect("member").deliver(room.as_str(), big(n)),
                 "held back, not dropped"
             );
         }
@@ -565,7 +600,8 @@ mod tests {
             }
             got
         });
-        hub.finish_replay(&room, &client, join_id).await;
+        hub.finish_replay(std::slice::from_ref(&room), &client, join_id)
+            .await;
         assert!(!client.is_closing(), "a client that reads is never closed");
         let got = tokio::time::timeout(std::time::Duration::from_secs(5), reader)
             .await

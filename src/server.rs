@@ -29,9 +29,10 @@ use crate::db::settings;
 use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
 use crate::presence::{self, signing::BusKey, Presence};
+use crate::resume::Replays;
 use crate::rooms::Hub;
 use crate::subscribe::Subscriptions;
-use crate::transport::{sse, ws};
+use crate::transport::{cors, sse, ws};
 
 pub use crate::transport::AppState;
 
@@ -89,15 +90,24 @@ impl Relay {
             config.limits.join_burst,
         );
         let authorizer = Authorizer::new(pool.clone(), metrics.clone());
+        let replays = Arc::new(Replays::new(
+            pool.clone(),
+            read_pool.clone(),
+            authorizer.clone(),
+            hub.clone(),
+            codec.clone(),
+            metrics.clone(),
+            config.replay,
+        ));
         let state = AppState {
             subscriptions: Subscriptions {
                 pool: pool.clone(),
-                read_pool: read_pool.clone(),
                 codec: codec.clone(),
                 wake: wake.clone(),
                 hub: hub.clone(),
                 authorizer: authorizer.clone(),
                 metrics: metrics.clone(),
+                replays,
             },
             hub,
             verifier: config.verifier,
@@ -135,7 +145,12 @@ impl Relay {
         let listener = without_nagle(listener);
         let app = Router::new()
             .route("/ws", get(ws::upgrade))
-            .route("/sse", get(sse::stream))
+            .route(
+                "/sse",
+                get(sse::stream).options(cors::preflight).layer(
+                    axum::middleware::from_fn_with_state(state.clone(), cors::allow),
+                ),
+            )
             .route("/healthz", get(|| async { "ok" }))
             .route("/readyz", get(readyz))
             .route("/metrics", get(metrics_text));

@@ -16,7 +16,7 @@ use crate::jwt::Principal;
 use crate::metrics::Metrics;
 use crate::protocol::{Room, ServerMessage};
 use crate::queue::ClientHandle;
-use crate::resume::{self, Replay, Resolution, ResolveError};
+use crate::resume::{Replay, Replays, Resolution, ResolveError};
 use crate::rooms::{Hub, NotReady};
 
 /// How long a resume waits for this relay to catch up with a position issued by another one.
@@ -38,8 +38,6 @@ pub enum JoinError {
 pub struct Subscriptions {
     /// For short statements: they time out after the statement timeout.
     pub pool: Pool,
-    /// For replays, which stream from the outbox (see [`crate::db::settings`]).
-    pub read_pool: Pool,
     /// Seals the positions clients see.
     pub codec: PositionCodec,
     /// Wakes the reader (a resume waiting for this relay to catch up nudges it).
@@ -47,6 +45,8 @@ pub struct Subscriptions {
     pub hub: Arc<Hub>,
     pub authorizer: Authorizer,
     pub metrics: Arc<Metrics>,
+    /// Serves resuming clients what they missed, on a budget of their own.
+    pub replays: Arc<Replays>,
 }
 
 /// Joins `rooms` (all or none), replying `joined` (with `ref` = `reference`) for each, and starts
@@ -79,7 +79,7 @@ pub async fn join(
         None => None,
         Some(text) => {
             let position: Position = app.codec.open(text).map_err(|_| JoinError::BadPosition)?;
-            match resume::resolve(&app.pool, &position).await {
+            match app.replays.resolve(&position).await {
                 Ok(Resolution::Resumable(seen)) => Some(seen),
                 Ok(Resolution::Lost) => None,
                 Err(ResolveError::Invalid) => return Err(JoinError::BadPosition),
@@ -128,35 +128,13 @@ pub async fn join(
     app.metrics.joins.add(rooms.len() as u64);
 
     if let Some(seen) = seen {
-        let replay = Replay {
-            pool: app.read_pool.clone(),
-            authorizer: app.authorizer.clone(),
-            hub: app.hub.clone(),
+        app.replays.start(Replay {
             client: client.clone(),
             principal: principal.clone(),
             rooms: rooms.to_vec(),
             seen,
             until,
             join_id,
-            codec: app.codec.clone(),
-        };
-        let metrics = app.metrics.clone();
-        tokio::spawn(async move {
-            let replaying = std::time::Instant::now();
-            let replayed = replay.run().await;
-            metrics.replay_seconds.observe(replaying.elapsed());
-            if let Err(err) = replayed {
-                tracing::warn!(error = %format!("{err:#}"), "replay failed; the client must resume again");
-                metrics.replay_failures.inc();
-                for room in &replay.rooms {
-                    replay.hub.end_membership(
-                        room,
-                        replay.client.id,
-                        replay.join_id,
-                        "replay_failed",
-                    );
-                }
-            }
         });
     }
     Ok(())

@@ -87,7 +87,7 @@ pub fn answer_or_wait(
         .ok_or(SyncError::NotJoined)?;
     if delivered.is_some_and(|d| d.covers(&target)) {
         // Through the member: while it replays missed changes, the reply waits behind them.
-        member.deliver(reply);
+        member.deliver(room.as_str(), reply);
         return Ok(false);
     }
     if syncs.iter().filter(|w| w.client_id == client_id).count() >= MAX_WAITING_PER_CLIENT {
@@ -118,7 +118,7 @@ pub fn batch_delivered(rooms: &mut Members, syncs: &mut Vec<Waiting>, upto: &Sna
             .and_then(|members| members.get_mut(&waiting.client_id))
             .filter(|member| member.join_id == waiting.join_id);
         if let Some(member) = member {
-            member.deliver(waiting.reply.clone());
+            member.deliver(waiting.room.as_str(), waiting.reply.clone());
         }
         false
     });

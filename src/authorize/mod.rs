@@ -193,6 +193,27 @@ impl Authorizer {
         // What any of these changes makes stale must not judge the changes that follow it.
         let forgotten = self.cache.flush(changes);
         self.metrics.policy_invalidations.add(forgotten as u64);
+        self.judge(changes, principals, pairs).await
+    }
+
+    /// [`Authorizer::readers`] for changes the live path has already passed (a replay's): every
+    /// answer remembered now was computed after they committed, so they make none stale, and
+    /// forgetting answers for them would only cost live delivery its remembered answers.
+    pub async fn readers_of_past(
+        &self,
+        changes: &[Change],
+        principals: &[Arc<Principal>],
+        pairs: &[(u32, u32)],
+    ) -> anyhow::Result<Verdicts> {
+        self.judge(changes, principals, pairs).await
+    }
+
+    async fn judge(
+        &self,
+        changes: &[Change],
+        principals: &[Arc<Principal>],
+        pairs: &[(u32, u32)],
+    ) -> anyhow::Result<Verdicts> {
         let recalled = self.cache.recall(changes, principals, pairs);
         self.metrics
             .policy_answers_remembered

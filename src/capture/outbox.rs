@@ -143,6 +143,19 @@ impl Op {
     }
 }
 
+/// The columns of a change (of `pgrelay.read_batch()` as `c`), as [`change_from_row`] reads them
+/// after the two every read starts with (a snapshot and the retention horizon). Every query whose
+/// rows become changes selects them with this, so none can fall behind when a column is added.
+macro_rules! change_columns {
+    () => {
+        r#"c.id, c.xid::text, c.txn_last, c.tbl, c.entity, c.op, c.rooms,
+       c."row"::text, c.old::text, to_json(c.ts) #>> '{}',
+       c.policy_key, c.policy_key_old, c.knows_old, c.flush, c.max_event_bytes, c.key_columns,
+       c.recheck, c.control, (extract(epoch FROM c.ts) * 1000000)::int8"#
+    };
+}
+pub(crate) use change_columns;
+
 /// `$1` = since, `$2` = upto or NULL for "now", `$3` = only changes to these rooms, or NULL for
 /// all. The snapshot comes first in every row so an empty batch still reports how far it read.
 /// The `ORDER BY` is what puts the changes in commit order: `pgrelay.read_batch()` leaves them
@@ -150,19 +163,18 @@ impl Op {
 ///
 /// Prepare it once per connection ([`Batch::read`] takes the statement): planning the inlined
 /// `pgrelay.read_batch()` costs about as much as running it, on every read.
-pub const READ_BATCH: &str = r#"
-SELECT s.upto::text, (SELECT horizon FROM pgrelay.retention)::text, c.id, c.xid::text, c.txn_last, c.tbl, c.entity, c.op, c.rooms,
-       c."row"::text, c.old::text, to_json(c.ts) #>> '{}',
-       c.policy_key, c.policy_key_old, c.knows_old, c.flush, c.max_event_bytes, c.key_columns,
-       c.recheck, c.control,
-       (extract(epoch FROM c.ts) * 1000000)::int8
+pub const READ_BATCH: &str = concat!(
+    "SELECT s.upto::text, (SELECT horizon FROM pgrelay.retention)::text, ",
+    change_columns!(),
+    r#"
 FROM (SELECT coalesce($2::text::pg_snapshot, pg_current_snapshot()) AS upto) AS s
 LEFT JOIN LATERAL (
     SELECT * FROM pgrelay.read_batch($1::text::pg_snapshot, s.upto) AS b
     WHERE $3::text[] IS NULL OR b.rooms && $3::text[]
 ) AS c ON true
 ORDER BY c.txn_last, c.id
-"#;
+"#
+);
 
 /// The changes of one batch, streaming from the database.
 pub struct Batch {
@@ -268,7 +280,9 @@ impl Batch {
     }
 }
 
-fn change_from_row(row: &tokio_postgres::Row) -> anyhow::Result<Option<Change>> {
+/// One row of [`READ_BATCH`] (or a query with its columns) as a change; `None` for the row an
+/// empty read returns.
+pub fn change_from_row(row: &tokio_postgres::Row) -> anyhow::Result<Option<Change>> {
     let Some(id) = row.try_get::<_, Option<i64>>(2)? else {
         return Ok(None); // the empty side of the LEFT JOIN: nothing new
     };

@@ -5,6 +5,7 @@
 //! answer a refused join with the same codes; those checks and [`AppState`], what every handler
 //! holds, live here.
 
+pub mod cors;
 pub mod limits;
 pub mod sse;
 pub mod ws;

@@ -5,8 +5,15 @@
 //! rooms are joined at once, at one position, with the same policies. Every change arrives as an
 //! SSE message whose `data` is the WebSocket `event` JSON and whose `id` is its position, so the
 //! browser's `EventSource` resumes by itself after a drop: it sends `Last-Event-ID` and the relay
-//! replays what was missed (see [`crate::resume`]). `joined` and `left` notices arrive as named
-//! events (`event: joined`), which `onmessage` handlers ignore. A comment line every so often (15 s by
+//! replays what was missed (see [`crate::resume`]). A new `EventSource` cannot set that header, so
+//! `?since=P` resumes too; when both are present, `Last-Event-ID` wins: the browser only sends it
+//! once the stream opened with that URL has delivered events past it.
+//!
+//! Only change events carry an `id`. A browser remembers the last `id` of any message, named or
+//! not, so an `id` on `joined` would make a stream that drops right after it resume from the join
+//! position and skip the replay it was owed. `joined` is a named event (`event: joined`) without
+//! one; `left` (revoked, replay failed) is an unnamed message like the events, so `onmessage`
+//! handlers see a room go away (its `data` has `"type":"left"`). A comment line every so often (15 s by
 //! default) keeps proxies from closing an idle stream.
 
 use std::convert::Infallible;
@@ -30,6 +37,8 @@ use crate::subscribe;
 pub struct SseParams {
     rooms: String,
     token: Option<String>,
+    /// Resume from this position (as `Last-Event-ID` does).
+    since: Option<String>,
 }
 
 pub async fn stream(
@@ -81,10 +90,14 @@ pub async fn stream(
             );
         }
     };
+    // The header is what the browser sends once this stream delivered events: it is newer than
+    // the `since` of the URL it keeps reconnecting to.
     let since = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
+        .map(str::to_owned)
+        .filter(|id| !id.is_empty())
+        .or(params.since.filter(|since| !since.is_empty()));
 
     // A stream's rooms are joined at once, so opening streams is what join attempts are for
     // WebSocket: limited per user, since every open starts a new connection.
@@ -228,13 +241,13 @@ impl SseSession {
     }
 }
 
-/// Events become unnamed messages with their position as id; notices become named events.
+/// Events (with their position as `id`) and `left` become unnamed messages; other notices
+/// (`joined`) become named events without an `id`.
 fn sse_event(frame: &Frame) -> Event {
     let data = Event::default();
     let data = match (frame.kind(), frame.position()) {
         (Kind::Event, Some(id)) => data.id(id),
-        // The joined position is where a reconnect must resume if no event arrived before it.
-        (Kind::Joined, Some(position)) => data.event("joined").id(position),
+        (Kind::Left, _) => data,
         (kind, _) => data.event(kind.as_str()),
     };
     data.data(frame.as_str())
