@@ -154,12 +154,11 @@ test("WebSocket blocked: the board works over SSE", async () => {
       close() {}
     };
   };
-  // Cross-origin SSE needs CORS on /sse; a relay without it is used from its own origin.
+  // The page is on another origin than the relay, as in production: /sse must answer with CORS.
   const probe = await fetch(`${dev.url}/sse?rooms=project:1`, { headers: { origin: pages.url } });
-  const cors = probe.headers.get("access-control-allow-origin") !== null;
+  assert.equal(probe.headers.get("access-control-allow-origin"), pages.url, "CORS on /sse");
   await probe.body?.cancel();
-  const carol = await openBoard("u3", cors ? { init: blocked, relayUrl: dev.url } : { init: blocked, base: dev.url, relayUrl: dev.url });
-  console.log(`# SSE board served ${cors ? "cross-origin" : "from the relay's own origin (no CORS on /sse)"}`);
+  const carol = await openBoard("u3", { init: blocked, relayUrl: dev.url });
   assert.equal(await carol.page.evaluate(() => window.pgrelayBoard.client.transport), "sse");
   assert.match(await carol.page.textContent("#status"), /live · sse/);
   await dev.db.query("UPDATE tasks SET status = 'done' WHERE id = 4"); // project 2: carol is not looking
